@@ -1,0 +1,180 @@
+"""The `compresso-ops` command line. Thin: every command parses options and calls the package's API.
+
+Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, never a traceback),
+130 interrupted (the run checkpoints first and resumes on the next `apply`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from .errors import UserError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one line each and exit 2; Ctrl-C into exit 130; anything else into one line
+    and exit 1 (COMPRESSO_OPS_DEBUG=1 shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            for line in exc.lines:
+                click.echo(line, err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; the next `compresso-ops apply` resumes from the last checkpoint", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # an internal error: one line unless debugging
+            if os.environ.get("COMPRESSO_OPS_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)",
+                       err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
+recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compresso-ops")
+def main() -> None:
+    """Compress LLaMA-family models with Compresso structured pruning, driven by a YAML recipe."""
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@_handle_errors
+def validate(recipes: tuple[Path, ...]) -> None:
+    """Check RECIPES: schema, cross-field rules and that their files exist.
+
+    Prints one `FILE:LINE: field: message` line per problem and exits 2 if any recipe is invalid.
+    """
+    from .errors import RecipeError
+    from .recipe_loader import load_recipe
+
+    problems: list[str] = []
+    for path in recipes:
+        try:
+            load_recipe(path, check_files=True)
+            click.echo(f"{path}: ok")
+        except RecipeError as exc:
+            problems.extend(exc.lines)
+    if problems:
+        raise UserError(problems[0], lines=problems)
+
+
+@main.command()
+@_handle_errors
+def schema() -> None:
+    """Print the recipe's JSON Schema (the source of schemas/recipe.schema.json)."""
+    from .recipe import recipe_json_schema
+
+    click.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+@main.command()
+@recipe_arg
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_handle_errors
+def plan(recipe: Path, as_json: bool) -> None:
+    """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything."""
+    _print_plan(recipe, as_json)
+
+
+@main.command()
+@recipe_arg
+@click.option("--dry-run", is_flag=True, help="Print the plan and run nothing (same as `plan`).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON; otherwise the final "
+              "run state as JSON.")
+@click.option("--from", "from_stage", type=click.Choice(STAGE_CHOICES), help="Re-run from this stage on.")
+@click.option("--until", type=click.Choice(STAGE_CHOICES), help="Stop after this stage.")
+@click.option("--force", is_flag=True, help="Re-run every stage, even those that are up to date.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Override the recipe's run_dir.")
+@click.option("--plain", is_flag=True, help="Timestamped lines instead of the live view (automatic off a terminal).")
+@click.option("--break-stale-lock", is_flag=True, help="Take over a run folder whose lock's process is gone.")
+@_handle_errors
+def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, until: str | None, force: bool,
+          run_dir: Path | None, plain: bool, break_stale_lock: bool) -> None:
+    """Run plan -> prune -> slice -> finetune -> evaluate -> report for RECIPE.
+
+    Re-running the same command skips finished stages and resumes an interrupted one from its last
+    checkpoint; a changed recipe re-runs only the stages whose inputs changed.
+    """
+    if dry_run:
+        _print_plan(recipe, as_json)
+        return
+    from .executor import Executor
+    from .progress import make_reporter
+    from .recipe_loader import load_recipe
+
+    loaded = load_recipe(recipe, check_files=True)
+    executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
+                        until=until, force=force, break_stale_lock=break_stale_lock)
+    state = executor.run()
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+    else:
+        report = executor.run_dir / "report.md"
+        if report.is_file():
+            click.echo(f"report: {report}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Markdown file to write (default: print to stdout).")
+@click.option("--json", "as_json", is_flag=True, help="Write the report's content as JSON instead of markdown.")
+@_handle_errors
+def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
+    """Write the release-review report for one or more RUN_DIRS (several give a side-by-side table)."""
+    from .report import build_report, render_markdown
+
+    content = build_report(list(run_dirs))
+    if as_json:
+        text = json.dumps(content, indent=2)
+    else:
+        assets = (output.parent if output else Path.cwd()) / ((output.stem if output else "report") + "_assets")
+        text = render_markdown(content, assets)
+    if output:
+        from . import atomic
+
+        atomic.write_text(output, text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+def _print_plan(recipe_path: Path, as_json: bool) -> None:
+    from .plan import make_plan
+    from .recipe_loader import load_recipe
+
+    recipe = load_recipe(recipe_path, check_files=False)
+    result = make_plan(recipe)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from .plan_view import render_plan
+
+        render_plan(result, Console(highlight=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from tests.tiny import SHARED  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+
+
+@pytest.fixture
+def shared():
+    """The read-only ../shared folder; tests that need it skip cleanly where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent (only developer machines and CI have it)")
+    return SHARED

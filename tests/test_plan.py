@@ -1,0 +1,124 @@
+"""The dry-run planner: exact sizes for LLaMA-7B, memory verdicts and advice, no weights or network needed."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from compresso_ops.architecture import PRESETS
+from compresso_ops.cli import main
+from compresso_ops.plan import make_plan, uniform_kept
+from compresso_ops.recipe_loader import load_recipe
+from compresso_ops.sizes import count_params
+from tests.tiny import REPO_ROOT
+
+
+def _plan_json(args: list[str]) -> dict:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_llama7b_54b_plan_matches_the_paper():
+    plan = _plan_json(["plan", str(REPO_ROOT / "recipes" / "llama7b-5.4b.yaml"), "--json"])
+    params = plan["params"]
+    assert params["source"]["total"] == 6_738_415_616
+    assert params["source"]["prunable"] == 6_476_005_376
+    assert params["source"]["embeddings"] == 262_144_000
+    assert 5.40e9 <= params["target"]["total"] <= 5.48e9
+    assert params["target"]["prunable_sparsity"] == pytest.approx(0.20)
+    assert plan["trainable"]["lora"] == 4_194_304
+    assert plan["trainable"]["gates"] == 357_376
+    prune = plan["memory"]["stages"]["prune"]
+    assert prune["fits"] and plan["hardware"]["gpu"] == "V100-32GB"
+    assert set(prune["breakdown"]) >= {"frozen_weights", "trainable_grads_optimizer", "activations",
+                                       "activations_without_checkpointing", "activations_with_checkpointing",
+                                       "logits", "framework_overhead"}
+    for mode in ("native", "uniform", "pad"):
+        assert params["export"][mode]["checkpoint_bytes"] == params["export"][mode]["params"] * 2  # fp16
+    assert plan["memory"]["deploy"]["total_bytes"] > plan["memory"]["deploy"]["weights_bytes"]
+    assert plan["steps"]["prune"]["total"] == 8 * plan["steps"]["prune"]["steps_per_epoch"]
+
+
+def test_dry_run_prints_the_same_plan():
+    recipe = str(REPO_ROOT / "recipes" / "llama7b-5.4b.yaml")
+    assert _plan_json(["apply", recipe, "--dry-run", "--json"]) == _plan_json(["plan", recipe, "--json"])
+
+
+@pytest.mark.parametrize("name,size", [("5.0b", 5.0e9), ("4.5b", 4.5e9)])
+def test_smaller_recipes_land_on_their_names(name, size):
+    plan = _plan_json(["plan", str(REPO_ROOT / "recipes" / f"llama7b-{name}.yaml"), "--json"])
+    assert abs(plan["params"]["target"]["total"] - size) <= 0.05e9
+    assert plan["params"]["export"]["uniform"]["exact"]
+    assert abs(plan["params"]["export"]["uniform"]["params"] - size) <= 0.05e9
+
+
+def test_uniform_split_meets_the_target_within_one_channel_per_layer():
+    arch = PRESETS["llama-7b"]
+    for sparsity in (0.2, 0.27, 0.35):
+        kept = uniform_kept(arch, sparsity)
+        got = count_params(arch, kept, "uniform").prunable
+        want = (1 - sparsity) * count_params(arch).prunable
+        assert abs(got - want) <= arch.num_layers * 3 * arch.hidden_size
+
+
+def _recipe(tmp_path, body: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(body))
+    return load_recipe(path, check_files=False)
+
+
+def test_a_replica_that_does_not_fit_gets_fsdp_chosen(tmp_path):
+    plan = make_plan(_recipe(tmp_path, """
+        model: {path: org/llama-13b, architecture: llama-13b, dtype: float16}
+        target: {sparsity: 0.2}
+        prune: {gradient_checkpointing: true}
+        hardware: {gpu: V100-16GB, gpus_per_node: 4}
+    """))
+    assert plan["hardware"]["strategy"] == "fsdp"
+    assert plan["memory"]["stages"]["prune"]["fits"]
+
+
+def test_a_stage_that_does_not_fit_gets_the_smallest_fix(tmp_path):
+    plan = make_plan(_recipe(tmp_path, """
+        model: {path: org/llama-7b, architecture: llama-7b, dtype: float16}
+        target: {sparsity: 0.2}
+        prune: {micro_batch_size: 8, gradient_checkpointing: false}
+        data: {max_seq_length: 1024}
+        hardware: {gpu: V100-32GB, gpus_per_node: 1}
+    """))
+    prune = plan["memory"]["stages"]["prune"]
+    assert not prune["fits"]
+    assert prune["suggestion"] == "set prune.gradient_checkpointing: true"
+
+
+def test_a_model_too_big_for_any_setting_says_so(tmp_path):
+    plan = make_plan(_recipe(tmp_path, """
+        model: {path: org/llama-13b, architecture: llama-13b, dtype: float16}
+        target: {sparsity: 0.2}
+        hardware: {gpu: V100-16GB, gpus_per_node: 1}
+    """))
+    assert not plan["memory"]["stages"]["prune"]["fits"]
+    assert "larger GPU" in plan["memory"]["stages"]["prune"]["suggestion"]
+
+
+def test_steps_come_from_the_local_data_file(tmp_path):
+    rows = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(100)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    plan = make_plan(_recipe(tmp_path, """
+        model: {path: org/llama-7b, architecture: llama-7b}
+        target: {sparsity: 0.2}
+        data: {path: d.json}
+        prune: {micro_batch_size: 2, gradient_accumulation: 5, schedule: {unit: epochs, lora_only: 1, ramp: 2, hold: 1}}
+        finetune: {unit: steps, duration: 7}
+        hardware: {gpu: A100-80GB, gpus_per_node: 2}
+    """))
+    steps = plan["steps"]
+    assert steps["examples"] == 100
+    assert steps["prune"]["global_batch"] == 20 and steps["prune"]["steps_per_epoch"] == 5
+    assert steps["prune"]["phases"] == {"lora_only": 5, "ramp": 10, "hold": 5}
+    assert steps["finetune"]["total"] == 7
+    assert steps["prune"]["est_seconds"] > 0

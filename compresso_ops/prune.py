@@ -1,0 +1,218 @@
+"""The prune stage: LoRA + hard-concrete gates + Lagrangian, then exact final masks.
+
+Three optimizers, as in method.md section 5: AdamW on the LoRA adapters, AdamW on the gates' log_alpha and
+AdamW with `maximize=True` on the two Lagrange multipliers (gradient ascent). The schedule has three
+phases, in optimizer steps: LoRA only (gates frozen and open), a linear ramp of the target sparsity, and a
+hold at the target. Every step appends one line to `events.jsonl`; a checkpoint every
+`prune.checkpoint_every` steps (and at the end) lets a killed run continue the same trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import atomic
+from .adapter import ModelAdapter
+from .architecture import ArchSpec
+from .data import Collator, DataOrder, Example, build_dataset, pad_token_id
+from .gates import GateSet, Lagrangian, target_at
+from .gating import GateHooks
+from .masks import select_final_masks
+from .prompts import resolve_prompt
+from .recipe import Recipe
+from .recipe_loader import target_sparsity
+from .sizes import count_params, prunable_sparsity
+from .training import (
+    CheckpointStore,
+    EventLog,
+    Precision,
+    add_lora,
+    check_finite,
+    enable_gradient_checkpointing,
+    label_tokens,
+    lm_loss_sum,
+    load_source,
+    load_trainable_state,
+    make_scheduler,
+    micro_batches,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    steps_per_epoch,
+    to_steps,
+    trainable_state,
+)
+from .trainloop import run_steps
+
+STAGE = "prune"
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Phase lengths in optimizer steps."""
+
+    lora_only: int
+    ramp: int
+    hold: int
+    steps_per_epoch: int
+
+    @property
+    def total(self) -> int:
+        return self.lora_only + self.ramp + self.hold
+
+    def name(self, step: int) -> str:
+        if step < self.lora_only:
+            return "lora_only"
+        return "ramp" if step < self.lora_only + self.ramp else "hold"
+
+
+def prune_phases(recipe: Recipe, num_examples: int) -> Phases:
+    p = recipe.prune
+    per_epoch = steps_per_epoch(num_examples, p.micro_batch_size, p.gradient_accumulation)
+    s = p.schedule
+    return Phases(to_steps(s.lora_only, s.unit, per_epoch), max(1, to_steps(s.ramp, s.unit, per_epoch)),
+                  to_steps(s.hold, s.unit, per_epoch), per_epoch)
+
+
+class PruneTrainer:
+    """One optimizer step of the prune stage at a time, plus the state a checkpoint needs."""
+
+    def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
+                 precision: Precision, store: CheckpointStore) -> None:
+        p = recipe.prune
+        self.recipe, self.model, self.examples, self.collate, self.precision = recipe, model, examples, collate, precision
+        self.store = store
+        self.arch = ModelAdapter(model).arch
+        self.target = target_sparsity(recipe, self.arch)
+        self.phases = prune_phases(recipe, len(examples))
+        self.order = DataOrder(len(examples), p.seed)
+        device = precision.device
+        self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
+        self.lagrangian = Lagrangian().to(device)
+        self.hooks = GateHooks(ModelAdapter(model))
+        self.sampler = torch.Generator(device=device).manual_seed(p.seed + 1)
+        self.lora_params = [q for q in model.parameters() if q.requires_grad]
+        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
+        self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=p.lr.gates, weight_decay=0.0)
+        self.opt_lambda = torch.optim.AdamW(self.lagrangian.parameters(), lr=p.lr.lagrangian, weight_decay=0.0,
+                                            maximize=True)
+        self.sched_lora = make_scheduler(self.opt_lora, "constant", self.phases.total)
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Run optimizer step `step` (0-based) and return its metrics."""
+        p = self.recipe.prune
+        gating = step >= self.phases.lora_only
+        target = target_at(step, self.target, self.phases.lora_only, self.phases.ramp)
+        batches = micro_batches(self.examples, self.order, self.collate, step, p.micro_batch_size,
+                                p.gradient_accumulation)
+        tokens = max(1, label_tokens(batches))
+        lm_total = torch.zeros((), device=self.precision.device)
+        for batch in batches:
+            self.hooks.set(self.gates.sample(self.sampler) if gating else None)
+            loss = lm_loss_sum(self.model, batch, self.precision) / tokens
+            self.precision.backward(loss)
+            lm_total += loss.detach()
+        self.hooks.set(None)
+        with torch.set_grad_enabled(gating):
+            expected = self.gates.expected_sparsity()
+        lagrangian = torch.zeros((), device=self.precision.device)
+        if gating:
+            lagrangian = self.lagrangian(expected, target)
+            self.precision.backward(lagrangian)
+        check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store)
+        optimizers = [self.opt_lora] + ([self.opt_gates, self.opt_lambda] if gating else [])
+        clip = (self.lora_params, p.max_grad_norm) if p.max_grad_norm is not None else None
+        self.precision.step(optimizers, clip)
+        self.sched_lora.step()
+        self.gates.clamp_()
+        return {
+            "stage": STAGE, "step": step + 1, "total_steps": self.phases.total, "phase": self.phases.name(step),
+            "loss": lm_total.item() + lagrangian.item(), "lm_loss": lm_total.item(), "lagrangian": lagrangian.item(),
+            "expected_sparsity": expected.item(), "target_sparsity": target,
+            "lambda1": self.lagrangian.lambda1.item(), "lambda2": self.lagrangian.lambda2.item(),
+            "lr": {"lora": self.sched_lora.get_last_lr()[0], "gates": p.lr.gates, "lagrangian": p.lr.lagrangian},
+            "tokens": tokens,
+        }
+
+    def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
+        return {
+            "step": step, "fingerprint": fingerprint,
+            "lora": trainable_state(self.model), "gates": self.gates.state_dict(),
+            "lagrangian": self.lagrangian.state_dict(),
+            "optimizers": {"lora": self.opt_lora.state_dict(), "gates": self.opt_gates.state_dict(),
+                           "lagrangian": self.opt_lambda.state_dict()},
+            "scheduler": self.sched_lora.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
+            "rng": rng_state(), "sampler": self.sampler.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        load_trainable_state(self.model, state["lora"])
+        self.gates.load_state_dict(state["gates"])
+        self.lagrangian.load_state_dict(state["lagrangian"])
+        self.opt_lora.load_state_dict(state["optimizers"]["lora"])
+        self.opt_gates.load_state_dict(state["optimizers"]["gates"])
+        self.opt_lambda.load_state_dict(state["optimizers"]["lagrangian"])
+        self.sched_lora.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state["scaler"] is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.sampler.set_state(state["sampler"])
+        return int(state["step"])
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Inputs that define the trajectory; a checkpoint from other inputs is not resumed."""
+    return recipe.section_hash("model", "target", "prompt", "data", "prune")
+
+
+def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+              max_steps: int | None = None) -> dict[str, Any]:
+    """Train gates + LoRA, write `lora/`, `masks.safetensors`, `masks.json`, `gates.safetensors`.
+
+    Resumes from `checkpoints/last` when it matches the recipe. `max_steps` stops after that many optimizer
+    steps in this call without writing outputs, as a killed run would (for tests).
+    """
+    stage_dir = Path(stage_dir)
+    model, tokenizer, precision = load_source(recipe)
+    arch = ModelAdapter(model).arch
+    examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, "prune"),
+                             arch.max_position_embeddings)
+    if recipe.prune.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    seed_all(recipe.prune.seed)
+    model = add_lora(model, recipe.prune.lora, "prune.lora.target_modules")
+    store = CheckpointStore(stage_dir)
+    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
+    total = trainer.phases.total
+    complete = run_steps(trainer, store=store, events=EventLog(stage_dir / "events.jsonl"),
+                         fingerprint=fingerprint(recipe), total=total, checkpoint_every=recipe.prune.checkpoint_every,
+                         on_event=on_event, max_steps=max_steps)
+    if not complete:
+        return {"completed": False, "total_steps": total}
+    return _finish(trainer, stage_dir, arch)
+
+
+def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str, Any]:
+    trainer.hooks.remove()
+    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode)
+    expected = trainer.gates.expected_sparsity().item()
+    achieved = prunable_sparsity(arch, masks.kept())
+    summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,
+               "steps": trainer.phases.total, "phases": asdict(trainer.phases),
+               "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item()}
+    masks.save(stage_dir, arch, extra={"prune": summary})
+    log_alpha = {k: v.detach().float().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}
+    atomic.write_with(stage_dir / "gates.safetensors", lambda p: save_file(log_alpha, str(p)))
+    with atomic.atomic_dir(stage_dir / "lora") as tmp:
+        trainer.model.save_pretrained(tmp)
+    return {"completed": True, **summary, "kept": asdict(masks.kept()),
+            "params": count_params(arch, masks.kept()).as_dict(), "masks_dir": str(stage_dir),
+            "lora_dir": str(stage_dir / "lora")}

@@ -1,0 +1,87 @@
+"""The step loop shared by the prune and fine-tune stages: resume, events, checkpoints, graceful stop.
+
+A trainer object does one optimizer step at a time and can export/import its complete state; this loop
+decides when to checkpoint and how to stop. Ctrl-C or SIGTERM never cut a step in half: the signal is
+noted, the step in flight finishes, a checkpoint is written, and KeyboardInterrupt is raised (the CLI then
+exits with 130 and the next `apply` resumes). A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from .training import CheckpointStore, EventLog
+
+
+class Trainer(Protocol):
+    def step(self, step: int) -> dict[str, Any]: ...
+    def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> int: ...
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def graceful_stop() -> Iterator[_StopFlag]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fingerprint: str, total: int,
+              checkpoint_every: int, on_event: Callable[[dict[str, Any]], None] | None = None,
+              max_steps: int | None = None, is_writer: bool = True) -> bool:
+    """Run steps from the last checkpoint to `total`; True when the run is complete.
+
+    `max_steps` stops after that many steps in this call, as a killed run would (tests use it).
+    `is_writer` is False on the ranks of a distributed run that must not write files.
+    """
+    state = store.load(fingerprint)
+    start = trainer.load_state_dict(state) if state is not None else 0
+    if is_writer:
+        if state is None:
+            events.reset()
+        else:
+            events.truncate_after(start)
+    stop = total if max_steps is None else min(total, start + max_steps)
+    with graceful_stop() as flag:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            record = trainer.step(step)
+            record["time_s"] = round(time.perf_counter() - t0, 4)
+            done = step + 1
+            if is_writer:
+                events.append(record)
+            if on_event is not None:
+                on_event(record)
+            if done % checkpoint_every == 0 or done == total or flag.requested:
+                state = trainer.state_dict(done, fingerprint)  # every rank joins any collective in here
+                if is_writer:
+                    store.save(state)
+            if flag.requested:
+                raise KeyboardInterrupt
+    return stop >= total

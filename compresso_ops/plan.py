@@ -130,8 +130,13 @@ def _training_memory(arch: ArchSpec, frozen_params: int, trainable: int, *, dtyp
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_layer(arch, nbytes, scale) * tokens
     layer_input = arch.hidden_size * scale * nbytes * tokens
+    # logits in the compute dtype, their fp32 copy for the loss (none when already fp32), log-softmax and
+    # its gradient
+    logits = tokens * arch.vocab_size * (nbytes + (4 if nbytes < 4 else 0) + 8)
     act_full = per_layer * arch.num_layers
-    act_ckpt = layer_input * arch.num_layers + per_layer
+    # With checkpointing only layer inputs stay; one layer's activations are rebuilt during its backward,
+    # after the logits are freed, so the peak holds the larger of the two.
+    act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
     if fsdp:  # sharded base plus the one layer gathered for compute
         frozen = frozen / world + frozen / arch.num_layers
@@ -141,8 +146,7 @@ def _training_memory(arch: ArchSpec, frozen_params: int, trainable: int, *, dtyp
         "activations": int(act_ckpt if checkpointing else act_full),
         "activations_without_checkpointing": int(act_full),
         "activations_with_checkpointing": int(act_ckpt),
-        # logits in the compute dtype, their fp32 copy for the loss, log-softmax and its gradient
-        "logits": int(tokens * arch.vocab_size * (nbytes + 12)),
+        "logits": int(logits),
     }
     subtotal = sum(v for k, v in breakdown.items() if not k.startswith("activations_"))
     breakdown["framework_overhead"] = int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal) if on_gpu else 0

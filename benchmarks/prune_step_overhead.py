@@ -26,13 +26,15 @@ from compresso_ops.data import Collator, DataOrder, Example
 from compresso_ops.prune import PruneTrainer
 from compresso_ops.recipe import Recipe
 from compresso_ops.training import (
+    BatchLayout,
     CheckpointStore,
     Precision,
     add_lora,
-    label_tokens,
+    label_count,
     lm_loss_sum,
     micro_batches,
     seed_all,
+    step_label_tokens,
 )
 
 RESULT = Path(__file__).resolve().parent / "results" / "prune_step_overhead.json"
@@ -79,11 +81,11 @@ def main() -> None:
         plain_params = [p for p in plain_model.parameters() if p.requires_grad]
         plain_opt = torch.optim.AdamW(plain_params, lr=recipe.prune.lr.lora, weight_decay=0.0)
         order = DataOrder(len(examples), recipe.prune.seed)
+        layout, counts = BatchLayout(args.micro_batch, args.accumulation), [label_count(e) for e in examples]
 
         def plain_step(step: int) -> None:
-            batches = micro_batches(examples, order, collate, step, args.micro_batch, args.accumulation)
-            tokens = label_tokens(batches)
-            for batch in batches:
+            tokens = step_label_tokens(counts, order, step, layout)
+            for _, batch in micro_batches(examples, order, collate, step, layout):
                 precision.backward(lm_loss_sum(plain_model, batch, precision) / tokens)
             precision.step([plain_opt], (plain_params, recipe.prune.max_grad_norm))
 

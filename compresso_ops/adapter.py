@@ -21,6 +21,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def module_names(model: nn.Module) -> set[str]:
+    """Last path components of every submodule, the names peft's `target_modules` match against. Works on
+    any model, the native export (whose config has per-layer counts) included."""
+    return {name.rsplit(".", 1)[-1] for name, _ in unwrap(model).named_modules() if name}
+
+
 class ModelAdapter:
     """Attribute paths of a LLaMA-layout causal LM, resolved against the (possibly peft-wrapped) model."""
 
@@ -64,5 +70,4 @@ class ModelAdapter:
         return self.module("lm_head")
 
     def module_names(self) -> set[str]:
-        """Last path components of every submodule, the names peft's `target_modules` match against."""
-        return {name.rsplit(".", 1)[-1] for name, _ in self.base.named_modules() if name}
+        return module_names(self.base)

@@ -33,10 +33,10 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as exc:
             for line in exc.lines:
                 click.echo(line, err=True)
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; the next `compresso-ops apply` resumes from the last checkpoint", err=True)
-            sys.exit(130)
+            _exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # an internal error: one line unless debugging
@@ -44,9 +44,38 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)",
                        err=True)
-            sys.exit(1)
+            _exit(1)
 
     return wrapper
+
+
+EXIT_FILE_ENV = "COMPRESSO_OPS_EXIT_FILE"
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`; under a self-launched torchrun, rank 0 also leaves the code for the launcher, whose
+    own exit status would otherwise be torchrun's generic 1."""
+    exit_file = os.environ.get(EXIT_FILE_ENV)
+    if exit_file and os.environ.get("RANK", "0") == "0":
+        Path(exit_file).write_text(str(code))
+    sys.exit(code)
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this very command under torchrun (torch.distributed.run), one process per GPU on this node."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="compresso-exit-", delete=False) as fh:
+        exit_file = Path(fh.name)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "compresso_ops.cli", *sys.argv[1:]]
+    try:
+        rc = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file)})
+        code = exit_file.read_text().strip()
+        return int(code) if code else rc
+    finally:
+        exit_file.unlink(missing_ok=True)
 
 
 STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
@@ -122,13 +151,22 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
         _print_plan(recipe, as_json)
         return
     from .executor import Executor
-    from .progress import make_reporter
+    from .progress import make_reporter, quiet_libraries
     from .recipe_loader import load_recipe
 
     loaded = load_recipe(recipe, check_files=True)
+    hw = loaded.hardware
+    if hw.gpus_per_node * hw.nodes > 1 and "LOCAL_RANK" not in os.environ:
+        if hw.nodes > 1:
+            raise UserError(f"{recipe}: hardware.nodes is {hw.nodes}; start multi-node runs with torchrun on every "
+                            "node (see the README's 'Several GPUs and nodes')")
+        _exit(_launch_torchrun(hw.gpus_per_node))
+    quiet_libraries()
     executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
                         until=until, force=force, break_stale_lock=break_stale_lock)
     state = executor.run()
+    if os.environ.get("RANK", "0") != "0":
+        return
     if as_json:
         click.echo(json.dumps(state, indent=2))
     else:

@@ -40,10 +40,13 @@ class StageSpec:
 SPECS: dict[str, StageSpec] = {
     "plan": StageSpec("plan", ("model", "target", "data", "prune", "finetune", "eval", "export", "hardware",
                                "method")),
-    "prune": StageSpec("prune", ("method", "model", "target", "prompt", "data", "prune", "export.mode"),
+    # hardware: GPUs per node x nodes set the global batch, the GPU type the precision.
+    "prune": StageSpec("prune", ("method", "model", "target", "prompt", "data", "prune", "export.mode",
+                                 "hardware.gpu", "hardware.gpus_per_node", "hardware.nodes"),
                        ("model.path", "data.path")),
     "slice": StageSpec("slice", ("export",)),
-    "finetune": StageSpec("finetune", ("finetune", "data", "prompt"), ("data.path",)),
+    "finetune": StageSpec("finetune", ("finetune", "data", "prompt", "model.dtype", "hardware.gpu",
+                                       "hardware.gpus_per_node", "hardware.nodes"), ("data.path",)),
     "evaluate": StageSpec("evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
     "report": StageSpec("report", ()),
 }
@@ -132,11 +135,35 @@ class Executor:
         last = STAGES.index(self.until) if self.until else len(STAGES) - 1
         return list(STAGES[: last + 1])
 
-    def run(self) -> dict[str, Any]:
-        with RunLock(self.run_dir, break_stale=self.break_stale_lock), _sigterm_as_interrupt():
-            return self._run_locked()
+    def collective(self, name: str) -> bool:
+        """Stages every process of a torchrun job runs together (data-parallel training); the others run
+        on rank 0 alone."""
+        return (name == "prune" and self.recipe.method == "compresso") or (
+            name == "finetune" and self.recipe.finetune.enabled)
 
-    def _run_locked(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
+        from .distributed import init_distributed, shutdown_distributed
+
+        ctx = init_distributed()
+        try:
+            if not ctx.is_main:
+                self._follow(ctx)
+                return {}
+            with RunLock(self.run_dir, break_stale=self.break_stale_lock), _sigterm_as_interrupt():
+                return self._run_locked(ctx)
+        finally:
+            shutdown_distributed()
+
+    def _follow(self, ctx: Any) -> None:
+        """Ranks other than 0: join the collective stages rank 0 decided to run, in order, then leave.
+        Rank 0 alone holds the lock, writes state and files, evaluates and reports."""
+        todo: list[str] = ctx.broadcast_object(None)
+        for name in todo:
+            if self.collective(name):
+                ctx.barrier()  # rank 0 has finished the stages before this one
+                STAGE_FUNCTIONS[name](self, self.stage_dir(name), lambda event: None)
+
+    def _run_locked(self, ctx: Any) -> dict[str, Any]:
         state = RunState(self.run_dir)
         hashes = stage_hashes(self.recipe)
         state.data["recipe_hash"] = self.recipe.recipe_hash()
@@ -150,6 +177,7 @@ class Executor:
             from .preflight import run_preflight
 
             run_preflight(self.recipe, self.run_dir, todo)
+        ctx.broadcast_object(todo)
 
         self.reporter.start(stages)
         try:
@@ -157,6 +185,8 @@ class Executor:
                 if name not in todo:
                     self.reporter.stage(name, "skipped", state.stage(name).get("seconds"), "up to date")
                     continue
+                if self.collective(name):
+                    ctx.barrier()  # the other ranks join this stage now
                 self._run_stage(state, name, hashes[name])
         finally:
             self.reporter.close()
@@ -244,8 +274,7 @@ def _prune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None
         from .baselines import run_one_shot
 
         result = run_one_shot(ex.recipe, folder, on_event=on_event)
-    sparsity = (result or {}).get("prunable_sparsity")
-    return f"prunable sparsity {sparsity:.4f}" if isinstance(sparsity, float) else ""
+    return f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
 
 
 def _slice(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:

@@ -125,6 +125,21 @@ class RichReporter:
         self.live.stop()
 
 
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and advisory logs: this module is the run's one voice."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
 def make_reporter(force_plain: bool = False) -> Reporter:
     if not force_plain and sys.stdout.isatty():
         return RichReporter()

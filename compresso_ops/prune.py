@@ -5,6 +5,10 @@ AdamW with `maximize=True` on the two Lagrange multipliers (gradient ascent). Th
 phases, in optimizer steps: LoRA only (gates frozen and open), a linear ramp of the target sparsity, and a
 hold at the target. Every step appends one line to `events.jsonl`; a checkpoint every
 `prune.checkpoint_every` steps (and at the end) lets a killed run continue the same trajectory.
+
+Under torchrun the ranks share each step's global micro-batches (see `training.BatchLayout`); the gradients
+are summed in `Precision.step`. The Lagrangian is the same number on every rank, so only rank 0
+backpropagates it and the summed gradient is the single-process one. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from . import atomic
 from .adapter import ModelAdapter
 from .architecture import ArchSpec
 from .data import Collator, DataOrder, Example, build_dataset, pad_token_id
+from .distributed import init_distributed, require_replicated
 from .gates import GateSet, Lagrangian, target_at
 from .gating import GateHooks
 from .masks import select_final_masks
@@ -30,22 +35,22 @@ from .recipe import Recipe
 from .recipe_loader import target_sparsity
 from .sizes import count_params, prunable_sparsity
 from .training import (
+    BatchLayout,
     CheckpointStore,
     EventLog,
     Precision,
     add_lora,
     check_finite,
     enable_gradient_checkpointing,
-    label_tokens,
+    label_count,
     lm_loss_sum,
     load_source,
     load_trainable_state,
     make_scheduler,
     micro_batches,
-    rng_state,
+    micro_rng,
     seed_all,
-    set_rng_state,
-    steps_per_epoch,
+    step_label_tokens,
     to_steps,
     trainable_state,
 )
@@ -74,9 +79,9 @@ class Phases:
 
 
 def prune_phases(recipe: Recipe, num_examples: int) -> Phases:
-    p = recipe.prune
-    per_epoch = steps_per_epoch(num_examples, p.micro_batch_size, p.gradient_accumulation)
-    s = p.schedule
+    """Phase lengths from the global batch, so they do not depend on how many processes run."""
+    per_epoch = BatchLayout.of(recipe.prune, recipe.hardware).steps_per_epoch(num_examples)
+    s = recipe.prune.schedule
     return Phases(to_steps(s.lora_only, s.unit, per_epoch), max(1, to_steps(s.ramp, s.unit, per_epoch)),
                   to_steps(s.hold, s.unit, per_epoch), per_epoch)
 
@@ -92,12 +97,13 @@ class PruneTrainer:
         self.arch = ModelAdapter(model).arch
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
+        self.layout = BatchLayout.of(p, recipe.hardware)
         self.order = DataOrder(len(examples), p.seed)
+        self.label_counts = [label_count(e) for e in examples]
         device = precision.device
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
         self.lagrangian = Lagrangian().to(device)
         self.hooks = GateHooks(ModelAdapter(model))
-        self.sampler = torch.Generator(device=device).manual_seed(p.seed + 1)
         self.lora_params = [q for q in model.parameters() if q.requires_grad]
         self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
         self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=p.lr.gates, weight_decay=0.0)
@@ -110,22 +116,24 @@ class PruneTrainer:
         p = self.recipe.prune
         gating = step >= self.phases.lora_only
         target = target_at(step, self.target, self.phases.lora_only, self.phases.ramp)
-        batches = micro_batches(self.examples, self.order, self.collate, step, p.micro_batch_size,
-                                p.gradient_accumulation)
-        tokens = max(1, label_tokens(batches))
-        lm_total = torch.zeros((), device=self.precision.device)
-        for batch in batches:
-            self.hooks.set(self.gates.sample(self.sampler) if gating else None)
-            loss = lm_loss_sum(self.model, batch, self.precision) / tokens
-            self.precision.backward(loss)
-            lm_total += loss.detach()
+        dist, device = self.precision.dist, self.precision.device
+        tokens = max(1, step_label_tokens(self.label_counts, self.order, step, self.layout))
+        lm_local = torch.zeros((), device=device)
+        for k, batch in micro_batches(self.examples, self.order, self.collate, step, self.layout, dist):
+            with micro_rng(p.seed, step, k, device):  # one gate sample per global micro-batch
+                self.hooks.set(self.gates.sample() if gating else None)
+                loss = lm_loss_sum(self.model, batch, self.precision) / tokens
+                self.precision.backward(loss)
+            lm_local += loss.detach()
         self.hooks.set(None)
+        lm_total = torch.tensor(dist.all_reduce_scalar(lm_local.item()))
         with torch.set_grad_enabled(gating):
             expected = self.gates.expected_sparsity()
-        lagrangian = torch.zeros((), device=self.precision.device)
+        lagrangian = torch.zeros((), device=device)
         if gating:
             lagrangian = self.lagrangian(expected, target)
-            self.precision.backward(lagrangian)
+            if dist.is_main:  # identical on every rank: counted once in the summed gradient
+                self.precision.backward(lagrangian)
         check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store)
         optimizers = [self.opt_lora] + ([self.opt_gates, self.opt_lambda] if gating else [])
         clip = (self.lora_params, p.max_grad_norm) if p.max_grad_norm is not None else None
@@ -150,7 +158,6 @@ class PruneTrainer:
                            "lagrangian": self.opt_lambda.state_dict()},
             "scheduler": self.sched_lora.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
-            "rng": rng_state(), "sampler": self.sampler.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
@@ -163,14 +170,14 @@ class PruneTrainer:
         self.sched_lora.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.sampler.set_state(state["sampler"])
         return int(state["step"])
 
 
 def fingerprint(recipe: Recipe) -> str:
-    """Inputs that define the trajectory; a checkpoint from other inputs is not resumed."""
-    return recipe.section_hash("model", "target", "prompt", "data", "prune")
+    """Inputs that define the trajectory (the global batch among them); a checkpoint from other inputs is
+    not resumed."""
+    micros = BatchLayout.of(recipe.prune, recipe.hardware).micros
+    return f"{recipe.section_hash('model', 'target', 'prompt', 'data', 'prune')}-m{micros}"
 
 
 def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -178,10 +185,14 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict
     """Train gates + LoRA, write `lora/`, `masks.safetensors`, `masks.json`, `gates.safetensors`.
 
     Resumes from `checkpoints/last` when it matches the recipe. `max_steps` stops after that many optimizer
-    steps in this call without writing outputs, as a killed run would (for tests).
+    steps in this call without writing outputs, as a killed run would (for tests). Under torchrun every rank
+    calls this; rank 0 writes the files and reports `on_event`, and all ranks return the same dict once the
+    outputs are on disk.
     """
+    require_replicated(recipe.hardware.strategy)
+    dist = init_distributed()
     stage_dir = Path(stage_dir)
-    model, tokenizer, precision = load_source(recipe)
+    model, tokenizer, precision = load_source(recipe, dist)
     arch = ModelAdapter(model).arch
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, "prune"),
                              arch.max_position_embeddings)
@@ -194,13 +205,16 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict
     total = trainer.phases.total
     complete = run_steps(trainer, store=store, events=EventLog(stage_dir / "events.jsonl"),
                          fingerprint=fingerprint(recipe), total=total, checkpoint_every=recipe.prune.checkpoint_every,
-                         on_event=on_event, max_steps=max_steps)
+                         on_event=on_event, max_steps=max_steps, dist=dist)
     if not complete:
         return {"completed": False, "total_steps": total}
-    return _finish(trainer, stage_dir, arch)
+    result = _finish(trainer, stage_dir, arch)
+    dist.barrier()  # no rank moves on (or exits) before the outputs are written
+    return result
 
 
 def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str, Any]:
+    """The final masks and summary (computed on every rank from the same gates); rank 0 writes them."""
     trainer.hooks.remove()
     masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode)
     expected = trainer.gates.expected_sparsity().item()
@@ -208,11 +222,12 @@ def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str,
     summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,
                "steps": trainer.phases.total, "phases": asdict(trainer.phases),
                "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item()}
-    masks.save(stage_dir, arch, extra={"prune": summary})
-    log_alpha = {k: v.detach().float().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}
-    atomic.write_with(stage_dir / "gates.safetensors", lambda p: save_file(log_alpha, str(p)))
-    with atomic.atomic_dir(stage_dir / "lora") as tmp:
-        trainer.model.save_pretrained(tmp)
+    if trainer.precision.dist.is_main:
+        masks.save(stage_dir, arch, extra={"prune": summary})
+        log_alpha = {k: v.detach().float().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}
+        atomic.write_with(stage_dir / "gates.safetensors", lambda p: save_file(log_alpha, str(p)))
+        with atomic.atomic_dir(stage_dir / "lora") as tmp:
+            trainer.model.save_pretrained(tmp)
     return {"completed": True, **summary, "kept": asdict(masks.kept()),
             "params": count_params(arch, masks.kept()).as_dict(), "masks_dir": str(stage_dir),
             "lora_dir": str(stage_dir / "lora")}

@@ -1,23 +1,30 @@
 """Training plumbing shared by the prune and fine-tune stages.
 
-- `load_source`: the source model and tokenizer, on CPU in fp32; on GPU the frozen base in the recipe's
-  dtype, trainables in fp32 and autocast (fp16 adds a GradScaler).
+- `load_source`: the source model and tokenizer, on CPU in fp32; on GPU the frozen base in the planner's
+  compute dtype (bf16 where the GPU has it, else fp16), trainables in fp32 and autocast (fp16 adds a
+  GradScaler).
 - `Precision.backward` / `Precision.step` are the one place that runs backward passes and optimizer
-  steps, so data parallelism can later be added there (and micro-batches sharded by rank in
-  `micro_batches`) without touching the stages.
+  steps; `step` sums gradients across data-parallel ranks before unscaling, clipping and stepping.
+- `BatchLayout` / `micro_batches` / `micro_rng`: an optimizer step takes micro_batch_size *
+  gradient_accumulation * (hardware.gpus_per_node * hardware.nodes) examples of the seeded stream, cut into
+  global micro-batches dealt round-robin to the processes actually running. Each global micro-batch draws
+  its randomness (gate noise, LoRA dropout) from a seed of (seed, step, micro index), so any number of
+  processes follows the trajectory the recipe defines, the same one the planner counts steps for.
 - `CheckpointStore`: one atomically replaced checkpoint holding everything a resumed run needs to continue
-  the same trajectory: trainable tensors, optimizer / scheduler / scaler states, RNG states, the step.
+  the same trajectory: trainable tensors, optimizer / scheduler / scaler states, the step.
 - `EventLog`: events.jsonl, one line per optimizer step, cut back to the checkpoint on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import atomic
-from .adapter import ModelAdapter, unwrap
+from .adapter import module_names, unwrap
 from .data import IGNORE, Collator, DataOrder, Example
+from .distributed import SINGLE, DistContext
 from .errors import StageError, UserError
-from .recipe import LoraSection, Recipe
+from .plan import compute_dtype
+from .recipe import FinetuneSection, HardwareSection, LoraSection, PruneSection, Recipe
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAME = "last"
@@ -47,6 +56,7 @@ class Precision:
     device: torch.device
     base_dtype: torch.dtype
     scaler: torch.amp.GradScaler | None = None
+    dist: DistContext = field(default_factory=lambda: SINGLE)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -61,7 +71,10 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, optimizers: list[torch.optim.Optimizer], clip: tuple[list[nn.Parameter], float] | None = None) -> None:
-        """Unscale, clip `clip[0]` to norm `clip[1]`, step every optimizer, zero the gradients."""
+        """Sum gradients across ranks, unscale, clip `clip[0]` to norm `clip[1]`, step every optimizer, zero
+        the gradients. Every rank then holds the same gradients, so the scaler finds the same inf/NaN and
+        every rank takes the same step."""
+        self.dist.all_reduce_grads_([p for opt in optimizers for g in opt.param_groups for p in g["params"]])
         if self.scaler is not None:
             for opt in optimizers:
                 self.scaler.unscale_(opt)
@@ -78,27 +91,27 @@ class Precision:
             opt.zero_grad(set_to_none=True)
 
 
-def choose_precision(recipe: Recipe, config_dtype: Any) -> Precision:
-    """CPU runs are fp32. On GPU the base uses model.dtype ('auto': the checkpoint's own dtype)."""
+def choose_precision(recipe: Recipe, dist: DistContext = SINGLE) -> Precision:
+    """CPU runs are fp32. On GPU the base is held in the planner's compute dtype (model.dtype; 'auto':
+    bf16 where the GPU has it, fp16 elsewhere), falling back to fp16 on a GPU without native bf16 (V100);
+    fp16 adds a GradScaler. The device is this rank's GPU (set by `init_distributed`)."""
     if recipe.hardware.gpu == "cpu" or not torch.cuda.is_available():
-        return Precision(torch.device("cpu"), torch.float32)
-    name = recipe.model.dtype
-    if name == "auto":
-        name = str(config_dtype).replace("torch.", "") if config_dtype is not None else "float32"
-    dtype = _DTYPES.get(name, torch.float32)
+        return Precision(torch.device("cpu"), torch.float32, dist=dist)
+    dtype = _DTYPES[compute_dtype(recipe)]
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        dtype = torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Precision(torch.device("cuda"), dtype, scaler)
+    return Precision(torch.device("cuda", torch.cuda.current_device()), dtype, scaler, dist)
 
 
-def load_source(recipe: Recipe) -> tuple[nn.Module, Any, Precision]:
+def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
     """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = recipe.model
     kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+    precision = choose_precision(recipe, dist)
     try:
-        config = AutoConfig.from_pretrained(m.path, **kw)
-        precision = choose_precision(recipe, getattr(config, "dtype", None))
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
     except OSError as exc:
@@ -117,7 +130,7 @@ def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:
     recipe field in the error). The base stays frozen; peft keeps adapters in fp32 over a half-precision base."""
     from peft import LoraConfig, get_peft_model
 
-    names = ModelAdapter(model).module_names()
+    names = module_names(model)
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
         raise UserError(f"{field}: {', '.join(missing)} matches no module of the model; use q_proj, k_proj, "
@@ -141,8 +154,32 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------------------- schedule
 
-def steps_per_epoch(num_examples: int, micro_batch: int, accumulation: int) -> int:
-    return max(1, math.ceil(num_examples / (micro_batch * accumulation)))
+@dataclass(frozen=True)
+class BatchLayout:
+    """The examples of one optimizer step: `micros` global micro-batches of `micro_batch` examples.
+
+    `micros` = gradient_accumulation * the recipe's world (gpus_per_node * nodes), as the planner counts
+    it; the processes actually launched share them round-robin, so the global batch (and with it the step
+    count, the LR schedule and the sparsity ramp) depends on the recipe alone.
+    """
+
+    micro_batch: int
+    micros: int
+
+    @classmethod
+    def of(cls, section: PruneSection | FinetuneSection, hardware: HardwareSection) -> BatchLayout:
+        return cls(section.micro_batch_size, section.gradient_accumulation * hardware.gpus_per_node * hardware.nodes)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.micros
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return max(1, math.ceil(num_examples / self.global_batch))
+
+    def indices(self, order: DataOrder, step: int, micro: int) -> list[int]:
+        """Example indices of global micro-batch `micro` of optimizer step `step`."""
+        return order.indices(step * self.global_batch + micro * self.micro_batch, self.micro_batch)
 
 
 def to_steps(amount: float, unit: str, per_epoch: int) -> int:
@@ -150,22 +187,44 @@ def to_steps(amount: float, unit: str, per_epoch: int) -> int:
     return math.ceil(amount * per_epoch) if unit == "epochs" else int(amount)
 
 
-def micro_batches(examples: list[Example], order: DataOrder, collate: Collator, step: int, micro_batch: int,
-                  accumulation: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of optimizer step `step`: consecutive slices of the seeded example stream."""
-    start = step * micro_batch * accumulation
-    return [collate([examples[i] for i in order.indices(start + k * micro_batch, micro_batch)])
-            for k in range(accumulation)]
+def micro_batches(examples: list[Example], order: DataOrder, collate: Collator, step: int, layout: BatchLayout,
+                  dist: DistContext = SINGLE) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """(global micro index, batch) for this rank's share of step `step`: micro-batch k goes to rank
+    k % world_size."""
+    return [(k, collate([examples[i] for i in layout.indices(order, step, k)]))
+            for k in range(dist.rank, layout.micros, dist.world_size)]
 
 
-def label_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
-    """Tokens that carry a loss across all micro-batches of a step (the shift drops position 0)."""
-    return int(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in batches))
+def label_count(example: Example) -> int:
+    """Tokens of `example` that carry a loss (the next-token shift drops position 0)."""
+    return sum(1 for t in example.labels[1:] if t != IGNORE)
+
+
+def step_label_tokens(counts: list[int], order: DataOrder, step: int, layout: BatchLayout) -> int:
+    """Loss-carrying tokens of the whole global batch of `step` (`counts[i]` = label_count(examples[i])).
+    Computed identically on every rank from the seeded order, so the loss normaliser needs no collective."""
+    return sum(counts[i] for k in range(layout.micros) for i in layout.indices(order, step, k))
+
+
+def _micro_seed(seed: int, step: int, micro: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def micro_rng(seed: int, step: int, micro: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's default generators for one global micro-batch (gate noise, LoRA dropout) and restore
+    them afterwards: whichever rank runs micro-batch `micro` of `step`, it draws the same random numbers,
+    and a resumed run needs no saved RNG state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(_micro_seed(seed, step, micro))
+        yield
 
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled tokens (divide by `label_tokens` of the whole step so
-    gradient accumulation equals one large batch)."""
+    """Summed next-token cross-entropy over labelled tokens (divide by `step_label_tokens` of the whole
+    global batch so accumulation and data parallelism equal one large batch)."""
     batch = {k: v.to(precision.device) for k, v in batch.items()}
     with precision.autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -205,23 +264,9 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def seed_all(seed: int) -> None:
-    """Seed python and torch (all devices) so adapter init and dropout repeat from run to run."""
+    """Seed python and torch (all devices) so adapter init repeats from run to run and rank to rank."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointStore:

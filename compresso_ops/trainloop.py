@@ -4,6 +4,11 @@ A trainer object does one optimizer step at a time and can export/import its com
 decides when to checkpoint and how to stop. Ctrl-C or SIGTERM never cut a step in half: the signal is
 noted, the step in flight finishes, a checkpoint is written, and KeyboardInterrupt is raised (the CLI then
 exits with 130 and the next `apply` resumes). A second Ctrl-C stops at once.
+
+Under torchrun the ranks agree after every step on whether any of them was asked to stop, so they stop
+after the same step; rank 0 reads the checkpoint (or, on a fresh start, takes its own initial state) and
+broadcasts it, so every rank starts from the same state even without a shared file system, and only
+rank 0 writes events and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from .distributed import SINGLE, DistContext
 from .training import CheckpointStore, EventLog
 
 
 class Trainer(Protocol):
+    """`state_dict` runs on rank 0 only, so it must not use collectives (every trainable is replicated)."""
+
     def step(self, step: int) -> dict[str, Any]: ...
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> int: ...
@@ -54,16 +62,22 @@ def graceful_stop() -> Iterator[_StopFlag]:
 
 def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fingerprint: str, total: int,
               checkpoint_every: int, on_event: Callable[[dict[str, Any]], None] | None = None,
-              max_steps: int | None = None, is_writer: bool = True) -> bool:
+              max_steps: int | None = None, dist: DistContext = SINGLE) -> bool:
     """Run steps from the last checkpoint to `total`; True when the run is complete.
 
     `max_steps` stops after that many steps in this call, as a killed run would (tests use it).
-    `is_writer` is False on the ranks of a distributed run that must not write files.
+    `on_event` is called on rank 0 only.
     """
-    state = store.load(fingerprint)
-    start = trainer.load_state_dict(state) if state is not None else 0
+    is_writer = dist.is_main
+    saved = store.load(fingerprint) if is_writer else None
+    start = 0
+    if dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
+        start = trainer.load_state_dict(dist.broadcast_object(
+            (saved if saved is not None else trainer.state_dict(0, fingerprint)) if is_writer else None))
+    elif saved is not None:
+        start = trainer.load_state_dict(saved)
     if is_writer:
-        if state is None:
+        if saved is None:
             events.reset()
         else:
             events.truncate_after(start)
@@ -76,12 +90,11 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
             done = step + 1
             if is_writer:
                 events.append(record)
-            if on_event is not None:
-                on_event(record)
-            if done % checkpoint_every == 0 or done == total or flag.requested:
-                state = trainer.state_dict(done, fingerprint)  # every rank joins any collective in here
-                if is_writer:
-                    store.save(state)
-            if flag.requested:
+                if on_event is not None:
+                    on_event(record)
+            stopping = dist.any(flag.requested)
+            if is_writer and (done % checkpoint_every == 0 or done == total or stopping):
+                store.save(trainer.state_dict(done, fingerprint))  # replicated state: rank 0's is everyone's
+            if stopping:
                 raise KeyboardInterrupt
     return stop >= total

@@ -1,0 +1,168 @@
+"""The fine-tune stage: LoRA on the sliced model to recover quality, then merge and save it in the same export
+format as the slice stage (same manifest, same reload-and-check).
+
+The collaborative prompt starts every example when the recipe uses it in fine-tuning (method.md section 9);
+the learning rate follows the recipe's schedule (cosine by default) after a linear warm-up. Checkpoints and
+resume work as in the prune stage, through the shared step loop, and so does data parallelism under torchrun
+(ranks share the global micro-batches, gradients are summed in `Precision.step`, rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Collator, DataOrder, Example, build_dataset, pad_token_id
+from .distributed import SINGLE, DistContext, init_distributed, require_replicated
+from .errors import UserError
+from .prompts import resolve_prompt
+from .recipe import Recipe
+from .training import (
+    BatchLayout,
+    CheckpointStore,
+    EventLog,
+    Precision,
+    add_lora,
+    check_finite,
+    choose_precision,
+    enable_gradient_checkpointing,
+    label_count,
+    lm_loss_sum,
+    load_trainable_state,
+    make_scheduler,
+    micro_batches,
+    micro_rng,
+    seed_all,
+    step_label_tokens,
+    to_steps,
+    trainable_state,
+)
+from .trainloop import run_steps
+
+STAGE = "finetune"
+MANIFEST = "compresso_manifest.json"
+
+
+class FinetuneTrainer:
+    """One optimizer step of LoRA fine-tuning at a time, plus the state a checkpoint needs."""
+
+    def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
+                 precision: Precision, store: CheckpointStore) -> None:
+        f = recipe.finetune
+        self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
+        self.precision, self.store = precision, store
+        self.layout = BatchLayout.of(f, recipe.hardware)
+        self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
+        self.order = DataOrder(len(examples), f.seed)
+        self.label_counts = [label_count(e) for e in examples]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=f.lr, weight_decay=0.0)
+        self.scheduler = make_scheduler(self.optimizer, f.schedule, self.total, round(f.warmup_ratio * self.total))
+
+    def step(self, step: int) -> dict[str, Any]:
+        f = self.recipe.finetune
+        dist, device = self.precision.dist, self.precision.device
+        tokens = max(1, step_label_tokens(self.label_counts, self.order, step, self.layout))
+        local = torch.zeros((), device=device)
+        for k, batch in micro_batches(self.examples, self.order, self.collate, step, self.layout, dist):
+            with micro_rng(f.seed, step, k, device):  # LoRA dropout, the same whichever rank runs it
+                loss = lm_loss_sum(self.model, batch, self.precision) / tokens
+                self.precision.backward(loss)
+            local += loss.detach()
+        total = torch.tensor(dist.all_reduce_scalar(local.item()))
+        check_finite(STAGE, step, {"lm_loss": total}, self.store)
+        lr = self.scheduler.get_last_lr()[0]
+        self.precision.step([self.optimizer], (self.params, 1.0))
+        self.scheduler.step()
+        return {"stage": STAGE, "step": step + 1, "total_steps": self.total, "lm_loss": total.item(),
+                "loss": total.item(), "lr": lr, "tokens": tokens}
+
+    def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
+        return {"step": step, "fingerprint": fingerprint, "lora": trainable_state(self.model),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        load_trainable_state(self.model, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state["scaler"] is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        return int(state["step"])
+
+
+def _fingerprint(recipe: Recipe, sliced_dir: Path) -> str:
+    """Inputs that define the trajectory: the recipe sections, the sliced model, the global batch."""
+    manifest = (sliced_dir / MANIFEST).read_bytes() if (sliced_dir / MANIFEST).is_file() else b""
+    micros = BatchLayout.of(recipe.finetune, recipe.hardware).micros
+    payload = recipe.section_hash("finetune", "data", "prompt").encode() + manifest + f"-m{micros}".encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
+    """The sliced export (frozen, training mode) with its tokenizer, held as the recipe's precision says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compresso_ops  # noqa: F401  (registers the native export class)
+
+    if not (sliced_dir / "config.json").is_file():
+        raise UserError(f"{sliced_dir}: no sliced model; run the slice stage first")
+    precision = choose_precision(recipe, dist)
+    model = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=precision.base_dtype).to(precision.device)
+    tokenizer = AutoTokenizer.from_pretrained(sliced_dir)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+    return model, tokenizer, precision
+
+
+def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, *,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 max_steps: int | None = None) -> dict[str, Any]:
+    """Fine-tune the sliced model in `sliced_dir`; write the merged result to `stage_dir/model`.
+
+    `max_steps` stops after that many steps without writing the model, as a killed run would (tests). Under
+    torchrun every rank calls this; rank 0 merges and writes the model and reports `on_event`, and every
+    rank returns rank 0's result once the model is on disk.
+    """
+    require_replicated(recipe.hardware.strategy)
+    dist = init_distributed()
+    sliced_dir, stage_dir = Path(sliced_dir), Path(stage_dir)
+    model, tokenizer, precision = load_sliced(recipe, sliced_dir, dist)
+    max_positions = int(getattr(model.config, "max_position_embeddings", recipe.data.max_seq_length))
+    examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, STAGE), max_positions)
+    if recipe.finetune.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    seed_all(recipe.finetune.seed)  # the same adapter init from run to run
+    model = add_lora(model, recipe.finetune.lora, "finetune.lora.target_modules")
+    store = CheckpointStore(stage_dir)
+    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
+    events = EventLog(stage_dir / "events.jsonl")
+    complete = run_steps(trainer, store=store, events=events, fingerprint=_fingerprint(recipe, sliced_dir),
+                         total=trainer.total, checkpoint_every=recipe.finetune.checkpoint_every,
+                         on_event=on_event, max_steps=max_steps, dist=dist)
+    if not complete:
+        return {"completed": False}
+    result = _export(recipe, model, tokenizer, sliced_dir, stage_dir, trainer.total) if dist.is_main else None
+    return dist.broadcast_object(result)  # also keeps the other ranks until the model is on disk
+
+
+def _export(recipe: Recipe, model: nn.Module, tokenizer: Any, sliced_dir: Path, stage_dir: Path,
+            steps: int) -> dict[str, Any]:
+    """Merge the adapters and save the model in the slice stage's export format (rank 0 only)."""
+    from .export import resave_export
+
+    merged = model.merge_and_unload().float().eval()
+    merged.config.use_cache = True
+    manifest = json.loads((sliced_dir / MANIFEST).read_text())
+    manifest["finetune"] = {"steps": steps, "lr": recipe.finetune.lr, "schedule": recipe.finetune.schedule,
+                            "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE)}
+    manifest = resave_export(merged, tokenizer, stage_dir / "model", manifest)
+    return {"completed": True, "steps": steps, "manifest": manifest}

@@ -1,0 +1,62 @@
+"""Run one training stage under torchrun, for tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_driver.py CONFIG.json
+
+CONFIG holds {"jobs": [{"stage": "prune" | "finetune", "recipe": <Recipe as JSON>, "stage_dir",
+"sliced_dir" (finetune)}, ...], "out_dir", "pause_after_checkpoint"}; the jobs run one after the other in the
+same processes (one launch costs tests less than two). Every rank writes its pid to out_dir/rank<r>.pid at
+start (so a test can SIGKILL the whole job) and each job's return value to out_dir/result<job>_<r>.json.
+With pause_after_checkpoint, rank 0 touches out_dir/paused after its first checkpoint and sleeps, so a test
+can kill the job at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compresso_ops import training
+from compresso_ops.distributed import init_distributed, shutdown_distributed
+from compresso_ops.recipe import Recipe
+
+
+def _pause_after_first_checkpoint(out_dir: Path) -> None:
+    real_save = training.CheckpointStore.save
+
+    def save(self: training.CheckpointStore, state: dict) -> None:
+        real_save(self, state)
+        (out_dir / "paused").touch()
+        time.sleep(600)  # the test kills the job here
+
+    training.CheckpointStore.save = save  # type: ignore[method-assign]
+
+
+def main() -> None:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(1)
+    out_dir = Path(config["out_dir"])
+    dist = init_distributed()
+    (out_dir / f"rank{dist.rank}.pid").write_text(str(os.getpid()))
+    if config.get("pause_after_checkpoint"):
+        _pause_after_first_checkpoint(out_dir)
+    for i, job in enumerate(config["jobs"]):
+        recipe = Recipe.model_validate(job["recipe"])
+        if job["stage"] == "prune":
+            from compresso_ops.prune import run_prune
+
+            result = run_prune(recipe, job["stage_dir"])
+        else:
+            from compresso_ops.finetune import run_finetune
+
+            result = run_finetune(recipe, job["sliced_dir"], job["stage_dir"])
+        (out_dir / f"result{i}_{dist.rank}.json").write_text(json.dumps(result, sort_keys=True, default=str))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

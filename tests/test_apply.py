@@ -1,0 +1,179 @@
+"""`compresso-ops apply` end to end on a tiny model: the full pipeline, idempotent resume, a real SIGKILL
+during pruning, re-running only what a recipe edit touches, and the run lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compresso_ops.cli import main
+from compresso_ops.masks import Masks
+from tests.tiny import REPO_ROOT, save_tiny
+
+RECIPE = """
+name: tiny
+model: {{path: model}}
+target: {{sparsity: 0.3}}
+prompt: {{text: "Keep quality.", use_in: [prune, finetune, evaluate]}}
+data: {{path: train.jsonl, format: alpaca, max_seq_length: 200}}
+prune:
+  lr: {{lora: 1.0e-3, gates: 0.5, lagrangian: 0.3}}
+  schedule: {{unit: steps, lora_only: 2, ramp: 8, hold: {hold}}}
+  micro_batch_size: 4
+  gradient_accumulation: 1
+  checkpoint_every: 2
+finetune: {{unit: steps, duration: {ft_steps}, lr: 1.0e-3, micro_batch_size: 4, gradient_accumulation: 1}}
+eval:
+  local_tasks: [{{name: quiz, data: quiz.jsonl, format: multiple_choice}}]
+  limit: 8
+  batch_size: 8
+  perplexity: {{path: dev.txt, window: 64, stride: 32}}
+  speed: {{enabled: false}}
+  compare_source: false
+export: {{mode: native, dtype: float32}}
+run_dir: {run_dir}
+"""
+
+
+def _setup(folder: Path, run_dir: str = "run", hold: int = 4, ft_steps: int = 3) -> Path:
+    if not (folder / "model").exists():
+        save_tiny(folder / "model", "llama")
+        rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(32)]
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        quiz = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 3)], "answer": 0}
+                for i in range(8)]
+        (folder / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in quiz))
+        (folder / "dev.txt").write_text("One plus one is two. Two plus two is four. " * 20)
+    path = folder / "recipe.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(run_dir=folder / run_dir, hold=hold, ft_steps=ft_steps)))
+    return path
+
+
+def _apply(recipe: Path, *args: str):
+    result = CliRunner().invoke(main, ["apply", str(recipe), "--plain", *args])
+    return result
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("apply")
+    recipe = _setup(folder)
+    result = _apply(recipe)
+    assert result.exit_code == 0, result.output
+    return folder, recipe
+
+
+def test_full_apply_produces_every_artifact(finished_run):
+    folder, _ = finished_run
+    run = folder / "run"
+    state = _state(run)
+    assert {k: v["status"] for k, v in state["stages"].items()} == {
+        s: "done" for s in ("plan", "prune", "slice", "finetune", "evaluate", "report")}
+    for artifact in ("plan/plan.json", "prune/masks.safetensors", "prune/lora/adapter_config.json",
+                     "slice/model/config.json", "slice/model/compresso_manifest.json",
+                     "finetune/model/model.safetensors", "evaluate/pruned.json", "report.md",
+                     "recipe.resolved.yaml", "events.jsonl"):
+        assert (run / artifact).is_file(), artifact
+    manifest = json.loads((run / "finetune" / "model" / "compresso_manifest.json").read_text())
+    assert manifest["checks"]["passed"]
+    assert "quiz" in (run / "report.md").read_text()
+
+
+def test_second_apply_does_no_work(finished_run):
+    folder, recipe = finished_run
+    run = folder / "run"
+    before = _state(run)
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "state.json"
+              and p.name != "events.jsonl" and p.name != "recipe.resolved.yaml"}
+    result = _apply(recipe)
+    assert result.exit_code == 0, result.output
+    after = _state(run)
+    for name, entry in after["stages"].items():
+        assert entry["started"] == before["stages"][name]["started"], name
+    assert result.output.count("skipped") == 6
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_editing_finetune_reruns_only_finetune_evaluate_report(finished_run, tmp_path):
+    folder, _ = finished_run
+    recipe = _setup(folder, ft_steps=4)  # the same run folder, one finetune field changed
+    before = _state(folder / "run")
+    result = _apply(recipe)
+    assert result.exit_code == 0, result.output
+    after = _state(folder / "run")
+    rerun = {n for n in after["stages"] if after["stages"][n]["started"] != before["stages"][n]["started"]}
+    # The plan is refreshed too (it describes the fine-tune's steps and memory; it takes milliseconds).
+    assert rerun == {"plan", "finetune", "evaluate", "report"}
+    assert after["stages"]["prune"] == before["stages"]["prune"]
+    assert after["stages"]["slice"] == before["stages"]["slice"]
+    _setup(folder)  # restore the recipe for the other tests of this module
+
+
+def test_a_second_concurrent_apply_is_refused(finished_run):
+    folder, recipe = finished_run
+    lock = folder / "run" / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    try:
+        result = _apply(recipe)
+        assert result.exit_code == 2
+        assert "another run" in result.output
+    finally:
+        lock.unlink()
+
+
+def test_a_stale_lock_is_reported_then_taken_over_on_request(finished_run):
+    folder, recipe = finished_run
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = folder / "run" / ".lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "then"}))
+    result = _apply(recipe)
+    assert result.exit_code == 2 and "stale lock" in result.output and "--break-stale-lock" in result.output
+    assert lock.exists()
+    result = _apply(recipe, "--break-stale-lock")
+    assert result.exit_code == 0, result.output
+    assert not lock.exists()
+
+
+def test_sigkill_during_prune_then_resume_gives_the_same_masks(tmp_path):
+    recipe = _setup(tmp_path, run_dir="killed", hold=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(recipe), "--plain", "--until", "prune"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt_meta = tmp_path / "killed" / "prune" / "checkpoints" / "last" / "meta.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt_meta.is_file() and json.loads(ckpt_meta.read_text())["step"] >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _state(tmp_path / "killed")["stages"]["prune"]["status"] == "running"
+
+    result = _apply(recipe, "--until", "prune", "--break-stale-lock")
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    resumed = Masks.load(tmp_path / "killed" / "prune")
+
+    straight = _setup(tmp_path, run_dir="straight", hold=40)
+    result = _apply(straight, "--until", "prune")
+    assert result.exit_code == 0, result.output
+    uninterrupted = Masks.load(tmp_path / "straight" / "prune")
+    for name in ("heads", "ffn", "hidden"):
+        assert torch.equal(getattr(resumed, name), getattr(uninterrupted, name)), name

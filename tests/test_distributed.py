@@ -1,0 +1,216 @@
+"""Data-parallel prune and fine-tune under torchrun (2 CPU processes, gloo) on tiny models.
+
+What users rely on: a run under torchrun ends where a single process with the same global batch ends, a
+killed multi-process run resumes to the same result, and the run folder holds one copy of every artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compresso_ops.architecture import ArchSpec
+from compresso_ops.distributed import DistContext, require_replicated
+from compresso_ops.errors import UserError
+from compresso_ops.finetune import run_finetune
+from compresso_ops.prune import run_prune
+from compresso_ops.recipe import Recipe
+from compresso_ops.sizes import count_params
+from tests.tiny import REPO_ROOT, save_tiny
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+TOL = 1e-5
+PRUNE_OUTPUTS = {"events.jsonl", "checkpoints", "lora", "masks.safetensors", "masks.json", "gates.safetensors"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    save_tiny(folder / "model", "llama", gqa=True)
+    rng = random.Random(0)
+    words = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "small", "red", "sun", "moon", "tree"]
+    (folder / "train.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) + "."
+                                                  for _ in range(40)))
+    # A stock tiny model with a manifest stands in for the slice stage's export.
+    save_tiny(folder / "sliced", "llama", gqa=True, seed=1)
+    total = count_params(ArchSpec.from_pretrained_dir(folder / "sliced")).total
+    (folder / "sliced" / "compresso_manifest.json").write_text(
+        json.dumps({"dtype": "float32", "params": {"exported": {"total": total}}}))
+    return folder
+
+
+def _recipe(folder: Path, *, gpus: int = 2, accumulation: int = 2, finetune_accumulation: int = 1,
+            checkpoint_every: int = 2) -> Recipe:
+    lora = {"r": 4, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "o_proj"]}
+    return Recipe(
+        name="t", model={"path": str(folder / "model")}, target={"sparsity": 0.4}, prompt={"text": "none"},
+        data={"path": str(folder / "train.txt"), "format": "text", "max_seq_length": 32, "max_samples": 24},
+        prune={"schedule": {"unit": "steps", "lora_only": 1, "ramp": 3, "hold": 2}, "micro_batch_size": 2,
+               "gradient_accumulation": accumulation, "checkpoint_every": checkpoint_every, "lora": lora,
+               "lr": {"lora": 1e-3, "gates": 0.3, "lagrangian": 0.1}},
+        finetune={"unit": "steps", "duration": 4, "lr": 1e-3, "micro_batch_size": 2,
+                  "gradient_accumulation": finetune_accumulation, "checkpoint_every": 2, "lora": lora},
+        hardware={"gpu": "cpu", "gpus_per_node": gpus})
+
+
+def _launch(config: dict, out: Path) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**config, "out_dir": str(out)}
+    (out / "config.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    log = (out / "torchrun.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(DRIVER), str(out / "config.json")], cwd=REPO_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_job(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL the launcher and every worker (torchrun starts workers in their own sessions)."""
+    pids = [proc.pid] + [int(p.read_text()) for p in out.glob("rank*.pid")]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _run(jobs: list[dict], out: Path, timeout: float = 180) -> list[list[dict]]:
+    """Run the jobs to their end in one launch; per job, every rank's return value."""
+    proc = _launch({"jobs": jobs}, out)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc, out)
+    assert rc == 0, (out / "torchrun.log").read_text()[-4000:]
+    return [[json.loads((out / f"result{i}_{r}.json").read_text()) for r in range(2)] for i in range(len(jobs))]
+
+
+def _events(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "events.jsonl").read_text().splitlines()]
+
+
+def _assert_same_events(got: list[dict], want: list[dict]) -> None:
+    assert [e["step"] for e in got] == [e["step"] for e in want] == list(range(1, len(want) + 1))
+    for a, b in zip(got, want, strict=True):
+        for key, value in b.items():
+            if key == "time_s":
+                continue
+            assert a[key] == (pytest.approx(value, abs=TOL) if isinstance(value, float) else value), key
+
+
+def _assert_close(a_file: Path, b_file: Path, exact: bool = False) -> None:
+    a, b = load_file(str(a_file)), load_file(str(b_file))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k], rtol=0, atol=TOL), (a_file.name, k)
+
+
+def _assert_prune_matches(got: Path, want: Path) -> None:
+    for name in ("gates.safetensors", "lora/adapter_model.safetensors", "masks.safetensors"):
+        _assert_close(got / name, want / name)
+    _assert_same_events(_events(got), _events(want))
+
+
+def _assert_one_copy(stage_dir: Path, outputs: set[str], steps: int) -> None:
+    assert {p.name for p in stage_dir.iterdir()} == outputs  # no leftover temporary folders
+    assert [p.name for p in (stage_dir / "checkpoints").iterdir()] == ["last"]
+    assert [e["step"] for e in _events(stage_dir)] == list(range(1, steps + 1))  # one line per step
+
+
+def _finetune_recipe(folder: Path) -> Recipe:
+    """1 GPU x accumulation 3 in the recipe, launched as 2 processes: the 3 micro-batches of a step are
+    split 2 + 1 between the ranks."""
+    return _recipe(folder, gpus=1, finetune_accumulation=3)
+
+
+@pytest.fixture(scope="module")
+def single_prune(work):
+    """The reference: one process, the recipe of the distributed runs (2 GPUs x accumulation 2)."""
+    out = work / "single_prune"
+    run_prune(_recipe(work), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(work):
+    """One torchrun launch of 2 processes running the prune stage, then the fine-tune stage."""
+    out = work / "two"
+    results = _run([{"stage": "prune", "recipe": _recipe(work).model_dump(mode="json"), "stage_dir": str(out / "prune")},
+                    {"stage": "finetune", "recipe": _finetune_recipe(work).model_dump(mode="json"),
+                     "sliced_dir": str(work / "sliced"), "stage_dir": str(out / "finetune")}], out / "job")
+    return out, results
+
+
+def test_two_processes_prune_like_one_with_the_same_global_batch(work, single_prune, two_processes, tmp_path):
+    out, (results, _) = two_processes
+    assert results[0] == results[1] and results[0]["completed"]  # every rank returns the same summary
+    _assert_prune_matches(out / "prune", single_prune)
+    _assert_one_copy(out / "prune", PRUNE_OUTPUTS, steps=6)
+    # The global batch is what the recipe says, however it is split: 1 GPU x accumulation 4 is the same run.
+    run_prune(_recipe(work, gpus=1, accumulation=4), tmp_path / "one_gpu")
+    for name in ("gates.safetensors", "lora/adapter_model.safetensors"):
+        _assert_close(tmp_path / "one_gpu" / name, single_prune / name, exact=True)
+
+
+def test_killed_two_process_run_resumes_to_the_same_result(work, single_prune, tmp_path):
+    config = {"stage": "prune", "recipe": _recipe(work).model_dump(mode="json"), "stage_dir": str(tmp_path / "prune")}
+    proc = _launch({"jobs": [config], "pause_after_checkpoint": True}, tmp_path / "killed")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "killed" / "paused").exists():
+            assert proc.poll() is None, (tmp_path / "killed" / "torchrun.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
+            time.sleep(0.2)
+        while len(list((tmp_path / "killed").glob("rank*.pid"))) < 2:
+            time.sleep(0.1)
+    finally:
+        _kill_job(proc, tmp_path / "killed")
+    meta = json.loads((tmp_path / "prune" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == 2 and not (tmp_path / "prune" / "masks.safetensors").exists()
+    _run([config], tmp_path / "resumed")
+    _assert_prune_matches(tmp_path / "prune", single_prune)
+    _assert_one_copy(tmp_path / "prune", PRUNE_OUTPUTS, steps=6)
+
+
+def test_two_processes_finetune_like_one(work, two_processes, tmp_path):
+    """Even with the recipe's micro-batches split unevenly (2 + 1), the run equals the single process."""
+    out, (_, results) = two_processes
+    single = run_finetune(_finetune_recipe(work), work / "sliced", tmp_path / "single")
+    assert results[0] == results[1] and results[0]["completed"] and results[0]["steps"] == single["steps"] == 4
+    _assert_close(out / "finetune" / "model" / "model.safetensors", tmp_path / "single" / "model" / "model.safetensors")
+    _assert_same_events(_events(out / "finetune"), _events(tmp_path / "single"))
+    _assert_one_copy(out / "finetune", {"events.jsonl", "checkpoints", "model"}, steps=4)
+
+
+def test_single_process_helpers_are_no_ops_and_fsdp_is_refused():
+    ctx = DistContext()
+    grads = [torch.ones(3)]
+    ctx.all_reduce_sum_(grads)
+    assert ctx.is_main and not ctx.active and torch.equal(grads[0], torch.ones(3))
+    assert ctx.all_reduce_scalar(2.5) == 2.5 and ctx.broadcast_object({"a": 1}) == {"a": 1} and ctx.any(True)
+    with pytest.raises(UserError, match="^hardware.strategy: fsdp .* not available in this release") as info:
+        require_replicated("fsdp")
+    assert "\n" not in str(info.value)
+    require_replicated("ddp")

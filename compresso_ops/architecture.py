@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "compresso_llama")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Projection names of the LLaMA layout; LoRA target modules are validated against these.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,7 +56,7 @@ class ArchSpec:
         model_type = c.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
-                f"model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES[:3])}"
+                f"model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
             d = int(c["hidden_size"])

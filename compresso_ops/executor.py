@@ -335,6 +335,6 @@ class _sigterm_as_interrupt:
     def _raise(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)

@@ -157,12 +157,12 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
 def _export(recipe: Recipe, model: nn.Module, tokenizer: Any, sliced_dir: Path, stage_dir: Path,
             steps: int) -> dict[str, Any]:
     """Merge the adapters and save the model in the slice stage's export format (rank 0 only)."""
-    from .export import resave_export
+    from .export import save_export
 
     merged = model.merge_and_unload().float().eval()
     merged.config.use_cache = True
     manifest = json.loads((sliced_dir / MANIFEST).read_text())
     manifest["finetune"] = {"steps": steps, "lr": recipe.finetune.lr, "schedule": recipe.finetune.schedule,
                             "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE)}
-    manifest = resave_export(merged, tokenizer, stage_dir / "model", manifest)
+    manifest = save_export(merged, tokenizer, stage_dir / "model", manifest)
     return {"completed": True, "steps": steps, "manifest": manifest}

@@ -12,7 +12,14 @@ from typing import Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 # Numbers worth showing while a stage runs, in display order.
@@ -35,6 +42,14 @@ def _metrics(event: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _counter(event: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(step, total) when the event counts steps; stages also send named phases such as "load"."""
+    step, total = event.get("step"), event.get("total_steps")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step, total if isinstance(total, int) else None
+    return None, None
+
+
 class PlainReporter:
     """Timestamped lines; step events at most every PLAIN_EVERY_SECONDS per stage (and the last one)."""
 
@@ -54,13 +69,13 @@ class PlainReporter:
 
     def event(self, event: dict[str, Any]) -> None:
         stage = event.get("stage", "?")
-        step, total = event.get("step"), event.get("total_steps")
+        step, total = _counter(event)
         now = time.monotonic()
         last_step = step is not None and total is not None and step >= total
         if not last_step and now - self._last.get(stage, 0.0) < PLAIN_EVERY_SECONDS:
             return
         self._last[stage] = now
-        where = f"step {step}/{total}" if step is not None else ""
+        where = f"step {step}/{total}" if step is not None else str(event.get("phase", ""))
         self._print(f"[{stage}] {where} {_metrics(event)}".rstrip())
 
     def message(self, text: str) -> None:
@@ -112,8 +127,9 @@ class RichReporter:
         self.live.update(self._render())
 
     def event(self, event: dict[str, Any]) -> None:
-        if self.task_id is not None and event.get("step") is not None:
-            self.progress.update(self.task_id, completed=event["step"], total=event.get("total_steps"))
+        step, total = _counter(event)
+        if self.task_id is not None and step is not None:
+            self.progress.update(self.task_id, completed=step, total=total)
         self.metrics = _metrics(event)
         self.live.update(self._render())
 

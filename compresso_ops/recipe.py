@@ -8,17 +8,13 @@ against the recipe's own folder, cross-field checks, and error lines of the form
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
-
-from .errors import RecipeError
 
 Dtype = Literal["float16", "bfloat16", "float32", "auto"]
 Structure = Literal["heads", "ffn", "hidden", "attention_blocks", "ffn_blocks"]

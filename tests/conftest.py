@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from tests.tiny import SHARED  # noqa: E402
+from tests.tiny import SHARED
 
 
 @pytest.fixture(autouse=True)

@@ -145,15 +145,19 @@ def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advisory logs: this module is the run's one voice."""
     import os
 
+    import logging
+    import warnings
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' per-request bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import logging
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def make_reporter(force_plain: bool = False) -> Reporter:

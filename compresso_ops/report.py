@@ -35,6 +35,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _stage_status(stage: dict[str, Any]) -> str:
+    """A report written by `apply` sees its own stage still running."""
+    if stage["stage"] == "report" and stage["status"] == "running":
+        return "writing this report"
+    return stage["status"] or "—"
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
     return _read_json(run_dir / "state.json") or {}
 
@@ -514,7 +521,7 @@ def _md_reproducibility(r: dict[str, Any]) -> list[str]:
     out = ["\n".join(bullets)]
     if r["stages"]:
         out.append(_table(["stage", "status", "wall time (s)", "note"],
-                          [[s["stage"], s["status"] or "—", _num(s["seconds"], ",.1f"), s["note"]]
+                          [[s["stage"], _stage_status(s), _num(s["seconds"], ",.1f"), s["note"]]
                            for s in r["stages"]]))
         out.append(f"Total wall time: {_num(r['total_seconds'], ',.1f')} s.")
     else:

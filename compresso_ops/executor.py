@@ -171,7 +171,10 @@ class Executor:
         atomic.write_text(self.run_dir / "recipe.resolved.yaml", dump_resolved(self.recipe))
         stages = self.selected()
         forced_from = STAGES.index(self.from_stage) if self.from_stage else (0 if self.force else None)
-        todo = [s for s in stages if self._needs_run(state, s, hashes[s], forced_from)]
+        todo: list[str] = []
+        for name in stages:  # a stage that runs makes every stage after it (but the plan) run too
+            if self._needs_run(state, name, hashes[name], forced_from) or any(t != "plan" for t in todo):
+                todo.append(name)
         self._check_upstream(state, hashes, stages, todo)
         if self.preflight and any(s not in ("plan", "report") for s in todo):
             from .preflight import run_preflight
@@ -216,6 +219,9 @@ class Executor:
         if not resuming and folder.exists():
             shutil.rmtree(folder)  # inputs changed (or forced): start the stage from scratch
         folder.mkdir(parents=True, exist_ok=True)
+        for later in STAGES[STAGES.index(name) + 1:]:  # their results no longer follow from this stage's
+            if name != "plan" and state.stage(later).get("status") == "done":
+                state.stage(later)["status"] = "pending"
         entry.update({"status": "running", "input_hash": digest, "started": _now(), "finished": None})
         entry.setdefault("seconds_before", 0.0)
         if not resuming:

@@ -123,6 +123,18 @@ def test_editing_finetune_reruns_only_finetune_evaluate_report(finished_run, tmp
     _setup(folder)  # restore the recipe for the other tests of this module
 
 
+def test_rerunning_a_stage_alone_makes_the_stages_after_it_stale(finished_run):
+    folder, recipe = finished_run
+    assert _apply(recipe, "--from", "slice", "--until", "slice").exit_code == 0
+    assert _state(folder / "run")["stages"]["finetune"]["status"] == "pending"
+    before = _state(folder / "run")
+    result = _apply(recipe)
+    assert result.exit_code == 0, result.output
+    after = _state(folder / "run")
+    rerun = {n for n in after["stages"] if after["stages"][n]["started"] != before["stages"][n]["started"]}
+    assert rerun == {"finetune", "evaluate", "report"}
+
+
 def test_a_second_concurrent_apply_is_refused(finished_run):
     folder, recipe = finished_run
     lock = folder / "run" / ".lock"

@@ -33,14 +33,6 @@ TOL = 1e-5
 PRUNE_OUTPUTS = {"events.jsonl", "checkpoints", "lora", "masks.safetensors", "masks.json", "gates.safetensors"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")

@@ -27,14 +27,6 @@ TOL = 1e-4
 SOURCE = {"path": "tiny", "revision": None, "dtype": "float32"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _masks_for(mode: str, arch: ArchSpec, seed: int = 0) -> Masks:
     return uniform_masks(arch, seed) if mode == "uniform" else random_masks(arch, seed)
 

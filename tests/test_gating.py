@@ -18,15 +18,6 @@ from tests.tiny import tiny_model
 IDS = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and other jobs share this machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _values(model, soft: bool, seed: int = 1) -> dict[str, torch.Tensor]:
     arch = ModelAdapter(model).arch
     gen = torch.Generator().manual_seed(seed)

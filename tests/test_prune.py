@@ -24,15 +24,6 @@ from tests.tiny import STORIES260K, TINYSTORIES, save_tiny, tiny_config
 EVENT_KEYS = {"step", "lm_loss", "lagrangian", "expected_sparsity", "target_sparsity", "lambda1", "lambda2", "lr"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and other jobs share this machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")

@@ -70,9 +70,25 @@ def _launch_torchrun(nproc: int) -> int:
         exit_file = Path(fh.name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "compresso_ops.cli", *sys.argv[1:]]
+    held: list[str] = []  # torchrun's own failure report, shown only when no worker explained the failure
     try:
-        rc = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file)})
+        proc = subprocess.Popen(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file)}, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stderr is not None
+        while True:
+            try:
+                for line in proc.stderr:
+                    if held or line.startswith("Traceback (most recent call last):"):
+                        held.append(line)
+                    else:
+                        sys.stderr.write(line)
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # the workers got it too: wait while they checkpoint and stop
+                continue
         code = exit_file.read_text().strip()
+        if not code:
+            sys.stderr.writelines(held)
         return int(code) if code else rc
     finally:
         exit_file.unlink(missing_ok=True)

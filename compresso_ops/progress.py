@@ -143,9 +143,8 @@ class RichReporter:
 
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advisory logs: this module is the run's one voice."""
-    import os
-
     import logging
+    import os
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -189,3 +189,36 @@ def test_sigkill_during_prune_then_resume_gives_the_same_masks(tmp_path):
     uninterrupted = Masks.load(tmp_path / "straight" / "prune")
     for name in ("heads", "ffn", "hidden"):
         assert torch.equal(getattr(resumed, name), getattr(uninterrupted, name)), name
+
+
+def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path):
+    """gpus_per_node: 2 makes `apply` re-launch itself under torch.distributed.run (gloo on CPU); the result
+    equals one process with twice the gradient accumulation."""
+    two = _setup(tmp_path, run_dir="two")
+    two.write_text(two.read_text().replace("run_dir:", "hardware: {gpu: cpu, gpus_per_node: 2}\nrun_dir:"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(two), "--plain", "--until", "finetune"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "two"
+    assert _state(run)["stages"]["finetune"]["status"] == "done"
+    assert len((run / "prune" / "events.jsonl").read_text().splitlines()) == 14  # one writer
+
+    one = _setup(tmp_path, run_dir="one")
+    one.write_text(one.read_text().replace("gradient_accumulation: 1\n  checkpoint_every",
+                                           "gradient_accumulation: 2\n  checkpoint_every"))
+    assert _apply(one, "--until", "prune").exit_code == 0
+    for name in ("heads", "ffn", "hidden"):
+        assert torch.equal(getattr(Masks.load(run / "prune"), name),
+                           getattr(Masks.load(tmp_path / "one" / "prune"), name)), name
+
+
+def test_an_error_under_torchrun_keeps_its_exit_code(tmp_path):
+    recipe = _setup(tmp_path, run_dir="bad")
+    recipe.write_text(recipe.read_text().replace("run_dir:", "hardware: {gpu: cpu, gpus_per_node: 2}\nrun_dir:")
+                      .replace("max_seq_length: 200", "max_seq_length: 16"))  # every example is too long
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "compresso_ops.cli", "apply", str(recipe), "--plain"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "data." in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,160 @@
+"""The GPU check of the fp16 training path: one prune step and one fine-tune step on a random ~1B LLaMA.
+
+Frozen base in fp16, LoRA / gates / multipliers in fp32 under autocast with a gradient scaler (the V100
+path; add --dtype bfloat16 for Ampere and later). For each stage: the peak of
+`torch.cuda.max_memory_allocated` over a step against the planner's prediction for the same configuration
+(its breakdown without the CUDA-context/fragmentation overhead, which max_memory_allocated does not see),
+and the median step time. The fine-tune step runs on a native export of the model sliced with random masks
+at the recipe's sparsity, as the real pipeline does. Writes benchmarks/results/gpu_check.json.
+
+    python benchmarks/gpu_check.py --gpu H200             # on a GPU machine
+    python benchmarks/gpu_check.py --tiny                 # a smoke run of the same code on CPU (no memory numbers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+            intermediate_size=5504, vocab_size=32000, max_position_embeddings=2048)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=259, max_position_embeddings=512)
+
+
+def _recipe(model_dir: Path, args: argparse.Namespace):
+    from compresso_ops.recipe import Recipe
+
+    section = {"micro_batch_size": args.micro_batch, "gradient_accumulation": 1,
+               "gradient_checkpointing": args.checkpointing}
+    return Recipe(name="gpu-check", model={"path": str(model_dir), "dtype": args.dtype},
+                  target={"sparsity": args.sparsity}, prompt={"text": "none"},
+                  data={"path": str(model_dir / "data.txt"), "format": "text", "max_seq_length": args.seq},
+                  prune={**section, "schedule": {"unit": "steps", "lora_only": 0, "ramp": 100, "hold": 0}},
+                  finetune={**section, "unit": "steps", "duration": 100},
+                  hardware={"gpu": args.gpu, "gpus_per_node": 1})
+
+
+def _measure(trainer, steps: int) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    trainer.step(0)  # warm-up: kernels, optimizer states
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        trainer.step(step)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"median_step_s": statistics.median(times), "step_times_s": times,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def _predicted(stage: dict) -> int:
+    return sum(v for k, v in stage["breakdown"].items()
+               if not k.startswith("activations_") and k != "framework_overhead")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", default="H200", help="the planner's GPU type (hardware.gpu)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the script, not the GPU")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    args = parser.parse_args()
+    if args.tiny:
+        args.gpu, args.dtype, args.seq, args.steps = "cpu", "float32", 64, 2
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compresso_ops.architecture import ArchSpec
+    from compresso_ops.data import Collator, build_dataset, pad_token_id
+    from compresso_ops.export import export_pruned
+    from compresso_ops.finetune import FinetuneTrainer, load_sliced
+    from compresso_ops.masks import select_final_masks_from_scores
+    from compresso_ops.plan import make_plan
+    from compresso_ops.prune import PruneTrainer
+    from compresso_ops.training import CheckpointStore, add_lora, enable_gradient_checkpointing, load_source
+    from tests.tiny import byte_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    source, sliced = work / "source", work / "sliced"
+    torch.manual_seed(0)
+    shape = TINY if args.tiny else FULL
+    model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=256, eos_token_id=257, pad_token_id=258))
+    model.save_pretrained(source)
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(source)
+    (source / "data.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4000)
+    recipe = _recipe(source, args)
+    plan = make_plan(recipe)
+    result = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "dtype": args.dtype, "model": {**shape, "params": sum(p.numel() for p in model.parameters())},
+              "micro_batch": args.micro_batch, "seq": args.seq, "gradient_checkpointing": args.checkpointing}
+
+    # Prune step on the source.
+    base, tok, precision = load_source(recipe)
+    examples = build_dataset(recipe.data, tok, "", shape["max_position_embeddings"])
+    if args.checkpointing:
+        enable_gradient_checkpointing(base)
+    peft_model = add_lora(base, recipe.prune.lora, "prune.lora.target_modules")
+    trainer = PruneTrainer(recipe, peft_model, examples, Collator(pad_token_id(tok)), precision,
+                           CheckpointStore(work / "prune"))
+    result["prune"] = {**_measure(trainer, args.steps),
+                       "predicted_bytes": _predicted(plan["memory"]["stages"]["prune"]),
+                       "plan_per_gpu_bytes": plan["memory"]["stages"]["prune"]["per_gpu_bytes"]}
+    del trainer, peft_model, base
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # Fine-tune step on a native export sliced with random masks at the target sparsity.
+    arch = ArchSpec.from_hf_config(model.config)
+    gen = torch.Generator().manual_seed(0)
+    scores = {"heads": torch.rand(arch.num_layers, arch.num_kv_heads, generator=gen),
+              "ffn": torch.rand(arch.num_layers, arch.intermediate_size, generator=gen),
+              "hidden": torch.rand(arch.hidden_size, generator=gen)}
+    masks = select_final_masks_from_scores(scores, arch, args.sparsity, "native", ("heads", "ffn"))
+    manifest = export_pruned(model.float(), tokenizer, masks, "native", sliced,
+                             source_info={"path": str(source), "dtype": "float32"}, dtype=args.dtype)
+    del model
+    ft_model, ft_tok, ft_precision = load_sliced(recipe, sliced)
+    if args.checkpointing:
+        enable_gradient_checkpointing(ft_model)
+    ft_model = add_lora(ft_model, recipe.finetune.lora, "finetune.lora.target_modules")
+    ft_examples = build_dataset(recipe.data, ft_tok, "", shape["max_position_embeddings"])
+    ft = FinetuneTrainer(recipe, ft_model, ft_examples, Collator(pad_token_id(ft_tok)), ft_precision,
+                         CheckpointStore(work / "finetune"))
+    result["finetune"] = {**_measure(ft, args.steps), "sliced_params": manifest["params"]["exported"]["total"],
+                          "predicted_bytes": _predicted(plan["memory"]["stages"]["finetune"]),
+                          "plan_per_gpu_bytes": plan["memory"]["stages"]["finetune"]["per_gpu_bytes"]}
+    for stage in ("prune", "finetune"):
+        r = result[stage]
+        if r["peak_allocated_bytes"]:
+            r["predicted_over_measured"] = r["predicted_bytes"] / r["peak_allocated_bytes"]
+        print(f"{stage}: median step {r['median_step_s']:.3f} s; peak allocated "
+              f"{(r['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB; predicted {r['predicted_bytes'] / 2**30:.2f} GiB")
+    if not args.tiny:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

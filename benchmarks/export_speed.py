@@ -327,7 +327,7 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "load_average_at_end": os.getloadavg(),
-            "note": "CPU shared with other jobs while measuring; fractions use process CPU time "
+            "note": "fractions use process CPU time (robust to other jobs on the machine; load_average_at_end shows them) "
             "(the *_wall ones wall time), best of the interleaved rounds",
         },
         "decode_fixed_overhead_ms_per_token": 1000 * overhead,

@@ -1,5 +1,6 @@
 """Atomic file writes: every artifact is written to a temporary file in the same folder, flushed to disk,
-and renamed over its final name, so an interrupted run never leaves a half-written file behind."""
+and renamed over its final name, so an interrupted run never leaves a half-written file behind. Also the
+tolerant read of a JSON artifact that may be absent."""
 
 from __future__ import annotations
 
@@ -83,3 +84,12 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     with open(p, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=float) + "\n")
         fh.flush()
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when it is absent, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -397,15 +397,6 @@ def source_cache_key(recipe: Recipe, prompt_text: str | None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _read_cached(path: Path) -> dict[str, Any] | None:
-    """A cached results file, or None when absent or unreadable (then it is recomputed and overwritten)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def run_source_evaluate(recipe: Recipe, out_file: str | Path, *, prompt_text: str | None = None,
                         on_event: EventFn | None = None) -> dict[str, Any]:
     """Evaluate the recipe's source model once per (model, settings, prompt, hardware, versions).
@@ -416,7 +407,7 @@ def run_source_evaluate(recipe: Recipe, out_file: str | Path, *, prompt_text: st
     prompt_text = _prompt_for(recipe, prompt_text)
     key = source_cache_key(recipe, prompt_text)
     cached = cache_dir() / "source-eval" / f"{key}.json"
-    results = _read_cached(cached)
+    results = atomic.read_json(cached)
     hit = results is not None
     if results is None:
         model, tok = load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype,

@@ -27,13 +27,6 @@ MAX_CURVE_POINTS = 1000  # training curves are thinned to this many points for t
 
 # --------------------------------------------------------------------------------------- readers
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
 
 def _stage_status(stage: dict[str, Any]) -> str:
     """A report written by `apply` sees its own stage still running."""
@@ -43,7 +36,7 @@ def _stage_status(stage: dict[str, Any]) -> str:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    return _read_json(run_dir / "state.json") or {}
+    return atomic.read_json(run_dir / "state.json") or {}
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any]:
@@ -55,14 +48,14 @@ def read_recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def read_plan(run_dir: Path) -> dict[str, Any]:
-    return _read_json(run_dir / "plan" / "plan.json") or {}
+    return atomic.read_json(run_dir / "plan" / "plan.json") or {}
 
 
 def read_manifest(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
     """The final model's export manifest: the fine-tuned model if there is one, else the sliced model."""
     for stage in ("finetune", "slice"):
         folder = run_dir / stage / "model"
-        manifest = _read_json(folder / "compresso_manifest.json")
+        manifest = atomic.read_json(folder / "compresso_manifest.json")
         if manifest is not None:
             return manifest, folder
     return None, None
@@ -70,11 +63,11 @@ def read_manifest(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
 
 def read_results(run_dir: Path, which: str) -> dict[str, Any] | None:
     """evaluate/pruned.json or evaluate/source.json."""
-    return _read_json(run_dir / "evaluate" / f"{which}.json")
+    return atomic.read_json(run_dir / "evaluate" / f"{which}.json")
 
 
 def read_masks(run_dir: Path) -> dict[str, Any]:
-    return _read_json(run_dir / "prune" / "masks.json") or {}
+    return atomic.read_json(run_dir / "prune" / "masks.json") or {}
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
-
 # Other ranks wait at a barrier while rank 0 writes a (possibly multi-GB) export; the default NCCL
 # timeout of 10 minutes would kill a healthy job on slow storage.
 DEFAULT_TIMEOUT = timedelta(minutes=60)
@@ -127,10 +125,3 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def require_replicated(strategy: str) -> None:
-    """Stop before training when the plan needs FSDP, which this release does not implement."""
-    if strategy == "fsdp":
-        raise UserError("hardware.strategy: fsdp (sharding the frozen base across GPUs) is not available in this "
-                        "release; use GPUs with more memory, set gradient_checkpointing: true, or lower "
-                        "micro_batch_size (raising gradient_accumulation) in prune/finetune")

@@ -11,6 +11,7 @@ Not distributed: the executor calls these functions on rank 0 only (lm-eval retu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ import torch
 from . import atomic
 from .errors import StageError, UserError
 from .lm_tasks import PAPER_GROUPS, primary_metric, task_specs
+from .plan import evaluation_gpus
 from .prompts import COLLABORATIVE, COLLABORATIVE_EVAL, resolve_prompt
 from .recipe import EvalSection, PerplexitySection, Recipe, SpeedSection
 
@@ -46,9 +48,23 @@ def device_for_eval() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _placement(device: torch.device, gpus: int) -> dict[str, Any]:
+    """Load straight onto this process's GPU, or spread the layers evenly over the first `gpus` GPUs (the
+    plan says so when the model does not fit one; accelerate moves activations between them)."""
+    if device.type != "cuda":
+        return {}
+    gpus = min(gpus, torch.cuda.device_count())
+    if gpus <= 1:
+        return {"device_map": str(device)}
+    gc.collect()
+    torch.cuda.empty_cache()  # what training left in this process's allocator cache counts as used otherwise
+    return {"device_map": "balanced", "max_memory": {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}}
+
+
 def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "auto",
-               trust_remote_code: bool = False, tokenizer_path: str | Path | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer in eval mode on the evaluation device.
+               trust_remote_code: bool = False, tokenizer_path: str | Path | None = None,
+               gpus: int = 1) -> tuple[Any, Any]:
+    """Model and tokenizer in eval mode on the evaluation device (or `gpus` GPUs, see `_placement`).
 
     CPU always uses float32 (half precision on CPU is slow and inexact); on GPU `dtype` "auto" keeps the
     checkpoint's dtype. Exported folders without a tokenizer fall back to `tokenizer_path` (the source's).
@@ -59,7 +75,7 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     if device.type == "cpu":
         torch_dtype = torch.float32
-    placement = {"device_map": str(device)} if device.type == "cuda" else {}  # load straight onto the GPU
+    placement = _placement(device, gpus)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code, **placement)
@@ -70,7 +86,9 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
         tok_source = tokenizer_path
     tok = AutoTokenizer.from_pretrained(str(tok_source), revision=revision if tok_source == path else None,
                                         trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tok
+    if placement.get("device_map") != "balanced":  # a dispatched model must stay where accelerate put it
+        model.to(device)
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------- lm-eval
@@ -213,11 +231,11 @@ class _StepClock:
     """A logits processor that only timestamps: generate calls it once per new token, right after that
     token's forward pass, so one generate yields both the prefill time and the decode steps' times."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
+    def __init__(self) -> None:
+        self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _synchronize(self.device)
+        _synchronize(scores.device)  # the logits come last, on the last GPU when layers are spread
         self.times.append(time.perf_counter())
         return scores
 
@@ -228,9 +246,9 @@ def measure_speed(model: Any, spec: SpeedSection) -> dict[str, Any]:
 
     One greedy `generate` of `new_tokens` tokens (forced with min_new_tokens, KV cache on) per repeat:
     prefill is the time to the first token's logits (the prompt's forward pass), decode the time of the
-    remaining new_tokens - 1 cached steps. Peak memory is CUDA's max_memory_allocated on GPU; on CPU it is
-    the analytic weights + KV-cache bytes (activations excluded), because process RSS on CPU mixes in the
-    allocator's and other libraries' memory.
+    remaining new_tokens - 1 cached steps. Peak memory is CUDA's max_memory_allocated on GPU (summed over
+    the GPUs a spread model uses); on CPU it is the analytic weights + KV-cache bytes (activations
+    excluded), because process RSS on CPU mixes in the allocator's and other libraries' memory.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -243,7 +261,7 @@ def measure_speed(model: Any, spec: SpeedSection) -> dict[str, Any]:
                            pad_token_id=pad, eos_token_id=model.config.eos_token_id)
 
     def run() -> tuple[float, float]:
-        clock = _StepClock(device)
+        clock = _StepClock()
         _synchronize(device)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
@@ -253,8 +271,9 @@ def measure_speed(model: Any, spec: SpeedSection) -> dict[str, Any]:
         return clock.times[0] - start, clock.times[-1] - clock.times[0]
 
     run()  # warm-up: kernels, allocator, lazy initialisation
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpus = sorted({q.device.index for q in model.parameters() if q.device.type == "cuda"})
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     timings = [run() for _ in range(spec.repeats)]
     prefill_s = statistics.median(t[0] for t in timings)
     decode_s = statistics.median(t[1] for t in timings) if n > 1 else None
@@ -263,7 +282,8 @@ def measure_speed(model: Any, spec: SpeedSection) -> dict[str, Any]:
     kv = b * (p + n) * _kv_width(model) * elt
     memory = {"weights_bytes": weights, "kv_cache_bytes": kv}
     if device.type == "cuda":
-        memory.update(peak_bytes=torch.cuda.max_memory_allocated(device), method="cuda_max_memory_allocated")
+        memory.update(peak_bytes=sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus),
+                      method="cuda_max_memory_allocated")
     else:
         memory.update(peak_bytes=weights + kv, method="weights_plus_kv_cache")
     return {
@@ -346,7 +366,7 @@ def run_evaluate(recipe: Recipe, model_dir: str | Path, out_file: str | Path, *,
     """
     prompt_text = _prompt_for(recipe, prompt_text)
     model, tok = load_model(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
-                            tokenizer_path=recipe.model.path)
+                            tokenizer_path=recipe.model.path, gpus=evaluation_gpus(recipe))
     results = {"model": _model_block(model, model_dir, None, label),
                **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label=label, on_event=on_event)}
     atomic.write_json(out_file, results)
@@ -411,7 +431,7 @@ def run_source_evaluate(recipe: Recipe, out_file: str | Path, *, prompt_text: st
     hit = results is not None
     if results is None:
         model, tok = load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype,
-                                trust_remote_code=recipe.model.trust_remote_code)
+                                trust_remote_code=recipe.model.trust_remote_code, gpus=evaluation_gpus(recipe))
         results = {"model": _model_block(model, recipe.model.path, recipe.model.revision, "source"),
                    **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label="source",
                                     on_event=on_event)}

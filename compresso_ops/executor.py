@@ -272,6 +272,8 @@ def _plan(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]
 
 
 def _prune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
+    from .sharding import describe_weights
+
     if ex.recipe.method == "compresso":
         from .prune import run_prune
 
@@ -280,7 +282,8 @@ def _prune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None
         from .baselines import run_one_shot
 
         result = run_one_shot(ex.recipe, folder, on_event=on_event)
-    return f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
+    note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
+    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "")
 
 
 def _slice(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
@@ -294,9 +297,10 @@ def _finetune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], N
     if not ex.recipe.finetune.enabled:
         return "disabled in the recipe"
     from .finetune import run_finetune
+    from .sharding import describe_weights
 
-    run_finetune(ex.recipe, ex.stage_dir("slice") / "model", folder, on_event=on_event)
-    return ""
+    result = run_finetune(ex.recipe, ex.stage_dir("slice") / "model", folder, on_event=on_event)
+    return describe_weights(result["weights"])
 
 
 def _evaluate(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:

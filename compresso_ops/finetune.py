@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from .data import Collator, DataOrder, Example, build_dataset, pad_token_id
-from .distributed import SINGLE, DistContext, init_distributed, require_replicated
+from .distributed import SINGLE, DistContext, init_distributed
 from .errors import UserError
 from .prompts import resolve_prompt
 from .recipe import Recipe
+from .sharding import require_even_split, weights_held
 from .training import (
     BatchLayout,
     CheckpointStore,
@@ -31,14 +32,14 @@ from .training import (
     add_lora,
     check_finite,
     choose_precision,
-    enable_gradient_checkpointing,
+    freeze_for_training,
     label_count,
     lm_loss_sum,
     load_trainable_state,
     make_scheduler,
     micro_batches,
     micro_rng,
-    seed_all,
+    prepare_for_training,
     step_label_tokens,
     to_steps,
     trainable_state,
@@ -58,6 +59,8 @@ class FinetuneTrainer:
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
         self.precision, self.store = precision, store
         self.layout = BatchLayout.of(f, recipe.hardware)
+        if precision.shard_base:
+            require_even_split(self.layout.micros, precision.dist, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
         self.order = DataOrder(len(examples), f.seed)
         self.label_counts = [label_count(e) for e in examples]
@@ -114,13 +117,9 @@ def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) ->
     if not (sliced_dir / "config.json").is_file():
         raise UserError(f"{sliced_dir}: no sliced model; run the slice stage first")
     precision = choose_precision(recipe, dist)
-    model = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=precision.base_dtype).to(precision.device)
-    tokenizer = AutoTokenizer.from_pretrained(sliced_dir)
-    model.config.use_cache = False
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.train()
-    return model, tokenizer, precision
+    model = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=precision.base_dtype)
+    freeze_for_training(model, precision)
+    return model, AutoTokenizer.from_pretrained(sliced_dir), precision
 
 
 def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, *,
@@ -132,16 +131,12 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     torchrun every rank calls this; rank 0 merges and writes the model and reports `on_event`, and every
     rank returns rank 0's result once the model is on disk.
     """
-    require_replicated(recipe.hardware.strategy)
     dist = init_distributed()
     sliced_dir, stage_dir = Path(sliced_dir), Path(stage_dir)
     model, tokenizer, precision = load_sliced(recipe, sliced_dir, dist)
     max_positions = int(getattr(model.config, "max_position_embeddings", recipe.data.max_seq_length))
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, STAGE), max_positions)
-    if recipe.finetune.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    seed_all(recipe.finetune.seed)  # the same adapter init from run to run
-    model = add_lora(model, recipe.finetune.lora, "finetune.lora.target_modules")
+    model = prepare_for_training(model, recipe.finetune, "finetune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
     trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
     events = EventLog(stage_dir / "events.jsonl")
@@ -150,17 +145,34 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
                          on_event=on_event, max_steps=max_steps, dist=dist)
     if not complete:
         return {"completed": False}
-    result = _export(recipe, model, tokenizer, sliced_dir, stage_dir, trainer.total) if dist.is_main else None
+    weights = weights_held(model, precision)
+    result = None
+    if dist.is_main:
+        result = _export(recipe, trainable_state(model), tokenizer, sliced_dir, stage_dir, trainer.total)
+        result["weights"] = weights
     return dist.broadcast_object(result)  # also keeps the other ranks until the model is on disk
 
 
-def _export(recipe: Recipe, model: nn.Module, tokenizer: Any, sliced_dir: Path, stage_dir: Path,
+def _merged(recipe: Recipe, lora: dict[str, torch.Tensor], sliced_dir: Path) -> nn.Module:
+    """The trained adapters merged into a fresh fp32 CPU copy of the sliced model: the trained model may be
+    sharded (FSDP) or half precision on a GPU with no room for an fp32 copy, and merging in fp32 rounds once,
+    at save time."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=torch.float32)
+    model = add_lora(base, recipe.finetune.lora, "finetune.lora.target_modules")
+    load_trainable_state(model, lora)
+    merged = model.merge_and_unload().eval()
+    merged.config.use_cache = True
+    return merged
+
+
+def _export(recipe: Recipe, lora: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,
             steps: int) -> dict[str, Any]:
     """Merge the adapters and save the model in the slice stage's export format (rank 0 only)."""
     from .export import save_export
 
-    merged = model.merge_and_unload().float().eval()
-    merged.config.use_cache = True
+    merged = _merged(recipe, lora, sliced_dir)
     manifest = json.loads((sliced_dir / MANIFEST).read_text())
     manifest["finetune"] = {"steps": steps, "lr": recipe.finetune.lr, "schedule": recipe.finetune.schedule,
                             "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE)}

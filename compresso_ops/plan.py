@@ -123,8 +123,8 @@ def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: fl
     return 4 * d * 4 + (4 * hh + 2 * gh + 2 * d + 5 * f) * dtype_bytes
 
 
-def _training_memory(arch: ArchSpec, frozen_params: int, trainable: int, *, dtype: str, micro_batch: int,
-                     seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
+def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
+                     micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
                      scale: float = 1.0) -> dict[str, Any]:
     nbytes = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len
@@ -138,8 +138,12 @@ def _training_memory(arch: ArchSpec, frozen_params: int, trainable: int, *, dtyp
     # after the logits are freed, so the peak holds the larger of the two.
     act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
-    if fsdp:  # sharded base plus the one layer gathered for compute
-        frozen = frozen / world + frozen / arch.num_layers
+    if fsdp:
+        # Each rank keeps 1/world of every frozen weight, plus what is gathered at the peak: the embeddings,
+        # LM head and final norm (the root group stays gathered from forward to backward) and two decoder
+        # layers (the one computing and the one prefetched). Trainables stay replicated (sharding.py).
+        layer = (frozen_params - outside_layers) / arch.num_layers
+        frozen = (frozen_params / world + 2 * layer + outside_layers) * nbytes
     breakdown = {
         "frozen_weights": int(frozen),
         "trainable_grads_optimizer": trainable * BYTES_PER_TRAINABLE,
@@ -153,6 +157,10 @@ def _training_memory(arch: ArchSpec, frozen_params: int, trainable: int, *, dtyp
     return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown}
 
 
+def _with_overhead(subtotal: float) -> int:
+    return int(subtotal + CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
+
+
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     o = overrides or {}
@@ -164,14 +172,15 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
     seq = o.get("seq_len", recipe.data.max_seq_length)
     target_total = params["target"]["total"]
     scale = math.sqrt(target_total / params["source"]["total"])  # dims shrink roughly with sqrt(params)
+    outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
     stages = {
         "prune": _training_memory(
-            arch, params["source"]["total"], trainable["total"], dtype=dtype,
+            arch, params["source"]["total"], outside, trainable["total"], dtype=dtype,
             micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
             checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
             on_gpu=on_gpu),
         "finetune": _training_memory(
-            arch, target_total, lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules),
+            arch, target_total, int(outside * scale), lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules),
             dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
             checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
             fsdp=fsdp, on_gpu=on_gpu, scale=scale),
@@ -184,14 +193,20 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
     weights = max(params["source"]["total"], target_total) * nbytes
     transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
     logits = eval_tokens * arch.vocab_size * 2 * nbytes
-    eval_sub = weights + transient + logits
-    eval_overhead = int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * eval_sub) if on_gpu else 0
+    eval_gpus = 1
+    if on_gpu and _with_overhead(weights + transient + logits) > gpu.memory_bytes:
+        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
+        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        eval_gpus = recipe.hardware.gpus_per_node
+    eval_sub = weights / eval_gpus + transient + logits
+    eval_overhead = _with_overhead(eval_sub) - int(eval_sub) if on_gpu else 0
     stages["evaluate"] = {
         "per_gpu_bytes": int(eval_sub + eval_overhead),
-        "breakdown": {"weights": int(weights), "activations": int(transient), "logits": int(logits),
+        "gpus": eval_gpus,
+        "breakdown": {"weights": int(weights / eval_gpus), "activations": int(transient), "logits": int(logits),
                       "framework_overhead": eval_overhead},
         "assumption": f"batch {recipe.eval.batch_size} x {eval_len} tokens, KV cache off; the larger of source "
-                      "and pruned model",
+                      "and pruned model" + (f", its layers spread over {eval_gpus} GPUs" if eval_gpus > 1 else ""),
     }
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
@@ -298,24 +313,53 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
+    """Trainable parameters of the prune stage (LoRA, gates, the two multipliers)."""
+    structures = recipe.target.structures if recipe.method == "compresso" else []
+    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if recipe.method == "compresso" else 0
+    gates = gate_params(arch, structures)
+    return {"lora": lora, "gates": gates, "lagrangian": 2 if gates else 0, "total": lora + gates + (2 if gates else 0)}
+
+
+def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
+                         trainable: dict[str, int]) -> tuple[dict[str, Any], str]:
+    """Per-stage memory under the strategy the run will use: the recipe's, or for `auto` a replica (DDP)
+    unless only a sharded base (FSDP) lets the prune stage fit."""
+    world = recipe.hardware.gpus_per_node * recipe.hardware.nodes
+    stages = _stage_memory(recipe, arch, params, trainable)
+    if recipe.hardware.strategy != "auto":
+        return stages, recipe.hardware.strategy
+    if world > 1 and not stages["prune"]["fits"]:
+        sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
+        if sharded["prune"]["fits"]:
+            return sharded, "fsdp"
+    return stages, "single" if world == 1 else "ddp"
+
+
+def _planned_memory(recipe: Recipe) -> tuple[dict[str, Any], str]:
+    arch = resolve_arch(recipe)
+    params = _params(recipe, arch, target_sparsity(recipe, arch))
+    return _memory_and_strategy(recipe, arch, params, _trainable(recipe, arch))
+
+
+def training_strategy(recipe: Recipe) -> str:
+    """single | ddp | fsdp: what the plan chose, and so what the prune and fine-tune stages run with."""
+    return _planned_memory(recipe)[1]
+
+
+def evaluation_gpus(recipe: Recipe) -> int:
+    """How many of rank 0's GPUs the evaluate stage spreads a model over (1 unless it does not fit one)."""
+    return _planned_memory(recipe)[0]["evaluate"]["gpus"]
+
+
 def make_plan(recipe: Recipe) -> dict[str, Any]:
     """The plan as one JSON-serialisable object (the `plan --json` output)."""
     arch = resolve_arch(recipe)
     sparsity = target_sparsity(recipe, arch)
     params = _params(recipe, arch, sparsity)
-    structures = recipe.target.structures if recipe.method == "compresso" else []
-    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if recipe.method == "compresso" else 0
-    gates = gate_params(arch, structures)
-    trainable = {"lora": lora, "gates": gates, "lagrangian": 2 if gates else 0, "total": lora + gates + (2 if gates else 0)}
+    trainable = _trainable(recipe, arch)
     world = recipe.hardware.gpus_per_node * recipe.hardware.nodes
-    strategy = recipe.hardware.strategy
-    stages = _stage_memory(recipe, arch, params, trainable)
-    if strategy == "auto":
-        strategy = "single" if world == 1 else "ddp"
-        if world > 1 and not stages["prune"]["fits"]:
-            sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
-            if sharded["prune"]["fits"]:  # a replica does not fit but a sharded base does
-                stages, strategy = sharded, "fsdp"
+    stages, strategy = _memory_and_strategy(recipe, arch, params, trainable)
     if recipe.method != "compresso":
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}

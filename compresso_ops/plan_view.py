@@ -64,7 +64,8 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     for stage, entry in plan["memory"]["stages"].items():
         breakdown = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in entry["breakdown"].items()
                               if not k.startswith("activations_"))
-        mem.add_row(stage, human_bytes(entry["per_gpu_bytes"]), "[green]yes[/]" if entry["fits"] else "[red]no[/]",
+        label = stage + (f" (layers over {entry['gpus']} GPUs)" if entry.get("gpus", 1) > 1 else "")
+        mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), "[green]yes[/]" if entry["fits"] else "[red]no[/]",
                     breakdown or entry.get("note", ""), entry.get("suggestion") or "")
     console.print(mem)
     dep = plan["memory"]["deploy"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .distributed import require_replicated
 from .errors import UserError
 from .plan import compute_dtype, make_plan
 from .recipe import Recipe
@@ -50,10 +49,6 @@ def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
                 problems.append(f"eval.local_tasks[{i}].data: file not found: {task.data}")
 
     plan = make_plan(recipe)
-    try:
-        require_replicated(plan["hardware"]["strategy"])
-    except UserError as exc:
-        problems.append(str(exc))
     need = int(DISK_FACTOR * plan["params"]["export"]["native"]["checkpoint_bytes"])
     run_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(run_dir).free

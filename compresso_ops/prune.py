@@ -26,22 +26,21 @@ from . import atomic
 from .adapter import ModelAdapter
 from .architecture import ArchSpec
 from .data import Collator, DataOrder, Example, build_dataset, pad_token_id
-from .distributed import init_distributed, require_replicated
+from .distributed import init_distributed
 from .gates import GateSet, Lagrangian, target_at
 from .gating import GateHooks
 from .masks import select_final_masks
 from .prompts import resolve_prompt
 from .recipe import Recipe
 from .recipe_loader import target_sparsity
+from .sharding import require_even_split, weights_held
 from .sizes import count_params, prunable_sparsity
 from .training import (
     BatchLayout,
     CheckpointStore,
     EventLog,
     Precision,
-    add_lora,
     check_finite,
-    enable_gradient_checkpointing,
     label_count,
     lm_loss_sum,
     load_source,
@@ -49,7 +48,7 @@ from .training import (
     make_scheduler,
     micro_batches,
     micro_rng,
-    seed_all,
+    prepare_for_training,
     step_label_tokens,
     to_steps,
     trainable_state,
@@ -98,6 +97,8 @@ class PruneTrainer:
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
+        if precision.shard_base:
+            require_even_split(self.layout.micros, precision.dist, "prune")
         self.order = DataOrder(len(examples), p.seed)
         self.label_counts = [label_count(e) for e in examples]
         device = precision.device
@@ -189,17 +190,13 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict
     calls this; rank 0 writes the files and reports `on_event`, and all ranks return the same dict once the
     outputs are on disk.
     """
-    require_replicated(recipe.hardware.strategy)
     dist = init_distributed()
     stage_dir = Path(stage_dir)
     model, tokenizer, precision = load_source(recipe, dist)
     arch = ModelAdapter(model).arch
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, "prune"),
                              arch.max_position_embeddings)
-    if recipe.prune.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    seed_all(recipe.prune.seed)
-    model = add_lora(model, recipe.prune.lora, "prune.lora.target_modules")
+    model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
     trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
     total = trainer.phases.total
@@ -229,5 +226,6 @@ def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str,
         with atomic.atomic_dir(stage_dir / "lora") as tmp:
             trainer.model.save_pretrained(tmp)
     return {"completed": True, **summary, "kept": asdict(masks.kept()),
+            "weights": weights_held(trainer.model, trainer.precision),
             "params": count_params(arch, masks.kept()).as_dict(), "masks_dir": str(stage_dir),
             "lora_dir": str(stage_dir / "lora")}

@@ -224,7 +224,16 @@ class HardwareSection(Strict):
     gpus_per_node: int = Field(default=1, ge=1, description="GPUs (processes) per node.")
     nodes: int = Field(default=1, ge=1, description="Nodes; multi-node runs are started with torchrun.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        default="auto", description="Data-parallel strategy; auto picks FSDP only when a replica does not fit.")
+        default="auto",
+        description="ddp: every GPU holds the whole frozen model; fsdp: the frozen base is sharded across GPUs "
+                    "(LoRA, gates and multipliers stay replicated); auto: ddp unless only fsdp lets pruning fit.")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> HardwareSection:
+        if self.strategy == "fsdp" and self.gpus_per_node * self.nodes == 1:
+            raise ValueError("strategy fsdp shards the frozen base across GPUs but the recipe has one; "
+                             "use auto or ddp, or raise gpus_per_node")
+        return self
 
 
 class Recipe(Strict):

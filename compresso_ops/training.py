@@ -2,7 +2,7 @@
 
 - `load_source`: the source model and tokenizer, on CPU in fp32; on GPU the frozen base in the planner's
   compute dtype (bf16 where the GPU has it, else fp16), trainables in fp32 and autocast (fp16 adds a
-  GradScaler).
+  GradScaler). Under FSDP the model stays on CPU until `prepare_for_training` shards it onto the GPUs.
 - `Precision.backward` / `Precision.step` are the one place that runs backward passes and optimizer
   steps; `step` sums gradients across data-parallel ranks before unscaling, clipping and stepping.
 - `BatchLayout` / `micro_batches` / `micro_rng`: an optimizer step takes micro_batch_size *
@@ -37,8 +37,9 @@ from .adapter import module_names, unwrap
 from .data import IGNORE, Collator, DataOrder, Example
 from .distributed import SINGLE, DistContext
 from .errors import StageError, UserError
-from .plan import compute_dtype
+from .plan import compute_dtype, training_strategy
 from .recipe import FinetuneSection, HardwareSection, LoraSection, PruneSection, Recipe
+from .sharding import shard_frozen_base
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAME = "last"
@@ -57,6 +58,7 @@ class Precision:
     base_dtype: torch.dtype
     scaler: torch.amp.GradScaler | None = None
     dist: DistContext = field(default_factory=lambda: SINGLE)
+    shard_base: bool = False  # FSDP: each rank holds 1/world of the frozen weights (sharding.py)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -94,14 +96,16 @@ class Precision:
 def choose_precision(recipe: Recipe, dist: DistContext = SINGLE) -> Precision:
     """CPU runs are fp32. On GPU the base is held in the planner's compute dtype (model.dtype; 'auto':
     bf16 where the GPU has it, fp16 elsewhere), falling back to fp16 on a GPU without native bf16 (V100);
-    fp16 adds a GradScaler. The device is this rank's GPU (set by `init_distributed`)."""
+    fp16 adds a GradScaler. The device is this rank's GPU (set by `init_distributed`). The base is sharded
+    when several processes run and the plan chose FSDP."""
+    shard = dist.active and training_strategy(recipe) == "fsdp"
     if recipe.hardware.gpu == "cpu" or not torch.cuda.is_available():
-        return Precision(torch.device("cpu"), torch.float32, dist=dist)
+        return Precision(torch.device("cpu"), torch.float32, dist=dist, shard_base=shard)
     dtype = _DTYPES[compute_dtype(recipe)]
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         dtype = torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Precision(torch.device("cuda", torch.cuda.current_device()), dtype, scaler, dist)
+    return Precision(torch.device("cuda", torch.cuda.current_device()), dtype, scaler, dist, shard)
 
 
 def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
@@ -117,12 +121,31 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, 
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"model.path: cannot load '{m.path}': {first}") from None
-    model.to(precision.device)
+    freeze_for_training(model, precision)
+    return model, tokenizer, precision
+
+
+def freeze_for_training(model: nn.Module, precision: Precision) -> None:
+    """Frozen, training mode, no KV cache; on the device unless FSDP will shard it there."""
+    if not precision.shard_base:
+        model.to(precision.device)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()
-    return model, tokenizer, precision
+
+
+def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSection, field: str,
+                         precision: Precision) -> nn.Module:
+    """Checkpointing as the section asks, seeded LoRA adapters (the same init on every rank and every run),
+    and under FSDP the frozen base sharded across the ranks."""
+    if section.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    seed_all(section.seed)
+    model = add_lora(model, section.lora, field)
+    if precision.shard_base:
+        shard_frozen_base(model, precision.device, precision.dist)
+    return model
 
 
 def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:

@@ -191,11 +191,13 @@ def test_sigkill_during_prune_then_resume_gives_the_same_masks(tmp_path):
         assert torch.equal(getattr(resumed, name), getattr(uninterrupted, name)), name
 
 
-def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path):
-    """gpus_per_node: 2 makes `apply` re-launch itself under torch.distributed.run (gloo on CPU); the result
-    equals one process with twice the gradient accumulation."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path, strategy):
+    """gpus_per_node: 2 makes `apply` re-launch itself under torch.distributed.run (gloo on CPU); the result,
+    with the frozen base replicated or sharded, equals one process with twice the gradient accumulation."""
     two = _setup(tmp_path, run_dir="two")
-    two.write_text(two.read_text().replace("run_dir:", "hardware: {gpu: cpu, gpus_per_node: 2}\nrun_dir:"))
+    two.write_text(two.read_text().replace(
+        "run_dir:", f"hardware: {{gpu: cpu, gpus_per_node: 2, strategy: {strategy}}}\nrun_dir:"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(two), "--plain", "--until", "finetune"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -203,6 +205,8 @@ def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp
     run = tmp_path / "two"
     assert _state(run)["stages"]["finetune"]["status"] == "done"
     assert len((run / "prune" / "events.jsonl").read_text().splitlines()) == 14  # one writer
+    held = "sharded over 2 processes" if strategy == "fsdp" else "replicated"
+    assert all(held in _state(run)["stages"][stage]["note"] for stage in ("prune", "finetune"))
 
     one = _setup(tmp_path, run_dir="one")
     one.write_text(one.read_text().replace("gradient_accumulation: 1\n  checkpoint_every",

@@ -1,7 +1,8 @@
 """Data-parallel prune and fine-tune under torchrun (2 CPU processes, gloo) on tiny models.
 
-What users rely on: a run under torchrun ends where a single process with the same global batch ends, a
-killed multi-process run resumes to the same result, and the run folder holds one copy of every artifact.
+What users rely on: a run under torchrun ends where a single process with the same global batch ends, with
+the frozen base replicated (DDP) or sharded (FSDP); a killed multi-process run resumes to the same result;
+and the run folder holds one copy of every artifact.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from compresso_ops.architecture import ArchSpec
-from compresso_ops.distributed import DistContext, require_replicated
+from compresso_ops.distributed import DistContext
 from compresso_ops.errors import UserError
 from compresso_ops.finetune import run_finetune
 from compresso_ops.prune import run_prune
 from compresso_ops.recipe import Recipe
+from compresso_ops.sharding import require_even_split
 from compresso_ops.sizes import count_params
 from tests.tiny import REPO_ROOT, save_tiny
 
@@ -50,7 +52,7 @@ def work(tmp_path_factory):
 
 
 def _recipe(folder: Path, *, gpus: int = 2, accumulation: int = 2, finetune_accumulation: int = 1,
-            checkpoint_every: int = 2) -> Recipe:
+            checkpoint_every: int = 2, strategy: str = "auto") -> Recipe:
     lora = {"r": 4, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "o_proj"]}
     return Recipe(
         name="t", model={"path": str(folder / "model")}, target={"sparsity": 0.4}, prompt={"text": "none"},
@@ -60,7 +62,7 @@ def _recipe(folder: Path, *, gpus: int = 2, accumulation: int = 2, finetune_accu
                "lr": {"lora": 1e-3, "gates": 0.3, "lagrangian": 0.1}},
         finetune={"unit": "steps", "duration": 4, "lr": 1e-3, "micro_batch_size": 2,
                   "gradient_accumulation": finetune_accumulation, "checkpoint_every": 2, "lora": lora},
-        hardware={"gpu": "cpu", "gpus_per_node": gpus})
+        hardware={"gpu": "cpu", "gpus_per_node": gpus, "strategy": strategy})
 
 
 def _launch(config: dict, out: Path) -> subprocess.Popen:
@@ -196,13 +198,48 @@ def test_two_processes_finetune_like_one(work, two_processes, tmp_path):
     _assert_one_copy(out / "finetune", {"events.jsonl", "checkpoints", "model"}, steps=4)
 
 
-def test_single_process_helpers_are_no_ops_and_fsdp_is_refused():
+def test_single_process_helpers_are_no_ops():
     ctx = DistContext()
     grads = [torch.ones(3)]
     ctx.all_reduce_sum_(grads)
     assert ctx.is_main and not ctx.active and torch.equal(grads[0], torch.ones(3))
     assert ctx.all_reduce_scalar(2.5) == 2.5 and ctx.broadcast_object({"a": 1}) == {"a": 1} and ctx.any(True)
-    with pytest.raises(UserError, match="^hardware.strategy: fsdp .* not available in this release") as info:
-        require_replicated("fsdp")
+
+@pytest.fixture(scope="module")
+def fsdp_two_processes(work):
+    """One torchrun launch of 2 processes with the frozen base sharded: prune, then fine-tune (2 GPUs x
+    accumulation 1, so each rank runs one micro-batch a step)."""
+    out = work / "fsdp"
+    jobs = [{"stage": "prune", "recipe": _recipe(work, strategy="fsdp").model_dump(mode="json"),
+             "stage_dir": str(out / "prune")},
+            {"stage": "finetune", "recipe": _recipe(work, strategy="fsdp").model_dump(mode="json"),
+             "sliced_dir": str(work / "sliced"), "stage_dir": str(out / "finetune")}]
+    return out, _run(jobs, out / "job")
+
+
+def test_fsdp_shards_the_base_and_prunes_like_one_process(work, single_prune, fsdp_two_processes):
+    out, (results, _) = fsdp_two_processes
+    assert results[0] == results[1] and results[0]["completed"]
+    weights = results[0]["weights"]
+    replica = count_params(ArchSpec.from_pretrained_dir(work / "model")).total * 4  # fp32 on CPU
+    assert weights["sharded"] and weights["processes"] == 2
+    assert abs(weights["frozen_bytes_per_process"] - replica / 2) < 0.05 * replica  # half the base each
+    _assert_prune_matches(out / "prune", single_prune)  # the trajectory of the replicated run
+    _assert_one_copy(out / "prune", PRUNE_OUTPUTS, steps=6)
+
+
+def test_fsdp_finetune_like_one_process(work, fsdp_two_processes, tmp_path):
+    out, (_, results) = fsdp_two_processes
+    single = run_finetune(_recipe(work, strategy="fsdp"), work / "sliced", tmp_path / "single")
+    assert not single["weights"]["sharded"]  # one process: nothing to shard across
+    assert results[0] == results[1] and results[0]["weights"]["sharded"] and results[0]["steps"] == 4
+    _assert_close(out / "finetune" / "model" / "model.safetensors", tmp_path / "single" / "model" / "model.safetensors")
+    _assert_same_events(_events(out / "finetune"), _events(tmp_path / "single"))
+    _assert_one_copy(out / "finetune", {"events.jsonl", "checkpoints", "model"}, steps=4)
+
+
+def test_fsdp_with_uneven_micro_batches_stops_with_one_line():
+    with pytest.raises(UserError, match="^hardware: with strategy fsdp every process must run") as info:
+        require_even_split(3, DistContext(0, 2, 0), "finetune")
     assert "\n" not in str(info.value)
-    require_replicated("ddp")
+    require_even_split(4, DistContext(0, 2, 0), "prune")

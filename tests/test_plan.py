@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from compresso_ops.architecture import PRESETS
 from compresso_ops.cli import main
-from compresso_ops.plan import make_plan, uniform_kept
+from compresso_ops.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
 from compresso_ops.recipe_loader import load_recipe
 from compresso_ops.sizes import count_params
 from tests.tiny import REPO_ROOT
@@ -72,14 +72,31 @@ def _recipe(tmp_path, body: str):
 
 
 def test_a_replica_that_does_not_fit_gets_fsdp_chosen(tmp_path):
-    plan = make_plan(_recipe(tmp_path, """
+    body = """
         model: {path: org/llama-13b, architecture: llama-13b, dtype: float16}
         target: {sparsity: 0.2}
         prune: {gradient_checkpointing: true}
-        hardware: {gpu: V100-16GB, gpus_per_node: 4}
-    """))
-    assert plan["hardware"]["strategy"] == "fsdp"
-    assert plan["memory"]["stages"]["prune"]["fits"]
+        hardware: {gpu: V100-16GB, gpus_per_node: 4, strategy: %s}
+    """
+    auto = _recipe(tmp_path, body % "auto")
+    plan = make_plan(auto)
+    assert plan["hardware"]["strategy"] == training_strategy(auto) == "fsdp"  # what the stages will run
+    prune = plan["memory"]["stages"]["prune"]
+    assert prune["fits"]
+    # The numbers are the sharded ones: 1/4 of the 13B fp16 base (6.5 GB), plus the embeddings and LM head
+    # (0.65 GB) and two gathered layers (1.27 GB), where a replica holds 26 GB.
+    frozen = prune["breakdown"]["frozen_weights"]
+    total = plan["params"]["source"]["total"] * 2
+    assert total / 4 + 1.8e9 < frozen < total / 4 + 2.1e9
+    # Rank 0 evaluates alone; a 13B model (24 GiB) does not fit one 16 GB GPU, so its layers are spread
+    # over the node's 4 GPUs, and the evaluate stage's numbers are per GPU of those.
+    evaluate = plan["memory"]["stages"]["evaluate"]
+    assert evaluate["gpus"] == evaluation_gpus(auto) == 4 and evaluate["fits"]
+    assert evaluate["breakdown"]["weights"] == total // 4
+    replica = make_plan(_recipe(tmp_path, body % "ddp"))
+    assert replica["hardware"]["strategy"] == "ddp"
+    assert replica["memory"]["stages"]["prune"]["breakdown"]["frozen_weights"] == total
+    assert not replica["memory"]["stages"]["prune"]["fits"]
 
 
 def test_a_stage_that_does_not_fit_gets_the_smallest_fix(tmp_path):

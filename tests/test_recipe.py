@@ -91,6 +91,7 @@ MALFORMED = {
     "bf16 model dtype on V100": (BASE.replace("  path: {model}", "  path: {model}\n  dtype: bfloat16")
                                  + "hardware:\n  gpu: V100-16GB\n", "model.dtype", 4, "use float16"),
     "unknown gpu": (BASE + "hardware:\n  gpu: V100\n", "hardware.gpu", 10, "V100-32GB"),
+    "fsdp on one GPU": (BASE + "hardware:\n  gpu: V100-16GB\n  strategy: fsdp\n", "hardware", 9, "use auto or ddp"),
     "lora target module that does not exist": (BASE + "prune:\n  lora:\n    target_modules: [q_proj, qkv]\n",
                                                "prune.lora.target_modules[1]", 11, "not a projection"),
     "sequence above the model's limit": (BASE.replace("max_seq_length: 128", "max_seq_length: 4096"),

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-             intermediate_size=1376, vocab_size=8000, max_position_embeddings=1024)
+MODEL = {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
+         "intermediate_size": 1376, "vocab_size": 8000, "max_position_embeddings": 1024}
 
 
 def _rss_kib(field: str) -> int:

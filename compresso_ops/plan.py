@@ -226,10 +226,9 @@ def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: 
         while mb > 1:
             mb //= 2
             factor = section.micro_batch_size // mb
-            candidates.append((
-                f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
-                f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing",
-                {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
+            text = (f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
+                    f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing")
+            candidates.append((text, {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
     if world > 1 and recipe.hardware.strategy != "fsdp":
         candidates.append(("set hardware.strategy: fsdp to shard the frozen base across GPUs",
                            {"fsdp": True, f"{stage}_ckpt": True}))
@@ -275,7 +274,7 @@ def count_examples(recipe: Recipe) -> tuple[int | None, str]:
 def _phase_steps(amount: float, unit: str, steps_per_epoch: int | None) -> int | None:
     if unit == "steps":
         return int(amount)
-    return None if steps_per_epoch is None else int(math.ceil(amount * steps_per_epoch))
+    return None if steps_per_epoch is None else math.ceil(amount * steps_per_epoch)
 
 
 def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:

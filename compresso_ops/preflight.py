@@ -27,7 +27,7 @@ def _model_available(recipe: Recipe) -> str | None:
 
         snapshot_download(recipe.model.path, revision=recipe.model.revision, local_files_only=True,
                           allow_patterns=["config.json"])
-    except Exception:
+    except (OSError, ValueError):  # not cached, or not a valid hub id
         return (f"model.path: '{recipe.model.path}' is not in the Hugging Face cache; download it first "
                 f"(huggingface-cli download {recipe.model.path}) or point model.path at a local folder")
     return None
@@ -67,8 +67,8 @@ def _gpu_problems(recipe: Recipe, plan: dict) -> list[str]:
 
     out: list[str] = []
     if not torch.cuda.is_available():
-        return [f"hardware.gpu: the recipe asks for {recipe.hardware.gpu} but no CUDA GPU is visible; "
-                "set hardware.gpu: cpu or run on a GPU machine"]
+        return [(f"hardware.gpu: the recipe asks for {recipe.hardware.gpu} but no CUDA GPU is visible; "
+                 "set hardware.gpu: cpu or run on a GPU machine")]
     visible = torch.cuda.device_count()
     if visible < recipe.hardware.gpus_per_node:
         out.append(f"hardware.gpus_per_node: {recipe.hardware.gpus_per_node} GPUs asked for, {visible} visible; "

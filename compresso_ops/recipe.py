@@ -34,7 +34,8 @@ _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 def parse_param_count(value: Any) -> int:
     """Accept 5.4B, 500M, 120k or a plain integer."""
     if isinstance(value, bool):
-        raise ValueError("expected a parameter count such as 5.4B, 500M or 6738415616")
+        # pydantic turns a ValueError into a located recipe error; a TypeError would escape as a traceback
+        raise ValueError("expected a parameter count such as 5.4B, 500M or 6738415616")  # noqa: TRY004
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -42,7 +43,7 @@ def parse_param_count(value: Any) -> int:
     match = _SIZE.match(str(value))
     if not match:
         raise ValueError(f"'{value}' is not a parameter count; write it as 5.4B, 500M or an integer")
-    return int(round(float(match.group(1)) * _SCALE[match.group(2).lower()]))
+    return round(float(match.group(1)) * _SCALE[match.group(2).lower()])
 
 
 class ModelSection(Strict):

@@ -70,7 +70,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> RunLock:  # noqa: PYI034 (never subclassed)
         self.acquire()
         return self
 

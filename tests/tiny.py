@@ -49,9 +49,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tiny_config(model_type: str = "llama", *, gqa: bool = True, tied: bool = False, hidden: int = 32,
                 layers: int = 2, heads: int = 4, ffn: int = 48, vocab: int = 259):
     kv = heads // 2 if gqa else heads
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                  intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tied,
-                  bos_token_id=256, eos_token_id=257, pad_token_id=258, rms_norm_eps=1e-6)
+    common = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab, "max_position_embeddings": 256,
+              "tie_word_embeddings": tied, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
+              "rms_norm_eps": 1e-6}
     if model_type == "llama":
         return LlamaConfig(**common)
     if model_type == "mistral":

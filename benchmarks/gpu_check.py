@@ -5,7 +5,10 @@ path; add --dtype bfloat16 for Ampere and later). For each stage: the peak of
 `torch.cuda.max_memory_allocated` over a step against the planner's prediction for the same configuration
 (its breakdown without the CUDA-context/fragmentation overhead, which max_memory_allocated does not see),
 and the median step time. The fine-tune step runs on a native export of the model sliced with random masks
-at the recipe's sparsity, as the real pipeline does. Writes benchmarks/results/gpu_check.json.
+at the recipe's sparsity, as the real pipeline does. A third measurement repeats the prune step with the
+base under FSDP2 on a mesh of this one process: nothing is split, but the sharded CUDA path runs (the base
+loaded on CPU and moved shard by shard, fp16 DTensors, replicated fp32 LoRA, autocast, the scaler). Writes
+benchmarks/results/gpu_check.json.
 
     python benchmarks/gpu_check.py --gpu H200             # on a GPU machine
     python benchmarks/gpu_check.py --tiny                 # a smoke run of the same code on CPU (no memory numbers)
@@ -24,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FULL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-            intermediate_size=5504, vocab_size=32000, max_position_embeddings=2048)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, vocab_size=259, max_position_embeddings=512)
+FULL = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "intermediate_size": 5504, "vocab_size": 32000, "max_position_embeddings": 2048}
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 96, "vocab_size": 259, "max_position_embeddings": 512}
 
 
 def _recipe(model_dir: Path, args: argparse.Namespace):
@@ -62,6 +65,35 @@ def _measure(trainer, steps: int) -> dict:
             "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _fsdp_prune_step(recipe, examples: list, tok, work: Path, steps: int) -> dict:
+    """The prune step with the frozen base sharded by FSDP2 over a one-process group."""
+    import dataclasses
+    import os
+
+    import torch
+    import torch.distributed as tdist
+    from transformers import AutoModelForCausalLM
+
+    from compresso_ops.data import Collator, pad_token_id
+    from compresso_ops.distributed import DistContext
+    from compresso_ops.prune import PruneTrainer
+    from compresso_ops.training import CheckpointStore, choose_precision, freeze_for_training, prepare_for_training
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    try:
+        precision = dataclasses.replace(choose_precision(recipe), dist=DistContext(0, 1, 0), shard_base=True)
+        base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=precision.base_dtype)
+        freeze_for_training(base, precision)  # stays on CPU: FSDP moves it
+        model = prepare_for_training(base, recipe.prune, "prune.lora.target_modules", precision)
+        trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tok)), precision,
+                               CheckpointStore(work / "prune_fsdp"))
+        return _measure(trainer, steps)
+    finally:
+        tdist.destroy_process_group()
+
+
 def _predicted(stage: dict) -> int:
     return sum(v for k, v in stage["breakdown"].items()
                if not k.startswith("activations_") and k != "framework_overhead")
@@ -92,7 +124,7 @@ def main() -> None:
     from compresso_ops.masks import select_final_masks_from_scores
     from compresso_ops.plan import make_plan
     from compresso_ops.prune import PruneTrainer
-    from compresso_ops.training import CheckpointStore, add_lora, enable_gradient_checkpointing, load_source
+    from compresso_ops.training import CheckpointStore, load_source, prepare_for_training
     from tests.tiny import byte_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -113,15 +145,16 @@ def main() -> None:
     # Prune step on the source.
     base, tok, precision = load_source(recipe)
     examples = build_dataset(recipe.data, tok, "", shape["max_position_embeddings"])
-    if args.checkpointing:
-        enable_gradient_checkpointing(base)
-    peft_model = add_lora(base, recipe.prune.lora, "prune.lora.target_modules")
+    peft_model = prepare_for_training(base, recipe.prune, "prune.lora.target_modules", precision)
     trainer = PruneTrainer(recipe, peft_model, examples, Collator(pad_token_id(tok)), precision,
                            CheckpointStore(work / "prune"))
     result["prune"] = {**_measure(trainer, args.steps),
                        "predicted_bytes": _predicted(plan["memory"]["stages"]["prune"]),
                        "plan_per_gpu_bytes": plan["memory"]["stages"]["prune"]["per_gpu_bytes"]}
     del trainer, peft_model, base
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    result["prune_fsdp_one_process"] = _fsdp_prune_step(recipe, examples, tok, work, args.steps)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -136,9 +169,7 @@ def main() -> None:
                              source_info={"path": str(source), "dtype": "float32"}, dtype=args.dtype)
     del model
     ft_model, ft_tok, ft_precision = load_sliced(recipe, sliced)
-    if args.checkpointing:
-        enable_gradient_checkpointing(ft_model)
-    ft_model = add_lora(ft_model, recipe.finetune.lora, "finetune.lora.target_modules")
+    ft_model = prepare_for_training(ft_model, recipe.finetune, "finetune.lora.target_modules", ft_precision)
     ft_examples = build_dataset(recipe.data, ft_tok, "", shape["max_position_embeddings"])
     ft = FinetuneTrainer(recipe, ft_model, ft_examples, Collator(pad_token_id(ft_tok)), ft_precision,
                          CheckpointStore(work / "finetune"))
@@ -151,6 +182,9 @@ def main() -> None:
             r["predicted_over_measured"] = r["predicted_bytes"] / r["peak_allocated_bytes"]
         print(f"{stage}: median step {r['median_step_s']:.3f} s; peak allocated "
               f"{(r['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB; predicted {r['predicted_bytes'] / 2**30:.2f} GiB")
+    fsdp = result["prune_fsdp_one_process"]
+    print(f"prune under FSDP2 (one process): median step {fsdp['median_step_s']:.3f} s; peak allocated "
+          f"{(fsdp['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB")
     if not args.tiny:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -93,6 +93,26 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
 
 # ----------------------------------------------------------------------------------------------- lm-eval
 
+def _hflm(**kwargs: Any) -> Any:
+    """lm-eval's HFLM, honouring TQDM_DISABLE (set by `apply`, whose own progress display is the run's one
+    voice): HFLM passes `disable=False` to its per-request bars explicitly, which overrides the variable."""
+    from lm_eval.models.huggingface import HFLM
+
+    quiet = os.environ.get("TQDM_DISABLE") == "1"
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or quiet)
+
+    return QuietHFLM(**kwargs)
+
+
 def system_instruction(prompt_text: str | None) -> str | None:
     """lm-eval's `system_instruction` for a prompt text.
 
@@ -110,12 +130,11 @@ def run_lm_eval(model: Any, tok: Any, section: EvalSection, prompt_text: str | N
     if not specs:
         return None
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     # backend="causal": lm-eval cannot tell from a native export's model_type that it is a causal LM
-    lm = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=section.batch_size,
+    lm = _hflm(pretrained=model, tokenizer=tok, backend="causal", batch_size=section.batch_size,
               max_length=section.max_length)
     # Indexing lm-eval's thousands of YAML tasks takes many seconds; local-only suites skip it.
     manager = TaskManager(include_defaults=bool(section.tasks))

@@ -25,6 +25,7 @@ from torch import nn
 from .adapter import unwrap
 from .distributed import DistContext
 from .errors import UserError
+from .plan_view import human_bytes
 
 if TYPE_CHECKING:  # training imports this module
     from .training import Precision
@@ -65,10 +66,10 @@ def weights_held(model: nn.Module, precision: Precision) -> dict[str, Any]:
 
 def describe_weights(weights: dict[str, Any]) -> str:
     """One phrase for the stage note, e.g. 'frozen base sharded over 4 processes, 3.2 GiB each'."""
-    size = weights["frozen_bytes_per_process"] / 2**30
+    size = human_bytes(weights["frozen_bytes_per_process"])
     if weights["sharded"]:
-        return f"frozen base sharded over {weights['processes']} processes, {size:.2f} GiB each"
-    return f"frozen base replicated, {size:.2f} GiB per process"
+        return f"frozen base sharded over {weights['processes']} processes, {size} each"
+    return f"frozen base replicated, {size} per process"
 
 
 def require_even_split(micros: int, dist: DistContext, section: str) -> None:

@@ -168,8 +168,10 @@ def test_two_processes_prune_like_one_with_the_same_global_batch(work, single_pr
         _assert_close(tmp_path / "one_gpu" / name, single_prune / name, exact=True)
 
 
-def test_killed_two_process_run_resumes_to_the_same_result(work, single_prune, tmp_path):
-    config = {"stage": "prune", "recipe": _recipe(work).model_dump(mode="json"), "stage_dir": str(tmp_path / "prune")}
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_two_process_run_resumes_to_the_same_result(work, single_prune, tmp_path, strategy):
+    config = {"stage": "prune", "recipe": _recipe(work, strategy=strategy).model_dump(mode="json"),
+              "stage_dir": str(tmp_path / "prune")}
     proc = _launch({"jobs": [config], "pause_after_checkpoint": True}, tmp_path / "killed")
     try:
         deadline = time.monotonic() + 120

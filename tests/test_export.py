@@ -119,6 +119,20 @@ def test_bfloat16_export_with_shards(tmp_path):
     assert "reloaded_vs_masked_max_abs_diff" not in checks  # bf16 rounding is not a slicing error
 
 
+def test_releasing_the_source_frees_it_and_the_export_still_checks_out(tmp_path):
+    """The slice stage hands its source over, so the source is not in memory while the export is written and
+    reloaded; the export is the same as with the source kept."""
+    kept_model, released_model = tiny_model("llama", layers=3, gqa=True), tiny_model("llama", layers=3, gqa=True)
+    masks = random_masks(ArchSpec.from_hf_config(kept_model.config))
+    kept = export_pruned(kept_model, None, masks, "native", tmp_path / "kept", source_info=SOURCE)
+    released = export_pruned(released_model, None, masks, "native", tmp_path / "released", source_info=SOURCE,
+                             release_source=True)
+    assert all(t.numel() == 0 for t in [*released_model.parameters(), *released_model.buffers()])
+    assert released["checks"]["passed"]
+    assert released["checks"]["reloaded_vs_masked_max_abs_diff"] <= TOL
+    assert released["params"] == kept["params"] and released["weights_bytes"] == kept["weights_bytes"]
+
+
 def test_uniform_mode_rejects_non_uniform_masks(tmp_path):
     model = tiny_model("llama", layers=3)
     masks = random_masks(ArchSpec.from_hf_config(model.config))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -197,8 +198,30 @@ def test_sigkill_during_prune_then_resume_gives_the_same_masks(tmp_path):
         assert torch.equal(getattr(resumed, name), getattr(uninterrupted, name)), name
 
 
+@pytest.fixture(scope="module")
+def one_process_masks(tmp_path_factory) -> Masks:
+    """The reference for the multi-process runs below: one process, gradient accumulation 2."""
+    folder = tmp_path_factory.mktemp("one")
+    one = _setup(folder, run_dir="one")
+    one.write_text(one.read_text().replace("gradient_accumulation: 1\n  checkpoint_every",
+                                           "gradient_accumulation: 2\n  checkpoint_every"))
+    assert _apply(one, "--until", "prune").exit_code == 0
+    return Masks.load(folder / "one" / "prune")
+
+
+def _assert_two_process_run(run: Path, reference: Masks, held: str) -> None:
+    state = _state(run)
+    assert state["stages"]["finetune"]["status"] == "done"
+    assert len((run / "prune" / "events.jsonl").read_text().splitlines()) == 14  # one writer
+    assert all(held in state["stages"][stage]["note"] for stage in ("prune", "finetune"))
+    masks = Masks.load(run / "prune")
+    for name in ("heads", "ffn", "hidden"):
+        assert torch.equal(getattr(masks, name), getattr(reference, name)), name
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path, strategy):
+def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path, strategy,
+                                                                             one_process_masks):
     """gpus_per_node: 2 makes `apply` re-launch itself under torch.distributed.run (gloo on CPU); the result,
     with the frozen base replicated or sharded, equals one process with twice the gradient accumulation."""
     two = _setup(tmp_path, run_dir="two")
@@ -208,19 +231,28 @@ def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp
     cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(two), "--plain", "--until", "finetune"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = tmp_path / "two"
-    assert _state(run)["stages"]["finetune"]["status"] == "done"
-    assert len((run / "prune" / "events.jsonl").read_text().splitlines()) == 14  # one writer
     held = "sharded over 2 processes" if strategy == "fsdp" else "replicated"
-    assert all(held in _state(run)["stages"][stage]["note"] for stage in ("prune", "finetune"))
+    _assert_two_process_run(tmp_path / "two", one_process_masks, held)
 
-    one = _setup(tmp_path, run_dir="one")
-    one.write_text(one.read_text().replace("gradient_accumulation: 1\n  checkpoint_every",
-                                           "gradient_accumulation: 2\n  checkpoint_every"))
-    assert _apply(one, "--until", "prune").exit_code == 0
-    for name in ("heads", "ffn", "hidden"):
-        assert torch.equal(getattr(Masks.load(run / "prune"), name),
-                           getattr(Masks.load(tmp_path / "one" / "prune"), name)), name
+
+def test_two_nodes_started_as_the_readme_says(tmp_path, one_process_masks):
+    """The README's multi-node command, with both "nodes" on this machine: two torchrun launchers meet
+    through c10d rendezvous and run `python -m compresso_ops.cli apply` as one job of 2 x 1 processes."""
+    recipe = _setup(tmp_path, run_dir="nodes")
+    recipe.write_text(recipe.read_text().replace("run_dir:", "hardware: {gpu: cpu, gpus_per_node: 1, nodes: 2}\nrun_dir:"))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+           "-m", "compresso_ops.cli", "apply", str(recipe), "--plain", "--until", "finetune"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    nodes = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)[-4000:]
+    _assert_two_process_run(tmp_path / "nodes", one_process_masks, "replicated")
 
 
 def test_an_error_under_torchrun_keeps_its_exit_code(tmp_path):

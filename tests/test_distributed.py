@@ -52,16 +52,17 @@ def work(tmp_path_factory):
 
 
 def _recipe(folder: Path, *, gpus: int = 2, accumulation: int = 2, finetune_accumulation: int = 1,
-            checkpoint_every: int = 2, strategy: str = "auto") -> Recipe:
+            checkpoint_every: int = 2, strategy: str = "auto", checkpointing: bool = False) -> Recipe:
     lora = {"r": 4, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "o_proj"]}
     return Recipe(
         name="t", model={"path": str(folder / "model")}, target={"sparsity": 0.4}, prompt={"text": "none"},
         data={"path": str(folder / "train.txt"), "format": "text", "max_seq_length": 32, "max_samples": 24},
         prune={"schedule": {"unit": "steps", "lora_only": 1, "ramp": 3, "hold": 2}, "micro_batch_size": 2,
                "gradient_accumulation": accumulation, "checkpoint_every": checkpoint_every, "lora": lora,
-               "lr": {"lora": 1e-3, "gates": 0.3, "lagrangian": 0.1}},
+               "lr": {"lora": 1e-3, "gates": 0.3, "lagrangian": 0.1}, "gradient_checkpointing": checkpointing},
         finetune={"unit": "steps", "duration": 4, "lr": 1e-3, "micro_batch_size": 2,
-                  "gradient_accumulation": finetune_accumulation, "checkpoint_every": 2, "lora": lora},
+                  "gradient_accumulation": finetune_accumulation, "checkpoint_every": 2, "lora": lora,
+                  "gradient_checkpointing": checkpointing},
         hardware={"gpu": "cpu", "gpus_per_node": gpus, "strategy": strategy})
 
 
@@ -209,12 +210,13 @@ def test_single_process_helpers_are_no_ops():
 
 @pytest.fixture(scope="module")
 def fsdp_two_processes(work):
-    """One torchrun launch of 2 processes with the frozen base sharded: prune, then fine-tune (2 GPUs x
-    accumulation 1, so each rank runs one micro-batch a step)."""
+    """One torchrun launch of 2 processes with the frozen base sharded and activations recomputed (as the 7B
+    recipes run): prune, then fine-tune (2 GPUs x accumulation 1, so each rank runs one micro-batch a step).
+    The references run in one process without checkpointing, which changes no number."""
     out = work / "fsdp"
-    jobs = [{"stage": "prune", "recipe": _recipe(work, strategy="fsdp").model_dump(mode="json"),
-             "stage_dir": str(out / "prune")},
-            {"stage": "finetune", "recipe": _recipe(work, strategy="fsdp").model_dump(mode="json"),
+    recipe = _recipe(work, strategy="fsdp", checkpointing=True).model_dump(mode="json")
+    jobs = [{"stage": "prune", "recipe": recipe, "stage_dir": str(out / "prune")},
+            {"stage": "finetune", "recipe": recipe,
              "sliced_dir": str(work / "sliced"), "stage_dir": str(out / "finetune")}]
     return out, _run(jobs, out / "job")
 

@@ -312,6 +312,23 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _host_memory(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
+    """Host RAM the run needs at its two peaks, for choosing machines (GPU memory is `stages`).
+
+    Loading: every process on a node reads the whole source in the compute dtype before moving it to its GPU
+    (or sharding it). Slicing (rank 0, CPU): the merged source and the sliced model in fp32; the source is
+    freed before the export is written and reloaded (`benchmarks/slice_memory.py`), so the slice's peak is
+    the two together.
+    """
+    source, target = params["source"]["total"], params["target"]["total"]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    per_process = source * (DTYPE_BYTES[compute_dtype(recipe)] if on_gpu else 4)
+    return {"load_per_node_bytes": recipe.hardware.gpus_per_node * per_process,
+            "slice_bytes": (source + target) * 4,
+            "note": "loading: gpus_per_node processes each read the source at once; slice: fp32 source + "
+                    "sliced model on rank 0's node"}
+
+
 def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
     """Trainable parameters of the prune stage (LoRA, gates, the two multipliers)."""
     structures = recipe.target.structures if recipe.method == "compresso" else []
@@ -382,6 +399,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
             "deploy": {"batch": DEPLOY_BATCH, "seq_len": deploy_len, "weights_bytes": deploy_weights,
                        "kv_cache_bytes": deploy_kv, "total_bytes": deploy_weights + deploy_kv,
                        "note": "pruned model at the export dtype; KV cache at the planner's uniform split"},
+            "host": _host_memory(recipe, params),
         },
         "steps": _steps(recipe, arch, params["target"]["total"]),
         "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,

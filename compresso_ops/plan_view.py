@@ -71,6 +71,9 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     dep = plan["memory"]["deploy"]
     console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
                   f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")
+    host = plan["memory"]["host"]
+    console.print(f"Host memory: {human_bytes(host['load_per_node_bytes'])} per node while {hw['gpus_per_node']} "
+                  f"process(es) load the source; {human_bytes(host['slice_bytes'])} for the slice stage (fp32)")
 
     steps = plan["steps"]
     st = Table(title=f"Steps ({steps['examples'] if steps['examples'] is not None else '?'} examples; "

@@ -40,6 +40,11 @@ def test_llama7b_54b_plan_matches_the_paper():
     for mode in ("native", "uniform", "pad"):
         assert params["export"][mode]["checkpoint_bytes"] == params["export"][mode]["params"] * 2  # fp16
     assert plan["memory"]["deploy"]["total_bytes"] > plan["memory"]["deploy"]["weights_bytes"]
+    # Host RAM: 4 processes each read the fp16 source (54 GB a node); the slice stage holds the fp32 source
+    # and the sliced model (49 GB)
+    host = plan["memory"]["host"]
+    assert host["load_per_node_bytes"] == 4 * 6_738_415_616 * 2
+    assert host["slice_bytes"] == (6_738_415_616 + params["target"]["total"]) * 4
     assert plan["steps"]["prune"]["total"] == 8 * plan["steps"]["prune"]["steps_per_epoch"]
 
 

@@ -180,8 +180,8 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
             on_gpu=on_gpu),
         "finetune": _training_memory(
-            arch, target_total, int(outside * scale), lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules),
-            dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
+            arch, target_total, int(outside * scale),
+            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
             checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
             fsdp=fsdp, on_gpu=on_gpu, scale=scale),
     }

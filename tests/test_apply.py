@@ -239,7 +239,8 @@ def test_two_nodes_started_as_the_readme_says(tmp_path, one_process_masks):
     """The README's multi-node command, with both "nodes" on this machine: two torchrun launchers meet
     through c10d rendezvous and run `python -m compresso_ops.cli apply` as one job of 2 x 1 processes."""
     recipe = _setup(tmp_path, run_dir="nodes")
-    recipe.write_text(recipe.read_text().replace("run_dir:", "hardware: {gpu: cpu, gpus_per_node: 1, nodes: 2}\nrun_dir:"))
+    recipe.write_text(recipe.read_text().replace(
+        "run_dir:", "hardware: {gpu: cpu, gpus_per_node: 1, nodes: 2}\nrun_dir:"))
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -86,8 +86,6 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
         tok_source = tokenizer_path
     tok = AutoTokenizer.from_pretrained(str(tok_source), revision=revision if tok_source == path else None,
                                         trust_remote_code=trust_remote_code)
-    if placement.get("device_map") != "balanced":  # a dispatched model must stay where accelerate put it
-        model.to(device)
     return model.eval(), tok
 
 

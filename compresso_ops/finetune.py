@@ -59,8 +59,7 @@ class FinetuneTrainer:
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
         self.precision, self.store = precision, store
         self.layout = BatchLayout.of(f, recipe.hardware)
-        if precision.shard_base:
-            require_even_split(self.layout.micros, precision.dist, "finetune")
+        require_even_split(self.layout.micros, precision, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
         self.order = DataOrder(len(examples), f.seed)
         self.label_counts = [label_count(e) for e in examples]

@@ -153,12 +153,13 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
         "logits": int(logits),
     }
     subtotal = sum(v for k, v in breakdown.items() if not k.startswith("activations_"))
-    breakdown["framework_overhead"] = int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal) if on_gpu else 0
+    breakdown["framework_overhead"] = _framework_overhead(subtotal) if on_gpu else 0
     return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown}
 
 
-def _with_overhead(subtotal: float) -> int:
-    return int(subtotal + CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
+def _framework_overhead(subtotal: float) -> int:
+    """The CUDA context and allocator fragmentation on top of `subtotal` bytes of tensors."""
+    return int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
 
 
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
@@ -194,12 +195,13 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
     transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
     logits = eval_tokens * arch.vocab_size * 2 * nbytes
     eval_gpus = 1
-    if on_gpu and _with_overhead(weights + transient + logits) > gpu.memory_bytes:
+    whole = weights + transient + logits
+    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
         # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
         # activations and logits are counted whole on each, for the GPU holding the LM head.
         eval_gpus = recipe.hardware.gpus_per_node
     eval_sub = weights / eval_gpus + transient + logits
-    eval_overhead = _with_overhead(eval_sub) - int(eval_sub) if on_gpu else 0
+    eval_overhead = _framework_overhead(eval_sub) if on_gpu else 0
     stages["evaluate"] = {
         "per_gpu_bytes": int(eval_sub + eval_overhead),
         "gpus": eval_gpus,

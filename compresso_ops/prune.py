@@ -97,8 +97,7 @@ class PruneTrainer:
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
-        if precision.shard_base:
-            require_even_split(self.layout.micros, precision.dist, "prune")
+        require_even_split(self.layout.micros, precision, "prune")
         self.order = DataOrder(len(examples), p.seed)
         self.label_counts = [label_count(e) for e in examples]
         device = precision.device

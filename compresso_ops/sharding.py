@@ -72,9 +72,11 @@ def describe_weights(weights: dict[str, Any]) -> str:
     return f"frozen base replicated, {size} per process"
 
 
-def require_even_split(micros: int, dist: DistContext, section: str) -> None:
-    """Under FSDP each rank must run as many forward passes per step as the others."""
-    if micros % dist.world_size:
+def require_even_split(micros: int, precision: Precision, section: str) -> None:
+    """Under FSDP each rank must run as many forward passes per step as the others (a replicated run may
+    split a step's micro-batches unevenly)."""
+    dist = precision.dist
+    if precision.shard_base and micros % dist.world_size:
         raise UserError(f"hardware: with strategy fsdp every process must run the same number of micro-batches, "
                         f"but a {section} step has {micros} for {dist.world_size} processes; launch "
                         "gpus_per_node x nodes processes or make gradient_accumulation a multiple of the process "

@@ -7,6 +7,7 @@ and the run folder holds one copy of every artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from compresso_ops.prune import run_prune
 from compresso_ops.recipe import Recipe
 from compresso_ops.sharding import require_even_split
 from compresso_ops.sizes import count_params
+from compresso_ops.training import Precision
 from tests.tiny import REPO_ROOT, save_tiny
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
@@ -243,7 +245,9 @@ def test_fsdp_finetune_like_one_process(work, fsdp_two_processes, tmp_path):
 
 
 def test_fsdp_with_uneven_micro_batches_stops_with_one_line():
+    sharded = Precision(torch.device("cpu"), torch.float32, dist=DistContext(0, 2, 0), shard_base=True)
     with pytest.raises(UserError, match="^hardware: with strategy fsdp every process must run") as info:
-        require_even_split(3, DistContext(0, 2, 0), "finetune")
+        require_even_split(3, sharded, "finetune")
     assert "\n" not in str(info.value)
-    require_even_split(4, DistContext(0, 2, 0), "prune")
+    require_even_split(4, sharded, "prune")
+    require_even_split(3, dataclasses.replace(sharded, shard_base=False), "finetune")  # replicated: any split

@@ -13,7 +13,7 @@ The CPU this runs on may be shared with other jobs, which makes wall-clock time 
 taken on both clocks: process CPU time (primary: on one torch thread, the default, it counts the work done and
 hardly the waiting) and wall time; models are timed in interleaved rounds and the best round is kept.
 
-    python benchmarks/export_speed.py [--quick] [--threads 1] [--out benchmarks/results/export_speed.json]
+    python -m benchmarks.export_speed [--quick] [--threads 1] [--out benchmarks/results/export_speed.json]
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compresso_ops.architecture import ArchSpec
-from compresso_ops.export import export_pruned
-from compresso_ops.masks import Masks
-from compresso_ops.sizes import prunable_sparsity
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.export import export_pruned
+from compresso_ops.models.sizes import prunable_sparsity
 
 SIZES = {
     # ~370M parameters: 24 layers of d=1024, 16 heads (h=64), f=2816, V=32000, untied

@@ -10,8 +10,8 @@ base under FSDP2 on a mesh of this one process: nothing is split, but the sharde
 loaded on CPU and moved shard by shard, fp16 DTensors, replicated fp32 LoRA, autocast, the scaler). Writes
 benchmarks/results/gpu_check.json.
 
-    python benchmarks/gpu_check.py --gpu H200             # on a GPU machine
-    python benchmarks/gpu_check.py --tiny                 # a smoke run of the same code on CPU (no memory numbers)
+    python -m benchmarks.gpu_check --gpu H200             # on a GPU machine
+    python -m benchmarks.gpu_check --tiny                 # a smoke run of the same code on CPU (no memory numbers)
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FULL = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
         "intermediate_size": 5504, "vocab_size": 32000, "max_position_embeddings": 2048}
@@ -34,7 +32,7 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
 
 
 def _recipe(model_dir: Path, args: argparse.Namespace):
-    from compresso_ops.recipe import Recipe
+    from compresso_ops.recipe.schema import Recipe
 
     section = {"micro_batch_size": args.micro_batch, "gradient_accumulation": 1,
                "gradient_checkpointing": args.checkpointing}
@@ -74,10 +72,12 @@ def _fsdp_prune_step(recipe, examples: list, tok, work: Path, steps: int) -> dic
     import torch.distributed as tdist
     from transformers import AutoModelForCausalLM
 
-    from compresso_ops.data import Collator, pad_token_id
-    from compresso_ops.distributed import DistContext
-    from compresso_ops.prune import PruneTrainer
-    from compresso_ops.training import CheckpointStore, choose_precision, freeze_for_training, prepare_for_training
+    from compresso_ops.stages.prune import PruneTrainer
+    from compresso_ops.training.batching import Collator, pad_token_id
+    from compresso_ops.training.checkpoints import CheckpointStore
+    from compresso_ops.training.distributed import DistContext
+    from compresso_ops.training.precision import choose_precision
+    from compresso_ops.training.setup import freeze_for_training, prepare_for_training
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -117,14 +117,16 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compresso_ops.architecture import ArchSpec
-    from compresso_ops.data import Collator, build_dataset, pad_token_id
-    from compresso_ops.export import export_pruned
-    from compresso_ops.finetune import FinetuneTrainer, load_sliced
-    from compresso_ops.masks import select_final_masks_from_scores
-    from compresso_ops.plan import make_plan
-    from compresso_ops.prune import PruneTrainer
-    from compresso_ops.training import CheckpointStore, load_source, prepare_for_training
+    from compresso_ops.method.masks import select_final_masks_from_scores
+    from compresso_ops.models.architecture import ArchSpec
+    from compresso_ops.models.export import export_pruned
+    from compresso_ops.stages.finetune import FinetuneTrainer, load_sliced
+    from compresso_ops.stages.plan import make_plan
+    from compresso_ops.stages.prune import PruneTrainer
+    from compresso_ops.training.batching import Collator, pad_token_id
+    from compresso_ops.training.checkpoints import CheckpointStore
+    from compresso_ops.training.data import build_dataset
+    from compresso_ops.training.setup import load_source, prepare_for_training
     from tests.tiny import byte_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))

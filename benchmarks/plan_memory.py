@@ -8,7 +8,7 @@ tensors. The planner's matching number is the same stage's breakdown without the
 resident before the step) and without GPU framework overhead: trainable + grads + optimizer states,
 activations, logits. Writes benchmarks/results/plan_memory.json.
 
-    .venv/bin/python benchmarks/plan_memory.py
+    .venv/bin/python -m benchmarks.plan_memory
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL = {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
          "intermediate_size": 1376, "vocab_size": 8000, "max_position_embeddings": 1024}
@@ -39,11 +38,13 @@ def child(model_dir: str, checkpointing: bool, micro_batch: int, seq: int) -> No
     """Runs inside the subprocess: one prune step, print the measured rise and the plan's prediction."""
     import torch
 
-    from compresso_ops.data import Collator, build_dataset, pad_token_id
-    from compresso_ops.plan import make_plan
-    from compresso_ops.prune import PruneTrainer
-    from compresso_ops.recipe import Recipe
-    from compresso_ops.training import CheckpointStore, add_lora, enable_gradient_checkpointing, load_source
+    from compresso_ops.recipe.schema import Recipe
+    from compresso_ops.stages.plan import make_plan
+    from compresso_ops.stages.prune import PruneTrainer
+    from compresso_ops.training.batching import Collator, pad_token_id
+    from compresso_ops.training.checkpoints import CheckpointStore
+    from compresso_ops.training.data import build_dataset
+    from compresso_ops.training.setup import add_lora, enable_gradient_checkpointing, load_source
 
     torch.set_num_threads(2)
     data = Path(model_dir) / "data.txt"

@@ -7,7 +7,7 @@ clip and AdamW on the LoRA only. Repetitions alternate between the two so machin
 the ratio of medians is reported. Goal: <= 1.10. One thread by default: on a machine shared with other
 jobs, multi-threaded steps stall on busy cores and the noise swamps a few-percent difference.
 
-    .venv/bin/python benchmarks/prune_step_overhead.py [--reps 10] [--threads 1]
+    .venv/bin/python -m benchmarks.prune_step_overhead [--reps 10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -21,21 +21,22 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compresso_ops import atomic
-from compresso_ops.data import Collator, DataOrder, Example
-from compresso_ops.prune import PruneTrainer
-from compresso_ops.recipe import Recipe
-from compresso_ops.training import (
+from compresso_ops.infra import atomic
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.prune import PruneTrainer
+from compresso_ops.training.batching import (
     BatchLayout,
-    CheckpointStore,
-    Precision,
-    add_lora,
+    Collator,
+    DataOrder,
     label_count,
-    lm_loss_sum,
     micro_batches,
-    seed_all,
     step_label_tokens,
 )
+from compresso_ops.training.checkpoints import CheckpointStore
+from compresso_ops.training.data import Example
+from compresso_ops.training.loop import lm_loss_sum
+from compresso_ops.training.precision import Precision
+from compresso_ops.training.setup import add_lora, seed_all
 
 RESULT = Path(__file__).resolve().parent / "results" / "prune_step_overhead.json"
 

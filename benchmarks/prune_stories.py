@@ -5,7 +5,7 @@ reports dev.txt perplexity of the source model and of the masked model (merged L
 hooks), plus the masks alone without the LoRA, to show what the jointly trained adapter recovers. No
 prompt: the quality signal here is plain-text perplexity, which is measured without one.
 
-    .venv/bin/python benchmarks/prune_stories.py [--steps-scale 1.0]
+    .venv/bin/python -m benchmarks.prune_stories [--steps-scale 1.0]
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-from compresso_ops import atomic
-from compresso_ops.architecture import ArchSpec
-from compresso_ops.evaluate import perplexity
-from compresso_ops.gating import masked
-from compresso_ops.masks import Masks
-from compresso_ops.prune import run_prune
-from compresso_ops.recipe import PerplexitySection, Recipe
-from compresso_ops.sizes import count_params
+from compresso_ops.evaluation.measures import perplexity
+from compresso_ops.infra import atomic
+from compresso_ops.method.hooks import masked
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.sizes import count_params
+from compresso_ops.recipe.schema import PerplexitySection, Recipe
+from compresso_ops.stages.prune import run_prune
 
 SHARED = ROOT.parent / "shared" / "assets"
 MODEL = SHARED / "models" / "stories260K"

@@ -21,7 +21,7 @@ Text-only data, so the prompt is off (`prompt.text: none`) in every stage: perpl
 measured without a prompt, and all methods see identical inputs. Seeds: 42 for data order, gate init and
 noise, LoRA init and the random baseline's ranking.
 
-    .venv/bin/python benchmarks/quality.py [--quick] [--threads 1]
+    .venv/bin/python -m benchmarks.quality [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ from typing import Any
 
 import torch
 
-from compresso_ops import atomic
-from compresso_ops.baselines import run_one_shot
-from compresso_ops.evaluate import load_model, perplexity
-from compresso_ops.export import run_slice
-from compresso_ops.finetune import run_finetune
-from compresso_ops.prune import run_prune
-from compresso_ops.recipe import PerplexitySection, Recipe
+from compresso_ops.evaluation.harness import load_model
+from compresso_ops.evaluation.measures import perplexity
+from compresso_ops.infra import atomic
+from compresso_ops.method.baselines import run_one_shot
+from compresso_ops.recipe.schema import PerplexitySection, Recipe
+from compresso_ops.stages.finetune import run_finetune
+from compresso_ops.stages.prune import run_prune
+from compresso_ops.stages.slice import run_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "assets"

@@ -9,7 +9,7 @@ loading the source; the ratio of the two is the saving, measured in one run. The
 the process's RSS before loading (Python, torch, transformers) is also set against what `plan` states for
 the slice stage: the fp32 source plus the sliced model.
 
-    python benchmarks/slice_memory.py [--quick] [--out benchmarks/results/slice_memory.json]
+    python -m benchmarks.slice_memory [--quick] [--out benchmarks/results/slice_memory.json]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {
     "full": {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -48,9 +47,9 @@ def _child(source: Path, out: Path, release: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compresso_ops.architecture import ArchSpec
-    from compresso_ops.export import export_pruned
-    from compresso_ops.masks import select_final_masks_from_scores
+    from compresso_ops.method.masks import select_final_masks_from_scores
+    from compresso_ops.models.architecture import ArchSpec
+    from compresso_ops.models.export import export_pruned
 
     torch.set_num_threads(1)
     before_load = _current_rss_bytes()
@@ -91,7 +90,7 @@ def main() -> None:
     LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(work / "source")
     runs = []
     for release in (False, True):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(work / "source"), str(work / f"out{release:d}"),
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.slice_memory", "--child", str(work / "source"), str(work / f"out{release:d}"),
                                str(int(release))], capture_output=True, text=True, check=True, cwd=ROOT)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"release_source={release}: peak {runs[-1]['peak_above_load_bytes'] / 2**20:,.0f} MiB above the loaded "

@@ -1,5 +1,6 @@
-"""compresso-ops: declarative structured pruning with the Compresso method."""
+"""compresso-ops: declarative structured pruning with the Compresso method.
 
-from . import _autoregister
-
-_autoregister.install()
+Importing the package stays light (no torch, no transformers) so that `validate` and `plan` start at once.
+`import compresso_ops.models.modeling_compresso` registers the native export class with transformers' Auto
+classes; every stage that loads a model imports it.
+"""

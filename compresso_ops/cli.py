@@ -17,9 +17,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from .errors import UserError
-
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+from compresso_ops.errors import UserError
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,8 +110,8 @@ def validate(recipes: tuple[Path, ...]) -> None:
 
     Prints one `FILE:LINE: field: message` line per problem and exits 2 if any recipe is invalid.
     """
-    from .errors import RecipeError
-    from .recipe_loader import load_recipe
+    from compresso_ops.errors import RecipeError
+    from compresso_ops.recipe.loader import load_recipe
 
     problems: list[str] = []
     for path in recipes:
@@ -130,7 +128,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @_handle_errors
 def schema() -> None:
     """Print the recipe's JSON Schema (the source of schemas/recipe.schema.json)."""
-    from .recipe import recipe_json_schema
+    from compresso_ops.recipe.schema import recipe_json_schema
 
     click.echo(json.dumps(recipe_json_schema(), indent=2))
 
@@ -166,13 +164,13 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
     if dry_run:
         _print_plan(recipe, as_json)
         return
-    from .executor import Executor
-    from .progress import make_reporter, quiet_libraries
-    from .recipe_loader import load_recipe
+    from compresso_ops.executor import Executor
+    from compresso_ops.recipe.loader import load_recipe
+    from compresso_ops.ui.progress import make_reporter, quiet_libraries
 
     loaded = load_recipe(recipe, check_files=True)
     hw = loaded.hardware
-    if hw.gpus_per_node * hw.nodes > 1 and "LOCAL_RANK" not in os.environ:
+    if hw.world_size > 1 and "LOCAL_RANK" not in os.environ:
         if hw.nodes > 1:
             raise UserError(f"{recipe}: hardware.nodes is {hw.nodes}; start multi-node runs with torchrun on every "
                             "node (see the README's 'Several GPUs and nodes')")
@@ -199,7 +197,7 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
 @_handle_errors
 def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
     """Write the release-review report for one or more RUN_DIRS (several give a side-by-side table)."""
-    from .report import build_report, render_markdown
+    from compresso_ops.stages.report import build_report, render_markdown
 
     content = build_report(list(run_dirs))
     if as_json:
@@ -208,7 +206,7 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
         assets = (output.parent if output else Path.cwd()) / ((output.stem if output else "report") + "_assets")
         text = render_markdown(content, assets)
     if output:
-        from . import atomic
+        from compresso_ops.infra import atomic
 
         atomic.write_text(output, text)
         click.echo(f"wrote {output}")
@@ -217,15 +215,15 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
 
 
 def _print_plan(recipe_path: Path, as_json: bool) -> None:
-    from .plan import make_plan
-    from .recipe_loader import load_recipe
+    from compresso_ops.recipe.loader import load_recipe
+    from compresso_ops.stages.plan import make_plan
 
     recipe = load_recipe(recipe_path, check_files=False)
     result = make_plan(recipe)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        from .plan_view import render_plan
+        from compresso_ops.ui.plan_view import render_plan
 
         render_plan(result, Console(highlight=False))
 

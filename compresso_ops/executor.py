@@ -9,47 +9,60 @@ starts from an empty folder. `state.json` records status, timings and input hash
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import UserError
-from .progress import Reporter
-from .recipe import Recipe
-from .recipe_loader import dump_resolved
-from .runlock import RunLock
+from compresso_ops.errors import UserError
+from compresso_ops.infra import atomic
+from compresso_ops.infra.fingerprint import digest, path_identity
+from compresso_ops.infra.lock import RunLock
+from compresso_ops.infra.units import timestamp
+from compresso_ops.recipe.loader import dump_resolved
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.ui.progress import Reporter
 
-STAGES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
 STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class Stage:
+    """One step of the pipeline: the module whose `run(recipe, run_dir, on_event) -> note` does the work,
+    the recipe fields (dotted) that are its inputs, and the recipe fields naming files whose content is."""
+
     name: str
-    reads: tuple[str, ...]  # recipe fields (dotted) whose values are this stage's inputs
-    files: tuple[str, ...] = ()  # recipe fields naming files/folders whose content is an input
+    module: str
+    reads: tuple[str, ...]
+    files: tuple[str, ...] = ()
+
+    def run(self, recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
+        return importlib.import_module(self.module).run(recipe, run_dir, on_event)
 
 
-SPECS: dict[str, StageSpec] = {
-    "plan": StageSpec("plan", ("model", "target", "data", "prune", "finetune", "eval", "export", "hardware",
-                               "method")),
+# The pipeline, in order. Stage modules are imported when they run: `plan` needs no torch.
+PIPELINE: tuple[Stage, ...] = (
+    Stage("plan", "compresso_ops.stages.plan",
+          ("model", "target", "data", "prune", "finetune", "eval", "export", "hardware", "method")),
     # hardware: GPUs per node x nodes set the global batch, the GPU type the precision.
-    "prune": StageSpec("prune", ("method", "model", "target", "prompt", "data", "prune", "export.mode",
-                                 "hardware.gpu", "hardware.gpus_per_node", "hardware.nodes"),
-                       ("model.path", "data.path")),
-    "slice": StageSpec("slice", ("export",)),
-    "finetune": StageSpec("finetune", ("finetune", "data", "prompt", "model.dtype", "hardware.gpu",
-                                       "hardware.gpus_per_node", "hardware.nodes"), ("data.path",)),
-    "evaluate": StageSpec("evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
-    "report": StageSpec("report", ()),
-}
+    Stage("prune", "compresso_ops.stages.prune",
+          ("method", "model", "target", "prompt", "data", "prune", "export.mode", "hardware.gpu",
+           "hardware.gpus_per_node", "hardware.nodes"), ("model.path", "data.path")),
+    Stage("slice", "compresso_ops.stages.slice", ("export",)),
+    Stage("finetune", "compresso_ops.stages.finetune",
+          ("finetune", "data", "prompt", "model.dtype", "hardware.gpu", "hardware.gpus_per_node",
+           "hardware.nodes"), ("data.path",)),
+    Stage("evaluate", "compresso_ops.stages.evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
+    Stage("report", "compresso_ops.stages.report", ()),
+)
+from compresso_ops.ui.progress import EventFn
+
+STAGES = tuple(stage.name for stage in PIPELINE)
+BY_NAME = {stage.name: stage for stage in PIPELINE}
 
 
 def _pick(data: dict[str, Any], dotted: str) -> Any:
@@ -58,37 +71,23 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def _fingerprint(path: str | None) -> Any:
-    """Size and mtime of a file, or of the files of a folder: cheap, and changes when the content does."""
-    if not path:
-        return None
-    p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return [st.st_size, st.st_mtime_ns]
-    if p.is_dir():
-        return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in p.iterdir() if f.is_file())
-    return str(path)  # a hub id: its name (and the recipe's revision) identify it
-
-
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
     """Input hash per stage, each chained with the previous stage's so a change flows downstream."""
     data = recipe.model_dump(mode="json")
     for task in data.get("eval", {}).get("local_tasks", []):
-        task["fingerprint"] = _fingerprint(task.get("data"))
+        task["fingerprint"] = path_identity(task.get("data"))
     hashes: dict[str, str] = {}
     upstream = ""
     for name in STAGES:
-        spec = SPECS[name]
+        spec = BY_NAME[name]
         payload = {
             "upstream": upstream if name != "plan" else "",
             "reads": {k: _pick(data, k) for k in spec.reads},
-            "files": {k: _fingerprint(_pick(data, k)) for k in spec.files},
+            "files": {k: path_identity(_pick(data, k)) for k in spec.files},
         }
-        digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        hashes[name] = digest
+        hashes[name] = digest(payload)
         if name != "plan":  # the plan is informational: nothing downstream depends on it
-            upstream = digest
+            upstream = hashes[name]
     return hashes
 
 
@@ -110,9 +109,6 @@ class RunState:
 
     def save(self) -> None:
         atomic.write_json(self.path, self.data)
-
-
-StageFn = Callable[[Recipe, Path, Callable[[dict[str, Any]], None]], str | None]
 
 
 class Executor:
@@ -142,7 +138,7 @@ class Executor:
             name == "finetune" and self.recipe.finetune.enabled)
 
     def run(self) -> dict[str, Any]:
-        from .distributed import init_distributed, shutdown_distributed
+        from compresso_ops.training.distributed import init_distributed, shutdown_distributed
 
         ctx = init_distributed()
         try:
@@ -161,7 +157,7 @@ class Executor:
         for name in todo:
             if self.collective(name):
                 ctx.barrier()  # rank 0 has finished the stages before this one
-                STAGE_FUNCTIONS[name](self, self.stage_dir(name), lambda event: None)
+                BY_NAME[name].run(self.recipe, self.run_dir, lambda event: None)
 
     def _run_locked(self, ctx: Any) -> dict[str, Any]:
         state = RunState(self.run_dir)
@@ -177,7 +173,7 @@ class Executor:
                 todo.append(name)
         self._check_upstream(state, hashes, stages, todo)
         if self.preflight and any(s not in ("plan", "report") for s in todo):
-            from .preflight import run_preflight
+            from compresso_ops.stages.preflight import run_preflight
 
             run_preflight(self.recipe, self.run_dir, todo)
         ctx.broadcast_object(todo)
@@ -195,11 +191,11 @@ class Executor:
             self.reporter.close()
         return state.data
 
-    def _needs_run(self, state: RunState, name: str, digest: str, forced_from: int | None) -> bool:
+    def _needs_run(self, state: RunState, name: str, input_hash: str, forced_from: int | None) -> bool:
         if forced_from is not None and STAGES.index(name) >= forced_from:
             return True
         entry = state.stage(name)
-        return not (entry.get("status") == "done" and entry.get("input_hash") == digest)
+        return not (entry.get("status") == "done" and entry.get("input_hash") == input_hash)
 
     def _check_upstream(self, state: RunState, hashes: dict[str, str], stages: list[str], todo: list[str]) -> None:
         """A stage may only run on finished, current upstream results."""
@@ -212,17 +208,17 @@ class Executor:
                     raise UserError(f"{self.run_dir}: stage '{name}' needs '{before}', which is not up to date; "
                                     f"rerun without --from/--until {name}")
 
-    def _run_stage(self, state: RunState, name: str, digest: str) -> None:
+    def _run_stage(self, state: RunState, name: str, input_hash: str) -> None:
         entry = state.stage(name)
         folder = self.stage_dir(name)
-        resuming = entry.get("input_hash") == digest and entry.get("status") in ("running", "interrupted", "failed")
+        resuming = entry.get("input_hash") == input_hash and entry.get("status") in ("running", "interrupted", "failed")
         if not resuming and folder.exists():
             shutil.rmtree(folder)  # inputs changed (or forced): start the stage from scratch
         folder.mkdir(parents=True, exist_ok=True)
         for later in STAGES[STAGES.index(name) + 1:]:  # their results no longer follow from this stage's
             if name != "plan" and state.stage(later).get("status") == "done":
                 state.stage(later)["status"] = "pending"
-        entry.update({"status": "running", "input_hash": digest, "started": _now(), "finished": None})
+        entry.update({"status": "running", "input_hash": input_hash, "started": timestamp(), "finished": None})
         entry.setdefault("seconds_before", 0.0)
         if not resuming:
             entry["seconds_before"] = 0.0
@@ -235,7 +231,7 @@ class Executor:
             self.reporter.event({"stage": name, **event})
 
         try:
-            note = STAGE_FUNCTIONS[name](self, folder, on_event)
+            note = BY_NAME[name].run(self.recipe, self.run_dir, on_event)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             entry.update({"status": "interrupted" if interrupted else "failed",
@@ -246,90 +242,14 @@ class Executor:
             self.reporter.stage(name, entry["status"], time.monotonic() - t0)
             raise
         seconds = entry.pop("seconds_before") + time.monotonic() - t0
-        entry.update({"status": "done", "finished": _now(), "seconds": round(seconds, 3), "note": note or ""})
+        entry.update({"status": "done", "finished": timestamp(), "seconds": round(seconds, 3), "note": note or ""})
         entry.pop("error", None)
         state.save()
         self._log({"event": "stage_end", "stage": name, "status": "done", "seconds": seconds})
         self.reporter.stage(name, "done", seconds, note or "")
 
     def _log(self, record: dict[str, Any]) -> None:
-        atomic.append_jsonl(self.run_dir / "events.jsonl", {"time": _now(), **record})
-
-    def final_model_dir(self) -> Path:
-        ft = self.stage_dir("finetune") / "model"
-        return ft if self.recipe.finetune.enabled and ft.is_dir() else self.stage_dir("slice") / "model"
-
-
-# --------------------------------------------------------------------------- the stages
-
-
-def _plan(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    from .plan import make_plan
-
-    plan = make_plan(ex.recipe)
-    atomic.write_json(folder / "plan.json", plan)
-    return f"target {plan['params']['target']['total']:,} params"
-
-
-def _prune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    from .sharding import describe_weights
-
-    if ex.recipe.method == "compresso":
-        from .prune import run_prune
-
-        result = run_prune(ex.recipe, folder, on_event=on_event)
-    else:
-        from .baselines import run_one_shot
-
-        result = run_one_shot(ex.recipe, folder, on_event=on_event)
-    note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
-    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "")
-
-
-def _slice(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    from .export import run_slice
-
-    manifest = run_slice(ex.recipe, ex.stage_dir("prune"), folder, on_event=on_event)
-    return f"{manifest['params']['exported']['total']:,} params ({manifest['mode']})"
-
-
-def _finetune(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    if not ex.recipe.finetune.enabled:
-        return "disabled in the recipe"
-    from .finetune import run_finetune
-    from .sharding import describe_weights
-
-    result = run_finetune(ex.recipe, ex.stage_dir("slice") / "model", folder, on_event=on_event)
-    return describe_weights(result["weights"])
-
-
-def _evaluate(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    from .evaluate import run_evaluate, run_source_evaluate
-
-    pruned = run_evaluate(ex.recipe, ex.final_model_dir(), folder / "pruned.json", label="pruned",
-                          on_event=on_event)
-    if ex.recipe.eval.compare_source:
-        run_source_evaluate(ex.recipe, folder / "source.json", on_event=on_event)
-    return f"{len(pruned.get('tasks', {}))} task(s)"
-
-
-def _report(ex: Executor, folder: Path, on_event: Callable[[dict[str, Any]], None]) -> str:
-    from .report import write_report
-
-    write_report([ex.run_dir], ex.run_dir / "report.md", json_path=ex.run_dir / "report.json",
-                 assets_dir=folder)
-    return str(ex.run_dir / "report.md")
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Executor, Path, Callable[[dict[str, Any]], None]], str | None]] = {
-    "plan": _plan, "prune": _prune, "slice": _slice, "finetune": _finetune, "evaluate": _evaluate,
-    "report": _report,
-}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
+        atomic.append_jsonl(self.run_dir / "events.jsonl", {"time": timestamp(), **record})
 
 class _sigterm_as_interrupt:
     """SIGTERM (a scheduler's stop, `kill`) takes the same path as Ctrl-C: checkpoint, mark, exit 130."""

@@ -20,20 +20,20 @@ from pathlib import Path
 
 import torch
 
-from compresso_ops import training
-from compresso_ops.distributed import init_distributed, shutdown_distributed
-from compresso_ops.recipe import Recipe
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.training.checkpoints import CheckpointStore
+from compresso_ops.training.distributed import init_distributed, shutdown_distributed
 
 
 def _pause_after_first_checkpoint(out_dir: Path) -> None:
-    real_save = training.CheckpointStore.save
+    real_save = CheckpointStore.save
 
-    def save(self: training.CheckpointStore, state: dict) -> None:
+    def save(self: CheckpointStore, state: dict) -> None:
         real_save(self, state)
         (out_dir / "paused").touch()
         time.sleep(600)  # the test kills the job here
 
-    training.CheckpointStore.save = save  # type: ignore[method-assign]
+    CheckpointStore.save = save  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -47,11 +47,11 @@ def main() -> None:
     for i, job in enumerate(config["jobs"]):
         recipe = Recipe.model_validate(job["recipe"])
         if job["stage"] == "prune":
-            from compresso_ops.prune import run_prune
+            from compresso_ops.stages.prune import run_prune
 
             result = run_prune(recipe, job["stage_dir"])
         else:
-            from compresso_ops.finetune import run_finetune
+            from compresso_ops.stages.finetune import run_finetune
 
             result = run_finetune(recipe, job["sliced_dir"], job["stage_dir"])
         (out_dir / f"result{i}_{dist.rank}.json").write_text(json.dumps(result, sort_keys=True, default=str))

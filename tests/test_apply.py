@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from compresso_ops.cli import main
-from compresso_ops.masks import Masks
+from compresso_ops.method.masks import Masks
 from tests.tiny import REPO_ROOT, save_tiny
 
 RECIPE = """

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from compresso_ops.data import IGNORE, Collator, DataOrder, build_dataset
 from compresso_ops.errors import UserError
-from compresso_ops.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, alpaca_prompt, resolve_prompt
-from compresso_ops.recipe import DataSection, PromptSection
+from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, alpaca_prompt, resolve_prompt
+from compresso_ops.recipe.schema import DataSection, PromptSection
+from compresso_ops.training.batching import Collator, DataOrder
+from compresso_ops.training.data import IGNORE, build_dataset
 from tests.tiny import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -125,7 +126,7 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_collator_pads_right_without_loss_on_padding():
-    from compresso_ops.data import Example
+    from compresso_ops.training.data import Example
     batch = Collator(258)([Example([1, 2, 3], [IGNORE, 2, 3]), Example([4], [4])])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 258, 258]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]

@@ -11,25 +11,35 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from types import ModuleType
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from compresso_ops import demo_corpus
 from tests.tiny import REPO_ROOT
 
 DEMO = REPO_ROOT / "recipes" / "demo"
 
 
+def _demo_module(name: str) -> ModuleType:
+    """A module of the demo's own folder (not part of the package), imported as its build script sees it."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEMO / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+demo_corpus = _demo_module("demo_corpus")
+
+
 @pytest.fixture(scope="module")
 def build() -> ModuleType:
     """The build script as a module: its seeds, sizes and metric functions."""
-    spec = importlib.util.spec_from_file_location("build_demo_model", DEMO / "build_demo_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _demo_module("build_demo_model")
 
 
 @pytest.fixture(scope="module")

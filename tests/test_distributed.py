@@ -21,15 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compresso_ops.architecture import ArchSpec
-from compresso_ops.distributed import DistContext
 from compresso_ops.errors import UserError
-from compresso_ops.finetune import run_finetune
-from compresso_ops.prune import run_prune
-from compresso_ops.recipe import Recipe
-from compresso_ops.sharding import require_even_split
-from compresso_ops.sizes import count_params
-from compresso_ops.training import Precision
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.sizes import count_params
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.finetune import run_finetune
+from compresso_ops.stages.prune import run_prune
+from compresso_ops.training.distributed import DistContext
+from compresso_ops.training.precision import Precision
+from compresso_ops.training.sharding import require_even_split
 from tests.tiny import REPO_ROOT, save_tiny
 
 DRIVER = Path(__file__).with_name("dist_driver.py")

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from compresso_ops import evaluate
 from compresso_ops.errors import UserError
-from compresso_ops.lm_tasks import local_task_config
-from compresso_ops.prompts import COLLABORATIVE_EVAL
-from compresso_ops.recipe import LocalTask, PerplexitySection, Recipe, SpeedSection
-from compresso_ops.report import build_report, render_markdown
+from compresso_ops.evaluation import harness, measures
+from compresso_ops.evaluation.tasks import local_task_config
+from compresso_ops.method.prompts import COLLABORATIVE_EVAL
+from compresso_ops.recipe.schema import LocalTask, PerplexitySection, Recipe, SpeedSection
+from compresso_ops.stages import evaluate
+from compresso_ops.stages.report import build_report, render_markdown
 from tests.tiny import EVAL_DATA, STORIES260K, TINYSTORIES, byte_tokenizer, tiny_model
 
 
@@ -104,7 +105,7 @@ def test_prompt_is_prepended_to_every_context_with_zero_shot(shared: Path) -> No
     task = TaskManager(include_defaults=False).load([config])["tasks"]["copa"]
     doc = next(iter(task.test_docs()))
     plain = task.fewshot_context(doc, 0)
-    prompted = task.fewshot_context(doc, 0, system_instruction=evaluate.system_instruction("Be good. "))
+    prompted = task.fewshot_context(doc, 0, system_instruction=harness.system_instruction("Be good. "))
     assert plain == doc["query"]
     assert prompted == "Be good.\n\n" + plain
     requests = task.construct_requests(doc, prompted, metadata=("copa", 0, 1))
@@ -162,20 +163,20 @@ def test_perplexity_scores_each_token_once(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
     ids = [tok.bos_token_id, *tok(text.read_text(), add_special_tokens=False)["input_ids"]]
-    one = evaluate.perplexity(model, tok, PerplexitySection(path=text, window=len(ids), stride=8))
+    one = measures.perplexity(model, tok, PerplexitySection(path=text, window=len(ids), stride=8))
     with torch.no_grad():
         loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert one["windows"] == 1 and one["tokens_scored"] == len(ids) - 1
     assert one["nll_per_token"] == pytest.approx(loss, rel=1e-5)
-    many = evaluate.perplexity(model, tok, PerplexitySection(path=text, window=32, stride=8))
+    many = measures.perplexity(model, tok, PerplexitySection(path=text, window=32, stride=8))
     assert many["tokens_scored"] == len(ids) - 1 and many["windows"] == 1 + math.ceil((len(ids) - 32) / 8)
     with pytest.raises(UserError, match="stride"):
-        evaluate.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
+        measures.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
 
 
 def test_speed_reports_the_documented_cpu_memory_measure() -> None:
     model = tiny_model()  # 2 layers, 2 KV heads of 8 dims
-    speed = evaluate.measure_speed(model, SpeedSection(batch_size=2, prompt_length=8, new_tokens=4, repeats=1))
+    speed = measures.measure_speed(model, SpeedSection(batch_size=2, prompt_length=8, new_tokens=4, repeats=1))
     weights = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     kv = 2 * (8 + 4) * (2 * 2 * 2 * 8) * 4  # batch * tokens * (layers * K,V * heads * head_dim) * fp32
     assert speed["memory"] == {"weights_bytes": weights, "kv_cache_bytes": kv, "peak_bytes": weights + kv,
@@ -198,12 +199,12 @@ def test_summary_of_stock_groups_and_tags() -> None:
         "n-samples": {"arc_easy": {"original": 2376, "effective": 2376}},
     }
     recipe = Recipe(name="t", model={"path": "m"}, target={"sparsity": 0.3}, eval={"tasks": ["mmlu", "ai2_arc"]})
-    tasks = evaluate.summarize_tasks(lm_results, recipe.eval)
+    tasks = harness.summarize_tasks(lm_results, recipe.eval)
     assert list(tasks) == ["mmlu", "arc_easy", "arc_challenge"]
     assert tasks["mmlu"] == {"metric": "acc", "filter": "none", "value": 0.35, "stderr": None, "n": None,
                              "groups": ["knowledge"]}
     assert tasks["arc_easy"]["metric"] == "acc_norm" and tasks["arc_easy"]["n"] == 2376
-    groups = evaluate.group_averages(tasks)
+    groups = harness.group_averages(tasks)
     assert groups["commonsense"]["tasks"] == ["arc_easy", "arc_challenge"]
     assert groups["commonsense"]["average"] == pytest.approx(0.55)
     assert groups["knowledge"]["average"] == 0.35 and len(groups["commonsense"]["paper_tasks"]) == 7

@@ -14,12 +14,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compresso_ops.architecture import ArchSpec
 from compresso_ops.errors import StageError
-from compresso_ops.export import MANIFEST_FILE, check_batch, export_pruned, logits, run_slice, save_export
-from compresso_ops.masks import Masks
-from compresso_ops.recipe import Recipe
-from compresso_ops.sizes import count_params
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.export import MANIFEST_FILE, check_batch, export_pruned, logits, save_export
+from compresso_ops.models.sizes import count_params
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.slice import run_slice
 from tests.test_slice import VARIANTS, random_masks, uniform_masks, zeroed_reference
 from tests.tiny import STORIES260K, byte_tokenizer, save_tiny, tiny_model
 
@@ -212,7 +213,7 @@ def test_native_export_loads_with_trust_remote_code_without_compresso_ops(tmp_pa
     assert (torch.tensor(result["logits"]) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
 
 
-def test_import_compresso_ops_registers_native_class_with_auto(tmp_path):
+def test_importing_the_modeling_module_registers_native_class_with_auto(tmp_path):
     model = tiny_model("llama", layers=2)
     export_pruned(
         model,
@@ -224,13 +225,14 @@ def test_import_compresso_ops_registers_native_class_with_auto(tmp_path):
     )
     code = f"""
         import json, sys
-        import compresso_ops
-        assert "transformers" not in sys.modules and "torch" not in sys.modules  # the import stays light
+        import compresso_ops.cli
+        assert "transformers" not in sys.modules and "torch" not in sys.modules  # the CLI starts light
+        import compresso_ops.models.modeling_compresso
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r})
         print(json.dumps({{"module": type(m).__module__}}))
     """
-    assert _run_python(code, tmp_path)["module"] == "compresso_ops.modeling_compresso"
+    assert _run_python(code, tmp_path)["module"] == "compresso_ops.models.modeling_compresso"
 
 
 def test_run_slice_merges_lora_and_exports(tmp_path):

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from compresso_ops.architecture import PRESETS, ArchSpec
 from compresso_ops.errors import UserError
-from compresso_ops.gates import (
+from compresso_ops.method.gates import (
     INIT_MEAN,
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
@@ -21,8 +20,9 @@ from compresso_ops.gates import (
     sample_gate,
     target_at,
 )
-from compresso_ops.masks import Masks, select_final_masks, select_final_masks_from_scores
-from compresso_ops.sizes import Kept, count_params, prunable_sparsity
+from compresso_ops.method.masks import Masks, select_final_masks, select_final_masks_from_scores
+from compresso_ops.models.architecture import PRESETS, ArchSpec
+from compresso_ops.models.sizes import Kept, count_params, prunable_sparsity
 from tests.tiny import tiny_config
 
 ARCHS = {

@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from compresso_ops.adapter import ModelAdapter
-from compresso_ops.gates import GateSet
-from compresso_ops.gating import GateHooks, masked
-from compresso_ops.masks import Masks
-from compresso_ops.training import enable_gradient_checkpointing
+from compresso_ops.method.gates import GateSet
+from compresso_ops.method.hooks import GateHooks, masked
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.adapter import ModelAdapter
+from compresso_ops.training.setup import enable_gradient_checkpointing
 from tests.tiny import tiny_model
 
 IDS = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from compresso_ops.architecture import PRESETS
 from compresso_ops.cli import main
-from compresso_ops.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
-from compresso_ops.recipe_loader import load_recipe
-from compresso_ops.sizes import count_params
+from compresso_ops.models.architecture import PRESETS
+from compresso_ops.models.sizes import count_params
+from compresso_ops.recipe.loader import load_recipe
+from compresso_ops.stages.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
 from tests.tiny import REPO_ROOT
 
 

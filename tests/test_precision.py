@@ -9,20 +9,24 @@ import random
 import pytest
 import torch
 
-from compresso_ops import training
-from compresso_ops.data import Collator, build_dataset, pad_token_id
-from compresso_ops.prune import PruneTrainer
-from compresso_ops.recipe import Recipe
-from compresso_ops.training import CheckpointStore, Precision, load_source, prepare_for_training
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.prune import PruneTrainer
+from compresso_ops.training import setup
+from compresso_ops.training.batching import Collator, pad_token_id
+from compresso_ops.training.checkpoints import CheckpointStore
+from compresso_ops.training.data import build_dataset
+from compresso_ops.training.distributed import SINGLE
+from compresso_ops.training.precision import Precision
+from compresso_ops.training.setup import load_source, prepare_for_training
 from tests.tiny import save_tiny
 
 
 @pytest.fixture
 def half_on_cpu(monkeypatch):
     """What `choose_precision` returns on a V100, with the CPU standing in for the GPU."""
-    def choose(recipe, dist=training.SINGLE):
+    def choose(recipe, dist=SINGLE):
         return Precision(torch.device("cpu"), torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**10), dist)
-    monkeypatch.setattr(training, "choose_precision", choose)
+    monkeypatch.setattr(setup, "choose_precision", choose)
 
 
 def test_fp16_base_fp32_trainables_and_a_scaled_step(tmp_path, half_on_cpu):

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import compresso_ops.prune as prune_mod
-from compresso_ops.architecture import ArchSpec
+import compresso_ops.stages.prune as prune_mod
 from compresso_ops.errors import StageError, UserError
-from compresso_ops.masks import Masks
-from compresso_ops.prune import prune_phases, run_prune
-from compresso_ops.recipe import ModelSection, PruneSchedule, Recipe, TargetSection
-from compresso_ops.sizes import count_params, prunable_sparsity
-from compresso_ops.training import make_scheduler
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.sizes import count_params, prunable_sparsity
+from compresso_ops.recipe.schema import ModelSection, PruneSchedule, Recipe, TargetSection
+from compresso_ops.stages.prune import prune_phases, run_prune
+from compresso_ops.training.loop import make_scheduler
 from tests.tiny import STORIES260K, TINYSTORIES, save_tiny, tiny_config
 
 EVENT_KEYS = {"step", "lm_loss", "lagrangian", "expected_sparsity", "target_sparsity", "lambda1", "lambda2", "lr"}

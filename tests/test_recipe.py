@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from compresso_ops.cli import main
-from compresso_ops.recipe import parse_param_count, recipe_json_schema
-from compresso_ops.recipe_loader import load_recipe
+from compresso_ops.recipe.loader import load_recipe
+from compresso_ops.recipe.schema import parse_param_count, recipe_json_schema
 from tests.tiny import REPO_ROOT, save_tiny
 
 LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<field>[^:]+): (?P<msg>.+)$")

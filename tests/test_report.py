@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from compresso_ops.report import build_report, render_markdown, write_report
+from compresso_ops.stages.report import build_report, render_markdown, write_report
 
 ARCH = {"model_type": "llama", "hidden_size": 64, "num_layers": 3, "num_heads": 8, "num_kv_heads": 4, "head_dim": 8,
         "intermediate_size": 172, "vocab_size": 512}
@@ -169,7 +169,7 @@ def test_report_numbers_equal_the_run_files(run_dir: Path, tmp_path: Path) -> No
     assert _row(md, "export checks (reload, logits)")[2] == "passed (max abs logits diff 3.2e-06, tolerance 0.0001)"
     assert _row(md, "reloaded params (expected)")[2] == "181,234 (181,234)"
     on_disk = sum(f.stat().st_size for f in (run_dir / "finetune" / "model").iterdir())
-    assert _row(md, "size on disk")[2] == f"{on_disk / 1e3:.2f} KB"
+    assert _row(md, "size on disk")[2] == f"{on_disk / 1024:.2f} KiB"  # the plan's binary units
 
     ppl = _row(md, "pruned")
     assert _float(ppl[1]) == round(pruned["perplexity"]["perplexity"], 3)

@@ -11,18 +11,12 @@ import copy
 import pytest
 import torch
 
-from compresso_ops.architecture import ArchSpec
-from compresso_ops.export import build_model, check_batch, logits, native_config, stock_config
-from compresso_ops.gating import masked
-from compresso_ops.masks import Masks
-from compresso_ops.sizes import count_params
-from compresso_ops.slicing import (
-    drop_empty_blocks,
-    head_rows,
-    merge_lora,
-    pad_state_dict,
-    slice_state_dict,
-)
+from compresso_ops.method.hooks import masked
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.export import build_model, check_batch, logits, native_config, stock_config
+from compresso_ops.models.sizes import count_params
+from compresso_ops.models.slicing import drop_empty_blocks, head_rows, merge_lora, pad_state_dict, slice_state_dict
 from tests.tiny import tiny_model
 
 TOL = 1e-4

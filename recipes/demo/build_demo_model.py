@@ -11,7 +11,7 @@ Writes, next to this script:
 
 Why build a model at all: `make demo` must show pruning losing real quality and fine-tuning winning it back,
 offline, on a CPU, with nothing third-party in the repository. A random model has nothing to lose, so this
-script trains a small one on `compresso_ops.demo_corpus` text for a fixed number of steps.
+script trains a small one on `demo_corpus.py` text (beside it) for a fixed number of steps.
 
 Everything is seeded (corpus, tokenizer, initialisation, data order) and the step count is fixed, so a rerun
 on the same machine with the same torch version reproduces the files; other CPUs may differ in the last bits
@@ -34,12 +34,13 @@ from pathlib import Path
 # It must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import demo_corpus  # beside this script
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from compresso_ops import demo_corpus, prompts
-from compresso_ops.atomic import atomic_dir, write_text
+from compresso_ops.infra.atomic import atomic_dir, write_text
+from compresso_ops.method import prompts
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,0 +1,1 @@
+"""Small infrastructure: atomic writes, the run lock, input fingerprints, units and timestamps."""

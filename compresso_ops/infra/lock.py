@@ -1,0 +1,79 @@
+"""One run per run folder: an exclusive lock file holding the owner's pid, host and start time.
+
+A lock whose process is gone (a crash, a SIGKILL, a reboot) is reported as stale, with what to do, rather
+than broken silently: the user decides, or passes `--break-stale-lock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from compresso_ops.errors import UserError
+from compresso_ops.infra.units import timestamp
+
+LOCK_FILE = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, *, break_stale: bool = False) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.break_stale = break_stale
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise UserError(f"{self.path}: could not take the run lock; try again")
+
+    def _refuse_or_clear(self) -> None:
+        try:
+            owner = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            owner = {}
+        pid, host = owner.get("pid"), owner.get("host")
+        same_host = host == socket.gethostname()
+        if isinstance(pid, int) and (not same_host or _alive(pid)):
+            where = f"pid {pid}" + ("" if same_host else f" on {host}")
+            raise UserError(f"{self.path.parent}: another run ({where}, started {owner.get('started')}) is using this "
+                            "run folder; wait for it to finish or use another run_dir")
+        if not self.break_stale:
+            raise UserError(f"{self.path.parent}: stale lock from pid {pid} (started {owner.get('started')}), which is "
+                            "no longer running; rerun with --break-stale-lock to take over the folder")
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:  # noqa: PYI034 (never subclassed)
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()

@@ -1,0 +1,260 @@
+"""Final 0/1 masks: the hand-off from the prune stage to the slice stage.
+
+`masks.safetensors` holds float32 tensors `heads` [L, G] (one per KV group), `ffn` [L, f] and `hidden` [d],
+each exactly 0 or 1. `masks.json` is the readable summary next to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compresso_ops.errors import UserError
+from compresso_ops.infra import atomic
+from compresso_ops.method.gates import GateSet
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.sizes import Kept, count_params, prunable_sparsity
+
+MASKS_FILE = "masks.safetensors"
+SUMMARY_FILE = "masks.json"
+
+
+@dataclass
+class Masks:
+    heads: torch.Tensor  # [L, G] 0/1
+    ffn: torch.Tensor  # [L, f] 0/1
+    hidden: torch.Tensor  # [d] 0/1
+
+    @classmethod
+    def full(cls, arch: ArchSpec) -> Masks:
+        return cls(torch.ones(arch.num_layers, arch.num_kv_heads), torch.ones(arch.num_layers, arch.intermediate_size),
+                   torch.ones(arch.hidden_size))
+
+    def validate(self, arch: ArchSpec) -> None:
+        expected = {"heads": (arch.num_layers, arch.num_kv_heads), "ffn": (arch.num_layers, arch.intermediate_size),
+                    "hidden": (arch.hidden_size,)}
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"mask '{name}' has shape {tuple(t.shape)}, expected {shape}")
+            if not torch.all((t == 0) | (t == 1)):
+                raise ValueError(f"mask '{name}' is not exactly 0/1")
+        if self.hidden.sum() == 0:
+            raise ValueError("the hidden mask keeps no dimension")
+
+    def kept(self) -> Kept:
+        return Kept(tuple(int(x) for x in self.heads.sum(1).tolist()),
+                    tuple(int(x) for x in self.ffn.sum(1).tolist()), int(self.hidden.sum().item()))
+
+    def kept_indices(self) -> dict[str, Any]:
+        """Indices of kept structures: per-layer KV groups, per-layer FFN channels, hidden dims."""
+        return {
+            "heads": [torch.nonzero(row).flatten().tolist() for row in self.heads],
+            "ffn": [torch.nonzero(row).flatten().tolist() for row in self.ffn],
+            "hidden": torch.nonzero(self.hidden).flatten().tolist(),
+        }
+
+    def save(self, folder: str | Path, arch: ArchSpec, extra: dict[str, Any] | None = None) -> None:
+        folder = Path(folder)
+        self.validate(arch)
+        tensors = {"heads": self.heads.float().contiguous(), "ffn": self.ffn.float().contiguous(),
+                   "hidden": self.hidden.float().contiguous()}
+        atomic.write_with(folder / MASKS_FILE, lambda p: save_file(tensors, str(p)))
+        atomic.write_json(folder / SUMMARY_FILE, summary(self, arch, extra))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Masks:
+        t = load_file(str(Path(folder) / MASKS_FILE))
+        return cls(t["heads"], t["ffn"], t["hidden"])
+
+
+def summary(masks: Masks, arch: ArchSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    kept = masks.kept()
+    src = count_params(arch)
+    out = {
+        "kept_kv_groups_per_layer": list(kept.groups),
+        "kept_query_heads_per_layer": [g * arch.group_size for g in kept.groups],
+        "kept_ffn_channels_per_layer": list(kept.channels),
+        "kept_hidden_dims": kept.hidden,
+        "params": {
+            "source": src.as_dict(),
+            "pruned": count_params(arch, kept).as_dict(),
+            "prunable_sparsity": prunable_sparsity(arch, kept),
+        },
+        "indices": masks.kept_indices(),
+    }
+    if extra:
+        out.update(extra)
+    return out
+
+
+# ------------------------------------------------------------------------------------ final-mask selection
+
+@dataclass
+class _Units:
+    """Selectable units of one structure type, in the order the greedy pass sees them.
+
+    Each unit costs `cost`; the first unit kept in a block (`block` id) also pays `first_cost`, which is
+    how an o_proj / down_proj bias that exists only while its block keeps something is counted.
+    """
+
+    score: torch.Tensor  # [n]
+    cost: float
+    block: torch.Tensor  # [n] long
+    first_cost: float
+
+
+def _per_unit_costs(arch: ArchSpec, hidden: int) -> dict[str, tuple[float, float]]:
+    """(cost of one KV group / FFN channel, extra cost of the first one in its layer) at `hidden` dims,
+    term by term as in `sizes.attention_params` / `sizes.ffn_params`."""
+    h, rep = arch.head_dim, arch.group_size
+    group = hidden * (2 * rep * h + 2 * h) + (rep * h + 2 * h if arch.qkv_bias else 0)
+    channel = 3 * hidden + (2 if arch.mlp_bias else 0)
+    return {"heads": (float(group), float(hidden if arch.o_bias else 0)),
+            "ffn": (float(channel), float(hidden if arch.mlp_bias else 0))}
+
+
+def _fixed_cost(arch: ArchSpec, hidden: int, heads_on: bool, ffn_on: bool) -> int:
+    """Prunable parameters of the structure types that are not being pruned, at `hidden` dims."""
+    kept = Kept(tuple([arch.num_kv_heads if not heads_on else 0] * arch.num_layers),
+                tuple([arch.intermediate_size if not ffn_on else 0] * arch.num_layers), hidden)
+    return count_params(arch, kept).prunable
+
+
+def _combined_scores(scores: dict[str, torch.Tensor], kind: str, block: str, shape: tuple[int, int],
+                     structures: tuple[str, ...]) -> torch.Tensor:
+    """Per-structure scores with the block gate folded in (the effective gate is z_block * z)."""
+    s = scores[kind].double() if kind in structures else torch.ones(shape, dtype=torch.float64)
+    if block in structures:
+        s = s * scores[block].double()[:, None]
+    return s
+
+
+def _greedy(units: list[_Units], budget: float) -> list[torch.Tensor]:
+    """Keep units in descending score order until the next one would exceed `budget`.
+
+    A strict prefix of the ranking, so the kept total is within one unit's cost of the budget. Ties keep
+    their input order (stable sort), which makes the result deterministic.
+    """
+    score = torch.cat([u.score for u in units])
+    cost = torch.cat([torch.full_like(u.score, u.cost) for u in units])
+    offsets, blocks, first = 0, [], []
+    for u in units:
+        blocks.append(u.block + offsets)
+        n_blocks = int(u.block.max().item()) + 1 if len(u.block) else 0
+        first.append(torch.full((n_blocks,), u.first_cost, dtype=torch.float64))
+        offsets += n_blocks
+    block, first_cost = torch.cat(blocks), torch.cat(first)
+    order = torch.sort(score, descending=True, stable=True).indices
+    block_sorted = block[order]
+    positions = torch.arange(len(order))
+    first_pos = torch.full((offsets,), len(order), dtype=torch.long).scatter_reduce(
+        0, block_sorted, positions, reduce="amin")
+    is_first = first_pos[block_sorted] == positions
+    running = torch.cumsum(cost[order] + is_first.double() * first_cost[block_sorted], 0)
+    n_keep = int((running <= budget).sum().item())
+    kept = torch.zeros(len(order), dtype=torch.bool)
+    kept[order[:n_keep]] = True
+    return list(torch.split(kept, [len(u.score) for u in units]))
+
+
+def _largest(fits, upper: int) -> int:
+    """The largest n in [0, upper] with fits(n), for a predicate that holds up to some point and fails after."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _top_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask keeping the k best entries of every row."""
+    mask = torch.zeros_like(scores, dtype=torch.float32)
+    idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return mask.scatter_(1, idx, 1.0)
+
+
+def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSpec, target_sparsity: float,
+                                   mode: str = "native", structures: tuple[str, ...] | list[str] = ("heads", "ffn", "hidden"),
+                                   hidden_kept: int | None = None) -> Masks:
+    """Exact 0/1 masks whose prunable size meets `target_sparsity` within one structure's size.
+
+    `scores` maps structure names (heads [L, G], ffn [L, f], hidden [d], attention_blocks [L], ffn_blocks [L])
+    to any ranking score (higher keeps). Hidden dims multiply every other cost, so their count is fixed first
+    (`hidden_kept`, capped so the target stays reachable; with hidden as the only structure, as many as fit);
+    heads and FFN channels are then kept greedily by score while the budget allows. Mode `uniform` keeps the
+    same number of KV groups and FFN channels in every layer (its unit is one rank across all layers).
+    """
+    structures = tuple(structures)
+    L, G, f, d = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
+    heads_on = "heads" in structures or "attention_blocks" in structures
+    ffn_on = "ffn" in structures or "ffn_blocks" in structures
+    if mode == "uniform" and (("attention_blocks" in structures and "heads" not in structures)
+                              or ("ffn_blocks" in structures and "ffn" not in structures)):
+        raise UserError("export.mode uniform keeps the same structures in every layer, so it cannot drop whole "
+                        "blocks alone; add heads / ffn to target.structures or use export.mode native")
+    budget = (1.0 - target_sparsity) * count_params(arch).prunable
+
+    def feasible(hidden: int) -> bool:
+        return _fixed_cost(arch, hidden, heads_on, ffn_on) <= budget
+
+    if "hidden" in structures:
+        cap = _largest(feasible, d)
+        if cap == 0:
+            raise UserError(f"target sparsity {target_sparsity:.3f} cannot be reached by pruning "
+                            f"{', '.join(structures)}; add structures to target.structures or lower the target")
+        # Enough hidden dims that keeping every head and channel would not undershoot the budget.
+        floor = _largest(lambda n: count_params(arch, Kept((G,) * L, (f,) * L, n)).prunable <= budget, d)
+        if heads_on or ffn_on:
+            if hidden_kept is None:
+                raise ValueError("hidden_kept is required when hidden dims are pruned with other structures")
+            hidden = min(max(1, hidden_kept, floor), cap)
+        else:
+            hidden = cap
+        hidden_mask = torch.zeros(d)
+        hidden_mask[torch.sort(scores["hidden"].double(), descending=True, stable=True).indices[:hidden]] = 1.0
+    else:
+        hidden = d
+        if not feasible(d):
+            raise UserError(f"target sparsity {target_sparsity:.3f} cannot be reached by pruning "
+                            f"{', '.join(structures)}; add structures to target.structures or lower the target")
+        hidden_mask = torch.ones(d)
+
+    costs = _per_unit_costs(arch, hidden)
+    kinds = [(k, b, n) for k, b, n, on in (("heads", "attention_blocks", G, heads_on), ("ffn", "ffn_blocks", f, ffn_on))
+             if on]
+    units, combined = [], {}
+    for kind, block, n in kinds:
+        s = combined[kind] = _combined_scores(scores, kind, block, (L, n), structures)
+        cost, first = costs[kind]
+        if mode == "uniform":  # unit j: the j-th best structure of every layer
+            ranked = torch.sort(s, dim=1, descending=True, stable=True).values.mean(0)
+            units.append(_Units(ranked, L * cost, torch.zeros(n, dtype=torch.long), L * first))
+        elif kind not in structures:  # whole blocks only
+            units.append(_Units(s[:, 0], n * cost + first, torch.arange(L), 0.0))
+        else:
+            units.append(_Units(s.flatten(), cost, torch.arange(L).repeat_interleave(n), first))
+    chosen = _greedy(units, budget - _fixed_cost(arch, hidden, heads_on, ffn_on)) if units else []
+    kept = {kind: c for (kind, _, _), c in zip(kinds, chosen, strict=True)}
+
+    out = {"heads": torch.ones(L, G), "ffn": torch.ones(L, f)}
+    for kind, _, n in kinds:
+        if mode == "uniform":
+            out[kind] = _top_k_rows(combined[kind], int(kept[kind].sum().item()))
+        elif kind not in structures:
+            out[kind] = kept[kind].float()[:, None].expand(L, n).clone()
+        else:
+            out[kind] = kept[kind].float().view(L, n)
+    return Masks(out["heads"], out["ffn"], hidden_mask)
+
+
+def select_final_masks(gates: GateSet, arch: ArchSpec, target_sparsity: float, mode: str = "native") -> Masks:
+    """Final masks from trained gates: rank by the deterministic score, hidden count from its expected value."""
+    hidden_kept = None
+    if "hidden" in gates.structures:
+        hidden_kept = round(gates.probabilities()["hidden"].detach().sum().item())
+    return select_final_masks_from_scores(gates.scores(), arch, target_sparsity, mode, gates.structures, hidden_kept)

@@ -1,0 +1,341 @@
+"""Read a recipe file: safe YAML with line numbers, `extends:`, relative paths, and every problem reported as
+`FILE:LINE: field.path: message`.
+
+Validation happens in three layers. YAML syntax, then the pydantic schema (types, ranges, unknown keys with
+a "did you mean" hint), then checks that need the model's architecture or the file system (the target is
+reachable, LoRA targets exist, files exist, bf16 is not asked of a V100). All problems of a layer are
+reported together so a user fixes a recipe in one pass.
+"""
+
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from compresso_ops.errors import RecipeError, UserError
+from compresso_ops.models.architecture import PRESETS, PROJECTIONS
+from compresso_ops.models.resolve import locate_model, resolve_arch
+from compresso_ops.models.sizes import count_params, target_sparsity
+from compresso_ops.recipe.schema import Recipe
+
+Loc = tuple[str | int, ...]
+
+
+Locations = dict[Loc, tuple[str, int]]
+
+
+# Fields holding file paths; relative values are resolved against the folder of the recipe that wrote them.
+_PATH_FIELDS: tuple[Loc, ...] = (
+    ("data", "path"), ("data", "validation_path"), ("eval", "perplexity", "path"), ("run_dir",),
+)
+
+
+_GPU_WITHOUT_BF16 = ("V100-16GB", "V100-32GB")
+
+
+class _Problems:
+    def __init__(self, locations: Locations, default_file: str) -> None:
+        self.locations = locations
+        self.default_file = default_file
+        self.lines: list[str] = []
+
+    def add(self, loc: Loc, message: str) -> None:
+        file, line = self.default_file, 1
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.locations:
+                file, line = self.locations[loc[:end]]
+                break
+        self.lines.append(f"{file}:{line}: {_dotted(loc) or '(recipe)'}: {message}")
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loader that refuses duplicate keys (YAML silently keeps the last one otherwise)."""
+
+
+def _compose(path: Path) -> yaml.Node | None:
+    text = path.read_text(encoding="utf-8")
+    return yaml.compose(text, Loader=_UniqueKeyLoader)
+
+
+def _to_python(node: yaml.Node, loc: Loc, file: str, locations: Locations, errors: list[str]) -> Any:
+    locations[loc] = (file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = _UniqueKeyLoader(" ").construct_object(key_node)
+            if not isinstance(key, str):
+                errors.append(f"{file}:{key_node.start_mark.line + 1}: {_dotted(loc) or '(recipe)'}: "
+                              f"key {key!r} is not a string")
+                continue
+            if key in out:
+                errors.append(f"{file}:{key_node.start_mark.line + 1}: {_dotted(loc + (key,))}: "
+                              "key appears twice; keep one")
+            out[key] = _to_python(value_node, loc + (key,), file, locations, errors)
+            locations[loc + (key,)] = (file, key_node.start_mark.line + 1)  # a field's line is its key's
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, loc + (i,), file, locations, errors) for i, v in enumerate(node.value)]
+    return _UniqueKeyLoader(" ").construct_object(node)
+
+
+def _display(path: Path) -> str:
+    """A path as users typed it: relative to the working folder when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path, locations: Locations) -> dict[str, Any]:
+    file = _display(path)
+    if not path.is_file():
+        raise RecipeError([f"{file}:1: (recipe): file not found"])
+    try:
+        node = _compose(path)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise RecipeError([f"{file}:{line}: yaml: {exc.problem or exc.context}; fix the YAML syntax"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"{file}:1: yaml: {exc}"]) from None
+    if node is None:
+        raise RecipeError([f"{file}:1: (recipe): the file is empty; a recipe needs at least name, model and target"])
+    errors: list[str] = []
+    data = _to_python(node, (), file, locations, errors)
+    if errors:
+        raise RecipeError(errors)
+    if not isinstance(data, dict):
+        raise RecipeError([f"{file}:1: (recipe): a recipe is a YAML mapping of sections, not a {type(data).__name__}"])
+    _resolve_paths(data, path.parent, file, locations)
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, file: str, locations: Locations) -> None:
+    """Make relative paths absolute against the folder of the file that wrote them."""
+
+    def fix(container: dict[str, Any], key: str, loc: Loc, model_path: bool = False) -> None:
+        value = container.get(key)
+        if not isinstance(value, str) or locations.get(loc, (file,))[0] != file:
+            return
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return
+        candidate = base / p
+        # A model path is a hub id unless it looks like a path or exists next to the recipe.
+        if model_path and not (value.startswith((".", "~")) or candidate.exists()):
+            return
+        container[key] = str(candidate.resolve())
+
+    for loc in _PATH_FIELDS:
+        parent = _get(data, loc[:-1])
+        if isinstance(parent, dict):
+            fix(parent, str(loc[-1]), loc)
+    model = data.get("model")
+    if isinstance(model, dict):
+        fix(model, "path", ("model", "path"), model_path=True)
+    tasks = _get(data, ("eval", "local_tasks"))
+    if isinstance(tasks, list):
+        for i, task in enumerate(tasks):
+            if isinstance(task, dict):
+                fix(task, "data", ("eval", "local_tasks", i, "data"))
+
+
+def _get(data: Any, loc: Loc) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and isinstance(part, str):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge mappings; lists and scalars in `override` replace the base's."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(_display(p) for p in chain + (path,))
+        raise RecipeError([f"{_display(chain[-1])}:1: extends: recipes extend each other in a cycle ({cycle}); break it"])
+    own: Locations = {}
+    data = _read_yaml(path, own)
+    parent = data.pop("extends", None)
+    if parent is None:
+        locations.update(own)
+        return data
+    if not isinstance(parent, str):
+        line = own.get(("extends",), (str(path), 1))[1]
+        raise RecipeError([f"{_display(path)}:{line}: extends: give the path of another recipe as a string"])
+    base_path = (path.parent / parent).resolve()
+    if not base_path.is_file():
+        line = own.get(("extends",), (str(path), 1))[1]
+        raise RecipeError([f"{_display(path)}:{line}: extends: recipe '{parent}' not found (looked for {base_path})"])
+    base = _load_with_extends(base_path, locations, chain + (path,))
+    locations.update(own)
+    return _merge(base, data)
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at `loc` (for "did you mean" hints)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _unwrap(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """list[X] -> X, X | None -> X."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
+    for err in exc.errors(include_url=False):
+        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        kind = err["type"]
+        msg = err["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            if parent is Recipe:
+                valid.append("extends")
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            msg = f"unknown key '{loc[-1]}'{hint}"
+        elif kind == "missing":
+            msg = "required field is missing; add it"
+        problems.add(loc, msg)
+
+
+def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -> None:
+    if recipe.model.architecture and recipe.model.architecture not in PRESETS:
+        close = difflib.get_close_matches(recipe.model.architecture, list(PRESETS), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(PRESETS)}"
+        problems.add(("model", "architecture"), f"unknown preset '{recipe.model.architecture}'; {hint}")
+        return
+    try:
+        arch = resolve_arch(recipe)
+    except UserError as exc:
+        field, _, msg = str(exc).partition(": ")
+        problems.add(tuple(field.split(".")), msg)
+        return
+
+    if arch.num_heads % arch.num_kv_heads:
+        problems.add(("model", "path"), f"num_attention_heads ({arch.num_heads}) is not a multiple of "
+                                        f"num_key_value_heads ({arch.num_kv_heads}); the model config is broken")
+
+    gpu = recipe.hardware.gpu
+    for loc, dtype in ((("model", "dtype"), recipe.model.dtype), (("export", "dtype"), recipe.export.dtype)):
+        if dtype == "bfloat16" and gpu in _GPU_WITHOUT_BF16:
+            problems.add(loc, f"bfloat16 is not supported on {gpu}; use float16 (V100s have no bf16 units)")
+
+    for section in ("prune", "finetune"):
+        for i, module in enumerate(getattr(recipe, section).lora.target_modules):
+            if module not in PROJECTIONS:
+                close = difflib.get_close_matches(module, PROJECTIONS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(PROJECTIONS)}"
+                problems.add((section, "lora", "target_modules", i),
+                             f"'{module}' is not a projection of a {arch.model_type} layer; {hint}")
+
+    structures = recipe.target.structures
+    if recipe.target.params is not None:
+        src = count_params(arch)
+        if recipe.target.params >= src.total:
+            problems.add(("target", "params"), f"{recipe.target.params:,} is not below the source model's "
+                                               f"{src.total:,} parameters; pick a smaller target")
+        elif "hidden" not in structures and recipe.target.params <= src.embeddings + src.norms:
+            problems.add(("target", "params"), f"{recipe.target.params:,} is at or below the embeddings and norms "
+                                               f"alone ({src.embeddings + src.norms:,}); add 'hidden' to "
+                                               "target.structures or pick a larger target")
+    sparsity = target_sparsity(recipe, arch) if not problems.lines else None
+    if sparsity is not None and sparsity >= 0.95:
+        problems.add(("target",), f"prunable sparsity {sparsity:.3f} is not reachable while keeping a usable model "
+                                  "(at most 0.95); pick a larger target")
+    if recipe.method != "compresso" and {"attention_blocks", "ffn_blocks"} & set(structures):
+        problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
+                                               "ranks heads, ffn and hidden only")
+
+    if recipe.data.max_seq_length > arch.max_position_embeddings:
+        problems.add(("data", "max_seq_length"), f"{recipe.data.max_seq_length} is above the model's limit of "
+                                                 f"{arch.max_position_embeddings} positions; lower it")
+    if recipe.hardware.gpu == "cpu" and recipe.model.dtype == "float16":
+        problems.add(("model", "dtype"), "float16 training is not supported on cpu; use float32 or auto")
+
+    if check_files:
+        _file_problems(recipe, problems)
+
+
+def _file_problems(recipe: Recipe, problems: _Problems) -> None:
+    if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
+        problems.add(("model", "path"), missing.removeprefix("model.path: "))
+    needs_data = recipe.method == "compresso" or recipe.finetune.enabled
+    if recipe.data.path is None and needs_data:
+        problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
+    files: list[tuple[Loc, Path | None]] = [
+        (("data", "path"), recipe.data.path),
+        (("data", "validation_path"), recipe.data.validation_path),
+        (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),
+    ]
+    files += [(("eval", "local_tasks", i, "data"), t.data) for i, t in enumerate(recipe.eval.local_tasks)]
+    for loc, path in files:
+        if path is not None and not Path(path).is_file():
+            problems.add(loc, f"file not found: {path}")
+
+
+def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
+    """Load, validate and check a recipe; raise `RecipeError` listing every problem found."""
+    path = Path(path)
+    locations: Locations = {}
+    data = _load_with_extends(path, locations)
+    problems = _Problems(locations, _display(path))
+    data.setdefault("name", path.stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        _schema_problems(exc, problems)
+        raise RecipeError(problems.lines) from None
+    recipe._source_file = path.resolve()
+    recipe._locations = locations
+    _semantic_problems(recipe, problems, check_files)
+    if problems.lines:
+        raise RecipeError(problems.lines)
+    return recipe
+
+
+def dump_resolved(recipe: Recipe) -> str:
+    """The fully resolved recipe (extends applied, defaults filled, absolute paths) as YAML."""
+    return yaml.safe_dump(json.loads(json.dumps(recipe.model_dump(mode="json"))), sort_keys=False)

@@ -1,0 +1,300 @@
+"""The recipe: one YAML file that describes a whole compression job.
+
+Pydantic v2 models with `extra="forbid"` and a description on every field (the JSON Schema that editors use
+is generated from them). Loading adds what a type cannot express: `extends:` inheritance, paths resolved
+against the recipe's own folder, cross-field checks, and error lines of the form
+`FILE:LINE: field.path: message` that point at the offending YAML line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from compresso_ops.infra.fingerprint import digest
+
+Dtype = Literal["float16", "bfloat16", "float32", "auto"]
+Structure = Literal["heads", "ffn", "hidden", "attention_blocks", "ffn_blocks"]
+StageName = Literal["prune", "finetune", "evaluate"]
+GpuType = Literal["V100-16GB", "V100-32GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200", "cpu"]
+ExportMode = Literal["native", "uniform", "pad"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_param_count(value: Any) -> int:
+    """Accept 5.4B, 500M, 120k or a plain integer."""
+    if isinstance(value, bool):
+        # pydantic turns a ValueError into a located recipe error; a TypeError would escape as a traceback
+        raise ValueError("expected a parameter count such as 5.4B, 500M or 6738415616")  # noqa: TRY004
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a parameter count; write it as 5.4B, 500M or an integer")
+    return round(float(match.group(1)) * _SCALE[match.group(2).lower()])
+
+
+class ModelSection(Strict):
+    path: str = Field(description="Local model folder (Hugging Face layout) or a hub id such as huggyllama/llama-7b.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
+    dtype: Dtype = Field(default="auto", description="dtype the frozen base is held in on GPU; CPU runs use float32.")
+    trust_remote_code: bool = Field(default=False, description="Allow custom modeling code from the model folder.")
+    architecture: str | None = Field(
+        default=None,
+        description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-3-8b, "
+        "mistral-7b) used for planning when the model's config.json is not on disk.",
+    )
+
+
+class TargetSection(Strict):
+    sparsity: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="Fraction of the prunable parameters (attention and FFN projections) to remove: the paper's definition.",
+    )
+    params: int | None = Field(
+        default=None, gt=0,
+        description="Total parameters after pruning, e.g. 5.4B, 500M or an integer.",
+    )
+    structures: list[Structure] = Field(
+        default_factory=lambda: ["heads", "ffn", "hidden"],
+        description="What may be pruned: heads, ffn (channels), hidden (dims), and optionally whole "
+        "attention_blocks / ffn_blocks.",
+    )
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _parse_params(cls, v: Any) -> Any:
+        return None if v is None else parse_param_count(v)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetSection:
+        if (self.sparsity is None) == (self.params is None):
+            raise ValueError("give exactly one of target.sparsity or target.params")
+        if not self.structures:
+            raise ValueError("target.structures is empty; list at least one of heads, ffn, hidden")
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError("target.structures lists a structure twice")
+        return self
+
+
+class PromptSection(Strict):
+    text: str = Field(
+        default="collaborative",
+        description="'collaborative' (the project's collaborative prompt), 'none', or literal prompt text.",
+    )
+    use_in: list[StageName] = Field(
+        default_factory=lambda: ["prune", "finetune", "evaluate"],
+        description="Stages whose inputs start with the prompt.",
+    )
+    eval_text: str | None = Field(
+        default=None,
+        description="Prompt used at evaluation instead of `text`; 'collaborative' gives the past-tense variant "
+        "('you have been pruned'). Default: the evaluation variant of `text`.",
+    )
+
+
+class DataSection(Strict):
+    path: Path | None = Field(default=None, description="Training data file (relative to the recipe's folder).")
+    format: Literal["alpaca", "text"] = Field(
+        default="alpaca",
+        description="alpaca: JSON or JSONL rows with instruction/input/output; text: plain text chunked to max_seq_length.",
+    )
+    max_seq_length: int = Field(default=512, ge=8, description="Tokens per training example (longer ones are cut).")
+    max_samples: int | None = Field(default=None, gt=0, description="Use at most this many examples.")
+    validation_path: Path | None = Field(default=None, description="Held-out plain text for perplexity.")
+    num_examples: int | None = Field(
+        default=None, gt=0,
+        description="Rows in the data file, for planning steps and time before the file is on disk.")
+
+
+class LoraSection(Strict):
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=8.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+        description="Projections that get LoRA adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).",
+    )
+
+
+class PruneLearningRates(Strict):
+    lora: float = Field(default=5e-5, gt=0, description="Learning rate of the LoRA adapters while pruning.")
+    gates: float = Field(default=0.1, gt=0, description="Learning rate of the gates' log_alpha.")
+    lagrangian: float = Field(
+        default=0.1, gt=0,
+        description="Learning rate of the Lagrange multipliers (applied as gradient ascent).",
+    )
+
+
+class PruneSchedule(Strict):
+    unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of the three phases.")
+    lora_only: float = Field(default=1, ge=0, description="Phase 1: LoRA only, gates frozen.")
+    ramp: float = Field(default=4, gt=0, description="Phase 2: target sparsity ramps linearly from 0 to the target.")
+    hold: float = Field(default=3, ge=0, description="Phase 3: training continues at the target.")
+
+
+class PruneSection(Strict):
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
+    lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
+    schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
+    checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the LoRA gradient norm; null disables.")
+
+
+class FinetuneSection(Strict):
+    enabled: bool = Field(default=True, description="Run LoRA fine-tuning on the sliced model.")
+    unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of `duration`.")
+    duration: float = Field(default=3, gt=0, description="How long to fine-tune, in `unit`.")
+    lr: float = Field(default=4e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters of the fine-tune.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    seed: int = Field(default=42, description="Seed of data shuffling.")
+    checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+
+
+class LocalTask(Strict):
+    name: str = Field(description="Task name used in results and the report.")
+    data: Path = Field(description="JSON/JSONL data file (relative to the recipe's folder).")
+    format: Literal["piqa", "arc", "openbookqa", "copa", "multiple_choice"] = Field(
+        description="Built-in task definition for the file's schema (the Hugging Face schema of that dataset); "
+        "multiple_choice reads rows {question, choices: [...], answer: index}.",
+    )
+    group: Literal["commonsense", "reading", "knowledge"] | None = Field(
+        default=None, description="Report group this task averages into.")
+
+
+class PerplexitySection(Strict):
+    path: Path = Field(description="Plain text file for perplexity (relative to the recipe's folder).")
+    window: int = Field(default=512, ge=8, description="Tokens per sliding window.")
+    stride: int = Field(default=256, ge=1, description="Tokens the window advances; only new tokens are scored.")
+    max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens.")
+
+
+class SpeedSection(Strict):
+    enabled: bool = Field(default=True, description="Measure prefill and decode speed and peak memory.")
+    batch_size: int = Field(default=1, ge=1, description="Sequences per batch.")
+    prompt_length: int = Field(default=128, ge=1, description="Prompt tokens for prefill.")
+    new_tokens: int = Field(default=64, ge=1, description="Tokens decoded with the KV cache.")
+    repeats: int = Field(default=3, ge=1, description="Timed repetitions (the median is reported).")
+
+
+class EvalSection(Strict):
+    tasks: list[str] = Field(default_factory=list, description="Stock lm-eval task names (need network or HF cache).")
+    local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
+    num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per task.")
+    limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")
+    batch_size: int = Field(default=8, ge=1, description="lm-eval batch size.")
+    max_length: int | None = Field(default=None, gt=0, description="Context length given to lm-eval (default: the model's).")
+    perplexity: PerplexitySection | None = Field(default=None, description="Sliding-window perplexity on a text file.")
+    speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed and memory measurement.")
+    compare_source: bool = Field(default=True, description="Evaluate the source model too (cached across runs).")
+
+
+class ExportSection(Strict):
+    mode: ExportMode = Field(
+        default="native",
+        description="native: per-layer counts, smallest; uniform: same counts per layer, stock class; "
+        "pad: stock class zero-padded to the largest layer.",
+    )
+    dtype: Dtype = Field(default="auto", description="dtype of the saved weights ('auto': the model's dtype).")
+    max_shard_size: str = Field(default="5GB", description="Shard safetensors above this size.")
+
+
+class HardwareSection(Strict):
+    gpu: GpuType = Field(default="cpu", description="GPU type the job runs on.")
+    gpus_per_node: int = Field(default=1, ge=1, description="GPUs (processes) per node.")
+    nodes: int = Field(default=1, ge=1, description="Nodes; multi-node runs are started with torchrun.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="ddp: every GPU holds the whole frozen model; fsdp: the frozen base is sharded across GPUs "
+                    "(LoRA, gates and multipliers stay replicated); auto: ddp unless only fsdp lets pruning fit.")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the whole job: one per GPU on every node."""
+        return self.gpus_per_node * self.nodes
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> HardwareSection:
+        if self.strategy == "fsdp" and self.world_size == 1:
+            raise ValueError("strategy fsdp shards the frozen base across GPUs but the recipe has one; "
+                             "use auto or ddp, or raise gpus_per_node")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field(
+        default="recipe", description="Name of the job (default: the recipe file's name); the run folder is runs/<name>.")
+    description: str | None = Field(default=None, description="Free text for humans.")
+    method: Literal["compresso", "magnitude", "random"] = Field(
+        default="compresso",
+        description="compresso: training-based pruning; magnitude: one-shot L2-norm ranking; random: a floor.",
+    )
+    model: ModelSection = Field(description="The source model.")
+    target: TargetSection = Field(description="The size to reach.")
+    prompt: PromptSection = Field(default_factory=PromptSection, description="The collaborative prompt.")
+    data: DataSection = Field(default_factory=DataSection, description="Training data.")
+    prune: PruneSection = Field(default_factory=PruneSection, description="The pruning run.")
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection, description="Post-pruning LoRA fine-tune.")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation suite.")
+    export: ExportSection = Field(default_factory=ExportSection, description="Checkpoint format.")
+    hardware: HardwareSection = Field(default_factory=HardwareSection, description="Where the job runs.")
+    run_dir: Path | None = Field(default=None, description="Run folder (default runs/<name>, relative to the working directory).")
+
+    # Set by the loader, not by users: where the recipe came from and where each field was written, so
+    # checks that run after validation still point at a file and line.
+    _source_file: Path | None = PrivateAttr(default=None)
+    _locations: dict[tuple[str | int, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
+
+    def location(self, *path: str | int) -> tuple[str, int]:
+        """(file, line) of the deepest part of `path` that was written in a recipe file."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self._locations:
+                return self._locations[path[:end]]
+        return (str(self._source_file or "<recipe>"), 1)
+
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir if self.run_dir is not None else Path("runs") / self.name
+
+    def sections(self, *names: str) -> dict[str, Any]:
+        """The named top-level sections as JSON values: the recipe part of an input fingerprint."""
+        data = self.model_dump(mode="json")
+        return {name: data.get(name) for name in names}
+
+    def recipe_hash(self) -> str:
+        """Identifies the whole resolved recipe (manifests and reports quote it)."""
+        return digest(self.model_dump(mode="json"))
+
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compresso-ops recipe"
+    schema.setdefault("properties", {})["extends"] = {
+        "type": "string", "description": "Another recipe (relative path) whose fields this one overrides."}
+    return schema

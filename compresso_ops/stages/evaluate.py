@@ -1,0 +1,168 @@
+"""The evaluate stage: lm-eval tasks, sliding-window perplexity, and speed/memory of one model.
+
+Everything runs in-process on an already-loaded model (lm-eval's `HFLM(pretrained=model)`), so exported
+native folders evaluate exactly as they load, and the collaborative prompt reaches every task input through
+lm-eval's `system_instruction`. Each evaluated model gets one results JSON; the source model's results are
+cached across runs (keyed by model identity, evaluation settings, prompt, hardware and library versions)
+because the source never changes while recipes are tuned.
+
+Not distributed: the executor calls these functions on rank 0 only (lm-eval returns nothing on other ranks).
+"""
+
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from compresso_ops.evaluation.harness import group_averages, load_model, run_lm_eval, summarize_tasks
+from compresso_ops.evaluation.measures import hardware, measure_speed, perplexity, versions
+from compresso_ops.infra import atomic
+from compresso_ops.infra.fingerprint import digest, path_identity
+from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, resolve_prompt
+from compresso_ops.models.resolve import locate_model
+from compresso_ops.recipe.schema import EvalSection, ModelSection, Recipe
+from compresso_ops.stages.plan import evaluation_gpus
+from compresso_ops.ui.progress import EventFn
+
+CACHE_ENV = "COMPRESSO_OPS_CACHE"
+
+
+# Files whose size and mtime identify a model folder's content (hashing multi-GB weights would take minutes).
+_IDENTITY_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
+                      "tokenizer*.json", "tokenizer.model")
+
+
+def prompt_name(prompt_text: str | None) -> str:
+    if not prompt_text:
+        return "none"
+    return "collaborative" if prompt_text in (COLLABORATIVE_EVAL, COLLABORATIVE) else "custom"
+
+
+def evaluate_model(model: Any, tok: Any, section: EvalSection, *, prompt_text: str | None, label: str,
+                   on_event: EventFn | None = None) -> dict[str, Any]:
+    """The results dict of an already-loaded model (everything but its `model` identity block)."""
+    wanted = {"lm_eval": bool(section.tasks or section.local_tasks), "perplexity": section.perplexity is not None,
+              "speed": section.speed.enabled}
+    phases = [phase for phase, on in wanted.items() if on]
+    out: dict[str, Any] = {"prompt": {"text": prompt_text or None, "name": prompt_name(prompt_text)},
+                           "lm_eval": None, "tasks": {}, "groups": {}, "perplexity": None, "speed": None,
+                           "timing_s": {}}
+    for step, phase in enumerate(phases, 1):
+        if on_event:
+            on_event({"stage": "evaluate", "model": label, "phase": phase, "step": step, "total_steps": len(phases)})
+        start = time.perf_counter()
+        if phase == "lm_eval":
+            out["lm_eval"] = run_lm_eval(model, tok, section, prompt_text)
+            out["tasks"] = summarize_tasks(out["lm_eval"], section)
+            out["groups"] = group_averages(out["tasks"])
+        elif phase == "perplexity":
+            assert section.perplexity is not None
+            out["perplexity"] = perplexity(model, tok, section.perplexity)
+        else:
+            out["speed"] = measure_speed(model, section.speed)
+        out["timing_s"][phase] = time.perf_counter() - start
+    out["versions"] = versions()
+    out["hardware"] = hardware()
+    return out
+
+
+def _model_block(model: Any, path: str | Path, revision: str | None, label: str) -> dict[str, Any]:
+    return {"label": label, "path": str(path), "revision": revision, "class": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", None),
+            "params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(next(model.parameters()).device)}
+
+
+def _prompt_for(recipe: Recipe, prompt_text: str | None) -> str:
+    return resolve_prompt(recipe.prompt, "evaluate") if prompt_text is None else prompt_text
+
+
+def run_evaluate(recipe: Recipe, model_dir: str | Path, out_file: str | Path, *, label: str,
+                 prompt_text: str | None = None, on_event: EventFn | None = None) -> dict[str, Any]:
+    """Evaluate the model in `model_dir` with the recipe's eval suite and write `out_file` (atomically).
+
+    `prompt_text` None uses the recipe's evaluation prompt; "" evaluates without a prompt (the ablation).
+    """
+    prompt_text = _prompt_for(recipe, prompt_text)
+    model, tok = load_model(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                            tokenizer_path=recipe.model.path, gpus=evaluation_gpus(recipe))
+    results = {"model": _model_block(model, model_dir, None, label),
+               **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label=label, on_event=on_event)}
+    atomic.write_json(out_file, results)
+    return results
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresso-ops")
+
+
+def model_identity(model: ModelSection) -> dict[str, Any]:
+    """What identifies a model's content: its folder's config, weight and tokenizer files (sizes and mtimes);
+    a hub id resolves to its cached snapshot (whose folder name is the commit)."""
+    folder = locate_model(model).folder
+    if folder is None:  # not here: its name and revision are all we know
+        return {"path": model.path, "revision": model.revision, "files": None}
+    return {"path": str(folder.resolve()), "revision": model.revision,
+            "files": path_identity(folder, _IDENTITY_PATTERNS)}
+
+
+def source_cache_key(recipe: Recipe, prompt_text: str | None) -> str:
+    """Hash of everything a source evaluation depends on; any change re-runs it."""
+    section = recipe.eval.model_dump(mode="json", exclude={"compare_source"})
+    data_files = [Path(t.data) for t in recipe.eval.local_tasks]
+    if recipe.eval.perplexity is not None:
+        data_files.append(Path(recipe.eval.perplexity.path))
+    payload = {
+        "model": model_identity(recipe.model),
+        "dtype": recipe.model.dtype,
+        "eval": section,
+        "data": [(str(f), path_identity(f)) for f in data_files],
+        "prompt": prompt_text or None,
+        "hardware": hardware(),
+        "versions": versions(),
+    }
+    return digest(payload, length=20)
+
+
+def run_source_evaluate(recipe: Recipe, out_file: str | Path, *, prompt_text: str | None = None,
+                        on_event: EventFn | None = None) -> dict[str, Any]:
+    """Evaluate the recipe's source model once per (model, settings, prompt, hardware, versions).
+
+    The cached results are copied to `out_file` with a `cache` block saying whether this call hit the cache.
+    `prompt_text` as in `run_evaluate`.
+    """
+    prompt_text = _prompt_for(recipe, prompt_text)
+    key = source_cache_key(recipe, prompt_text)
+    cached = cache_dir() / "source-eval" / f"{key}.json"
+    results = atomic.read_json(cached)
+    hit = results is not None
+    if results is None:
+        model, tok = load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype,
+                                trust_remote_code=recipe.model.trust_remote_code, gpus=evaluation_gpus(recipe))
+        results = {"model": _model_block(model, recipe.model.path, recipe.model.revision, "source"),
+                   **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label="source",
+                                    on_event=on_event)}
+        atomic.write_json(cached, results)
+    results["cache"] = {"hit": hit, "key": key, "file": str(cached)}
+    atomic.write_json(out_file, results)
+    return results
+
+
+def final_model_dir(recipe: Recipe, run_dir: Path) -> Path:
+    """The model the run ships: the fine-tuned one, or the sliced one when fine-tuning is off."""
+    tuned = run_dir / "finetune" / "model"
+    return tuned if recipe.finetune.enabled and tuned.is_dir() else run_dir / "slice" / "model"
+
+
+def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
+    """The evaluate stage: `evaluate/pruned.json`, and `evaluate/source.json` when the recipe compares."""
+    folder = run_dir / "evaluate"
+    pruned = run_evaluate(recipe, final_model_dir(recipe, run_dir), folder / "pruned.json", label="pruned",
+                          on_event=on_event)
+    if recipe.eval.compare_source:
+        run_source_evaluate(recipe, folder / "source.json", on_event=on_event)
+    return f"{len(pruned.get('tasks', {}))} task(s)"

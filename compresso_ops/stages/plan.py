@@ -1,0 +1,427 @@
+"""The dry-run planner: sizes, trainable parameters, GPU memory and steps, before any GPU time is spent.
+
+Pure arithmetic on the architecture (a local config.json or a built-in preset) and, when the training file
+is local, its row count. No weights, no network, no GPU. Every assumption (throughput, efficiency, the
+activation model) is written into the plan so a reader can judge the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compresso_ops.infra import atomic
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.resolve import resolve_arch
+from compresso_ops.models.sizes import (
+    Kept,
+    attention_params,
+    count_params,
+    ffn_params,
+    gate_params,
+    lora_params,
+    target_sparsity,
+)
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.ui.progress import EventFn
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    memory_bytes: int  # what nvidia-smi reports as total
+    tflops: float  # dense fp16/bf16 tensor-core peak
+    bf16: bool
+
+
+GPUS: dict[str, Gpu] = {
+    "V100-16GB": Gpu(16160 * 2**20, 125.0, False),
+    "V100-32GB": Gpu(32510 * 2**20, 125.0, False),
+    "A100-40GB": Gpu(40536 * 2**20, 312.0, True),
+    "A100-80GB": Gpu(81251 * 2**20, 312.0, True),
+    "H100-80GB": Gpu(81559 * 2**20, 989.0, True),
+    "H200": Gpu(143771 * 2**20, 989.0, True),
+    "cpu": Gpu(24 * GIB, 0.05, True),  # a laptop-class CPU: about 50 GFLOP/s sustained in fp32
+}
+
+# Model FLOPs utilisation assumed for the wall-time estimate (LoRA training of 7B-class models on GPUs
+# reaches 30-45%; we take the low end so estimates err long).
+MFU = 0.30
+# CUDA context, cuBLAS workspaces and allocator fragmentation: a fixed part plus a share of the rest.
+CUDA_OVERHEAD_BYTES = int(1.0 * GIB)
+FRAGMENTATION = 0.10
+DEPLOY_BATCH = 1
+# Bytes per trainable parameter: fp32 weight + fp32 grad + two fp32 AdamW moments.
+BYTES_PER_TRAINABLE = 16
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def compute_dtype(recipe: Recipe) -> str:
+    """dtype of the frozen base: the recipe's on GPU ('auto' = fp16 on V100, bf16 elsewhere), fp32 on CPU."""
+    if recipe.hardware.gpu == "cpu":
+        return "float32"
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    return "bfloat16" if GPUS[recipe.hardware.gpu].bf16 else "float16"
+
+
+def export_dtype(recipe: Recipe) -> str:
+    """dtype of the saved checkpoint: the recipe's, or ('auto') the dtype the base was held in."""
+    return compute_dtype(recipe) if recipe.export.dtype == "auto" else recipe.export.dtype
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def uniform_kept(arch: ArchSpec, sparsity: float) -> Kept:
+    """Per-layer counts for the `uniform` export at the planner's split: attention and FFN lose the same
+    fraction, hidden dims are kept, and the FFN count absorbs rounding so the total meets the target."""
+    layer_full = attention_params(arch, arch.num_kv_heads, arch.hidden_size) + ffn_params(
+        arch, arch.intermediate_size, arch.hidden_size)
+    budget = (1.0 - sparsity) * layer_full
+    groups = max(1, round(arch.num_kv_heads * (1.0 - sparsity)))
+    per_channel = ffn_params(arch, 1, arch.hidden_size)
+    channels = round((budget - attention_params(arch, groups, arch.hidden_size)) / per_channel)
+    channels = min(arch.intermediate_size, max(0, channels))
+    return Kept((groups,) * arch.num_layers, (channels,) * arch.num_layers, arch.hidden_size)
+
+
+def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
+    src = count_params(arch)
+    target_prunable = round((1.0 - sparsity) * src.prunable)
+    target_total = recipe.target.params if recipe.target.params is not None else (
+        target_prunable + src.embeddings + src.norms)
+    nbytes = DTYPE_BYTES[export_dtype(recipe)]
+    uniform = count_params(arch, uniform_kept(arch, sparsity), "uniform").total
+    full_structures = count_params(arch, Kept.full(arch), "pad").total
+    export = {
+        "native": {"params": target_total, "exact": False,
+                   "note": "meets the target within one structure; exact counts are known after pruning"},
+        "uniform": {"params": uniform, "exact": True,
+                    "note": "same heads and FFN channels in every layer, at the planner's attention/FFN split"},
+        "pad": {"params": full_structures, "exact": False,
+                "note": "upper bound: every layer padded to the largest layer's counts"},
+    }
+    for entry in export.values():
+        entry["checkpoint_bytes"] = entry["params"] * nbytes
+    return {
+        "source": src.as_dict(),
+        "target": {"total": target_total, "prunable": target_prunable, "prunable_sparsity": sparsity,
+                   "total_sparsity": 1.0 - target_total / src.total},
+        "export": export,
+        "export_dtype": export_dtype(recipe),
+    }
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: float = 1.0) -> float:
+    """Activations one decoder layer keeps for backward, per token.
+
+    Counted from the LLaMA forward with gates: the two RMSNorms save their fp32 input and output (4 x d
+    values at 4 bytes), q/k/v/attention-output (2 H h + 2 G h) plus the GQA-expanded k and v (2 H h), the
+    o_proj and down_proj outputs the hidden gate multiplies (2 d), and in the FFN the gate, up, activation,
+    product and gated product (5 f). `scale` shrinks the dims for a pruned model.
+    """
+    d, hh, gh, f = arch.hidden_size * scale, arch.num_heads * arch.head_dim * scale, \
+        arch.num_kv_heads * arch.head_dim * scale, arch.intermediate_size * scale
+    return 4 * d * 4 + (4 * hh + 2 * gh + 2 * d + 5 * f) * dtype_bytes
+
+
+def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
+                     micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
+                     scale: float = 1.0) -> dict[str, Any]:
+    nbytes = DTYPE_BYTES[dtype]
+    tokens = micro_batch * seq_len
+    per_layer = activation_bytes_per_token_layer(arch, nbytes, scale) * tokens
+    layer_input = arch.hidden_size * scale * nbytes * tokens
+    # logits in the compute dtype, their fp32 copy for the loss (none when already fp32), log-softmax and
+    # its gradient
+    logits = tokens * arch.vocab_size * (nbytes + (4 if nbytes < 4 else 0) + 8)
+    act_full = per_layer * arch.num_layers
+    # With checkpointing only layer inputs stay; one layer's activations are rebuilt during its backward,
+    # after the logits are freed, so the peak holds the larger of the two.
+    act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
+    frozen = frozen_params * nbytes
+    if fsdp:
+        # Each rank keeps 1/world of every frozen weight, plus what is gathered at the peak: the embeddings,
+        # LM head and final norm (the root group stays gathered from forward to backward) and two decoder
+        # layers (the one computing and the one prefetched). Trainables stay replicated (sharding.py).
+        layer = (frozen_params - outside_layers) / arch.num_layers
+        frozen = (frozen_params / world + 2 * layer + outside_layers) * nbytes
+    breakdown = {
+        "frozen_weights": int(frozen),
+        "trainable_grads_optimizer": trainable * BYTES_PER_TRAINABLE,
+        "activations": int(act_ckpt if checkpointing else act_full),
+        "activations_without_checkpointing": int(act_full),
+        "activations_with_checkpointing": int(act_ckpt),
+        "logits": int(logits),
+    }
+    subtotal = sum(v for k, v in breakdown.items() if not k.startswith("activations_"))
+    breakdown["framework_overhead"] = _framework_overhead(subtotal) if on_gpu else 0
+    return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown}
+
+
+def _framework_overhead(subtotal: float) -> int:
+    """The CUDA context and allocator fragmentation on top of `subtotal` bytes of tensors."""
+    return int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
+
+
+def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    o = overrides or {}
+    gpu = GPUS[recipe.hardware.gpu]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    dtype = compute_dtype(recipe)
+    world = recipe.hardware.world_size
+    fsdp = o.get("fsdp", recipe.hardware.strategy == "fsdp")
+    seq = o.get("seq_len", recipe.data.max_seq_length)
+    target_total = params["target"]["total"]
+    scale = math.sqrt(target_total / params["source"]["total"])  # dims shrink roughly with sqrt(params)
+    outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
+    stages = {
+        "prune": _training_memory(
+            arch, params["source"]["total"], outside, trainable["total"], dtype=dtype,
+            micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
+            checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
+            on_gpu=on_gpu),
+        "finetune": _training_memory(
+            arch, target_total, int(outside * scale),
+            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
+            checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
+            fsdp=fsdp, on_gpu=on_gpu, scale=scale),
+    }
+    # Log-likelihood evaluation is one forward per batch with the KV cache off: weights, one layer's
+    # transient activations, and the logits with their log-softmax.
+    eval_len = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
+    eval_tokens = recipe.eval.batch_size * eval_len
+    nbytes = DTYPE_BYTES[dtype]
+    weights = max(params["source"]["total"], target_total) * nbytes
+    transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
+    logits = eval_tokens * arch.vocab_size * 2 * nbytes
+    eval_gpus = 1
+    whole = weights + transient + logits
+    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
+        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
+        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        eval_gpus = recipe.hardware.gpus_per_node
+    eval_sub = weights / eval_gpus + transient + logits
+    eval_overhead = _framework_overhead(eval_sub) if on_gpu else 0
+    stages["evaluate"] = {
+        "per_gpu_bytes": int(eval_sub + eval_overhead),
+        "gpus": eval_gpus,
+        "breakdown": {"weights": int(weights / eval_gpus), "activations": int(transient), "logits": int(logits),
+                      "framework_overhead": eval_overhead},
+        "assumption": f"batch {recipe.eval.batch_size} x {eval_len} tokens, KV cache off; the larger of source "
+                      "and pruned model" + (f", its layers spread over {eval_gpus} GPUs" if eval_gpus > 1 else ""),
+    }
+    for entry in stages.values():
+        entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
+    return stages
+
+
+def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
+             stage: str) -> str | None:
+    """The smallest change (in this order of cost to the user) that makes `stage` fit."""
+    world = recipe.hardware.world_size
+    section = getattr(recipe, stage, None)
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if section is not None and not section.gradient_checkpointing:
+        candidates.append((f"set {stage}.gradient_checkpointing: true", {f"{stage}_ckpt": True}))
+    if section is not None:
+        mb = section.micro_batch_size
+        while mb > 1:
+            mb //= 2
+            factor = section.micro_batch_size // mb
+            text = (f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
+                    f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing")
+            candidates.append((text, {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
+    if world > 1 and recipe.hardware.strategy != "fsdp":
+        candidates.append(("set hardware.strategy: fsdp to shard the frozen base across GPUs",
+                           {"fsdp": True, f"{stage}_ckpt": True}))
+    seq = recipe.data.max_seq_length
+    while seq > 256:
+        seq //= 2
+        candidates.append((f"lower data.max_seq_length to {seq}", {"seq_len": seq, f"{stage}_ckpt": True,
+                                                                    f"{stage}_micro_batch": 1}))
+    for text, overrides in candidates:
+        if _stage_memory(recipe, arch, params, trainable, overrides)[stage]["fits"]:
+            return text
+    bigger = [name for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > GPUS[recipe.hardware.gpu].memory_bytes]
+    return f"use a larger GPU ({', '.join(bigger)})" if bigger else "no setting makes this fit one GPU"
+
+
+# --------------------------------------------------------------------------- steps and time
+
+
+def count_examples(recipe: Recipe) -> tuple[int | None, str]:
+    """Training examples in the data file, counted when it is local (text: estimated at 4 bytes a token)."""
+    path = recipe.data.path
+    if path is None or not Path(path).is_file():
+        if recipe.data.num_examples is not None:
+            return min(recipe.data.num_examples, recipe.data.max_samples or recipe.data.num_examples), \
+                "data.num_examples (file not on disk)"
+        return None, "data file not on disk; set data.num_examples to plan steps"
+    if recipe.data.format == "text":
+        tokens = Path(path).stat().st_size / 4
+        n, how = max(1, math.ceil(tokens / recipe.data.max_seq_length)), "text at ~4 bytes per token"
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text)
+            n = len(rows) if isinstance(rows, list) else 1
+        except json.JSONDecodeError:
+            n = sum(1 for line in text.splitlines() if line.strip())
+        how = "rows counted"
+    if recipe.data.max_samples is not None:
+        n = min(n, recipe.data.max_samples)
+    return n, how
+
+
+def _phase_steps(amount: float, unit: str, steps_per_epoch: int | None) -> int | None:
+    if unit == "steps":
+        return int(amount)
+    return None if steps_per_epoch is None else math.ceil(amount * steps_per_epoch)
+
+
+def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
+    world = recipe.hardware.world_size
+    n, how = count_examples(recipe)
+    out: dict[str, Any] = {"examples": n, "examples_counted_by": how}
+    gpu = GPUS[recipe.hardware.gpu]
+    flops_per_s = gpu.tflops * 1e12 * MFU * world
+    for stage, section, phases in (
+        ("prune", recipe.prune, {"lora_only": recipe.prune.schedule.lora_only, "ramp": recipe.prune.schedule.ramp,
+                                 "hold": recipe.prune.schedule.hold}),
+        ("finetune", recipe.finetune, {"train": recipe.finetune.duration}),
+    ):
+        unit = recipe.prune.schedule.unit if stage == "prune" else recipe.finetune.unit
+        global_batch = section.micro_batch_size * section.gradient_accumulation * world
+        per_epoch = None if n is None else max(1, math.ceil(n / global_batch))
+        phase_steps = {k: _phase_steps(v, unit, per_epoch) for k, v in phases.items()}
+        total = None if None in phase_steps.values() else sum(phase_steps.values())
+        if stage == "finetune" and not recipe.finetune.enabled:
+            total, phase_steps = 0, {"train": 0}
+        params = count_params(arch).total if stage == "prune" else target_total
+        # LoRA with a frozen base: forward (2P) + backward through activations (2P), plus a recomputed
+        # forward under gradient checkpointing.
+        flops_per_token = (6 if section.gradient_checkpointing else 4) * params
+        tokens = None if total is None else total * global_batch * recipe.data.max_seq_length
+        out[stage] = {
+            "global_batch": global_batch, "steps_per_epoch": per_epoch, "phases": phase_steps, "total": total,
+            "est_seconds": None if tokens is None else tokens * flops_per_token / flops_per_s,
+        }
+    out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
+                         "full-length sequences, 4P (6P with checkpointing) FLOPs per trained token")
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _host_memory(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
+    """Host RAM the run needs at its two peaks, for choosing machines (GPU memory is `stages`).
+
+    Loading: every process on a node reads the whole source in the compute dtype before moving it to its GPU
+    (or sharding it). Slicing (rank 0, CPU): the merged source and the sliced model in fp32; the source is
+    freed before the export is written and reloaded (`benchmarks/slice_memory.py`), so the slice's peak is
+    the two together.
+    """
+    source, target = params["source"]["total"], params["target"]["total"]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    per_process = source * (DTYPE_BYTES[compute_dtype(recipe)] if on_gpu else 4)
+    return {"load_per_node_bytes": recipe.hardware.gpus_per_node * per_process,
+            "slice_bytes": (source + target) * 4,
+            "note": "loading: gpus_per_node processes each read the source at once; slice: fp32 source + "
+                    "sliced model on rank 0's node"}
+
+
+def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
+    """Trainable parameters of the prune stage (LoRA, gates, the two multipliers)."""
+    structures = recipe.target.structures if recipe.method == "compresso" else []
+    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if recipe.method == "compresso" else 0
+    gates = gate_params(arch, structures)
+    return {"lora": lora, "gates": gates, "lagrangian": 2 if gates else 0, "total": lora + gates + (2 if gates else 0)}
+
+
+def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
+                         trainable: dict[str, int]) -> tuple[dict[str, Any], str]:
+    """Per-stage memory under the strategy the run will use: the recipe's, or for `auto` a replica (DDP)
+    unless only a sharded base (FSDP) lets the prune stage fit."""
+    world = recipe.hardware.world_size
+    stages = _stage_memory(recipe, arch, params, trainable)
+    if recipe.hardware.strategy != "auto":
+        return stages, recipe.hardware.strategy
+    if world > 1 and not stages["prune"]["fits"]:
+        sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
+        if sharded["prune"]["fits"]:
+            return sharded, "fsdp"
+    return stages, "single" if world == 1 else "ddp"
+
+
+def _planned_memory(recipe: Recipe) -> tuple[dict[str, Any], str]:
+    arch = resolve_arch(recipe)
+    params = _params(recipe, arch, target_sparsity(recipe, arch))
+    return _memory_and_strategy(recipe, arch, params, _trainable(recipe, arch))
+
+
+def training_strategy(recipe: Recipe) -> str:
+    """single | ddp | fsdp: what the plan chose, and so what the prune and fine-tune stages run with."""
+    return _planned_memory(recipe)[1]
+
+
+def evaluation_gpus(recipe: Recipe) -> int:
+    """How many of rank 0's GPUs the evaluate stage spreads a model over (1 unless it does not fit one)."""
+    return _planned_memory(recipe)[0]["evaluate"]["gpus"]
+
+
+def make_plan(recipe: Recipe) -> dict[str, Any]:
+    """The plan as one JSON-serialisable object (the `plan --json` output)."""
+    arch = resolve_arch(recipe)
+    sparsity = target_sparsity(recipe, arch)
+    params = _params(recipe, arch, sparsity)
+    trainable = _trainable(recipe, arch)
+    world = recipe.hardware.world_size
+    stages, strategy = _memory_and_strategy(recipe, arch, params, trainable)
+    if recipe.method != "compresso":
+        stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
+                           "note": f"method '{recipe.method}' is one-shot: no pruning run"}
+    for name, entry in stages.items():
+        entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
+    deploy_len = min(arch.max_position_embeddings, 4096)
+    deploy_kept = uniform_kept(arch, sparsity)
+    deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]
+    deploy_kv = (2 * sum(deploy_kept.groups) * arch.head_dim * DEPLOY_BATCH * deploy_len
+                 * DTYPE_BYTES[export_dtype(recipe)])
+    gpu = GPUS[recipe.hardware.gpu]
+    return {
+        "recipe": {"name": recipe.name, "file": str(recipe.source_file) if recipe.source_file else None,
+                   "method": recipe.method, "hash": recipe.recipe_hash()},
+        "architecture": arch.to_dict(),
+        "params": params,
+        "trainable": trainable,
+        "memory": {
+            "stages": stages,
+            "compute_dtype": compute_dtype(recipe),
+            "deploy": {"batch": DEPLOY_BATCH, "seq_len": deploy_len, "weights_bytes": deploy_weights,
+                       "kv_cache_bytes": deploy_kv, "total_bytes": deploy_weights + deploy_kv,
+                       "note": "pruned model at the export dtype; KV cache at the planner's uniform split"},
+            "host": _host_memory(recipe, params),
+        },
+        "steps": _steps(recipe, arch, params["target"]["total"]),
+        "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,
+                     "nodes": recipe.hardware.nodes, "world_size": world, "strategy": strategy,
+                     "per_gpu_memory_bytes": gpu.memory_bytes},
+    }
+
+
+def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
+    """The plan stage: `plan/plan.json`, the same object `compresso-ops plan --json` prints."""
+    plan = make_plan(recipe)
+    atomic.write_json(run_dir / "plan" / "plan.json", plan)
+    return f"target {plan['params']['target']['total']:,} params"

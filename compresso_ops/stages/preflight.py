@@ -1,0 +1,68 @@
+"""Checks before any heavy work: model and data on disk, room for checkpoints, GPUs and dtype support.
+
+Each failure is one line saying what is wrong and what to do; all are reported together.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from compresso_ops.errors import UserError
+from compresso_ops.models.resolve import locate_model
+from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.plan import compute_dtype, make_plan
+
+# Checkpoints, the exported model, the fine-tuned model and headroom: a multiple of one exported checkpoint.
+DISK_FACTOR = 3.0
+
+
+def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
+    problems: list[str] = []
+    if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
+        problems.append(missing)
+    needs_data = ("prune" in stages and recipe.method == "compresso") or (
+        "finetune" in stages and recipe.finetune.enabled)
+    if needs_data and (recipe.data.path is None or not Path(recipe.data.path).is_file()):
+        problems.append(f"data.path: training data not found at {recipe.data.path}")
+    if "evaluate" in stages:
+        if recipe.eval.perplexity and not Path(recipe.eval.perplexity.path).is_file():
+            problems.append(f"eval.perplexity.path: file not found: {recipe.eval.perplexity.path}")
+        for i, task in enumerate(recipe.eval.local_tasks):
+            if not Path(task.data).is_file():
+                problems.append(f"eval.local_tasks[{i}].data: file not found: {task.data}")
+
+    plan = make_plan(recipe)
+    need = int(DISK_FACTOR * plan["params"]["export"]["native"]["checkpoint_bytes"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        problems.append(f"run_dir: {free / 2**30:.1f} GiB free at {run_dir}, the run needs about "
+                        f"{need / 2**30:.1f} GiB; free space or set run_dir elsewhere")
+
+    if recipe.hardware.gpu != "cpu":
+        problems += _gpu_problems(recipe, plan)
+    if problems:
+        raise UserError(problems[0], lines=problems)
+
+
+def _gpu_problems(recipe: Recipe, plan: dict) -> list[str]:
+    import torch
+
+    out: list[str] = []
+    if not torch.cuda.is_available():
+        return [(f"hardware.gpu: the recipe asks for {recipe.hardware.gpu} but no CUDA GPU is visible; "
+                 "set hardware.gpu: cpu or run on a GPU machine")]
+    visible = torch.cuda.device_count()
+    if visible < recipe.hardware.gpus_per_node:
+        out.append(f"hardware.gpus_per_node: {recipe.hardware.gpus_per_node} GPUs asked for, {visible} visible; "
+                   "lower it or check CUDA_VISIBLE_DEVICES")
+    have = torch.cuda.get_device_properties(0).total_memory
+    for stage, entry in plan["memory"]["stages"].items():
+        if entry["per_gpu_bytes"] > have:
+            hint = entry.get("suggestion") or "use a larger GPU"
+            out.append(f"hardware.gpu: the {stage} stage needs about {entry['per_gpu_bytes'] / 2**30:.1f} GiB per GPU, "
+                       f"the GPU has {have / 2**30:.1f} GiB; {hint}")
+    if compute_dtype(recipe) == "bfloat16" and not torch.cuda.is_bf16_supported():
+        out.append("model.dtype: this GPU has no bfloat16 support; use float16")
+    return out

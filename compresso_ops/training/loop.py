@@ -1,0 +1,167 @@
+"""The step loop shared by the prune and fine-tune stages: resume, events, checkpoints, graceful stop.
+
+A trainer object does one optimizer step at a time and can export/import its complete state; this loop
+decides when to checkpoint and how to stop. Ctrl-C or SIGTERM never cut a step in half: the signal is
+noted, the step in flight finishes, a checkpoint is written, and KeyboardInterrupt is raised (the CLI then
+exits with 130 and the next `apply` resumes). A second Ctrl-C stops at once.
+
+Under torchrun the ranks agree after every step on whether any of them was asked to stop, so they stop
+after the same step; rank 0 reads the checkpoint (or, on a fresh start, takes its own initial state) and
+broadcasts it, so every rank starts from the same state even without a shared file system, and only
+rank 0 writes events and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresso_ops.errors import StageError
+from compresso_ops.training.checkpoints import CheckpointStore
+from compresso_ops.training.data import IGNORE
+from compresso_ops.training.distributed import SINGLE, DistContext
+from compresso_ops.training.events import EventLog
+from compresso_ops.training.precision import Precision
+
+
+class Trainer(Protocol):
+    """`state_dict` runs on rank 0 only, so it must not use collectives (every trainable is replicated)."""
+
+    def step(self, step: int) -> dict[str, Any]: ...
+    def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> int: ...
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def graceful_stop() -> Iterator[_StopFlag]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fingerprint: str, total: int,
+              checkpoint_every: int, on_event: Callable[[dict[str, Any]], None] | None = None,
+              max_steps: int | None = None, dist: DistContext = SINGLE) -> bool:
+    """Run steps from the last checkpoint to `total`; True when the run is complete.
+
+    `max_steps` stops after that many steps in this call, as a killed run would (tests use it).
+    `on_event` is called on rank 0 only.
+    """
+    is_writer = dist.is_main
+    saved = store.load(fingerprint) if is_writer else None
+    start = 0
+    if dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
+        start = trainer.load_state_dict(dist.broadcast_object(
+            (saved if saved is not None else trainer.state_dict(0, fingerprint)) if is_writer else None))
+    elif saved is not None:
+        start = trainer.load_state_dict(saved)
+    if is_writer:
+        if saved is None:
+            events.reset()
+        else:
+            events.truncate_after(start)
+    stop = total if max_steps is None else min(total, start + max_steps)
+    with graceful_stop() as flag:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            record = trainer.step(step)
+            record["time_s"] = round(time.perf_counter() - t0, 4)
+            done = step + 1
+            if is_writer:
+                events.append(record)
+                if on_event is not None:
+                    on_event(record)
+            stopping = dist.any(flag.requested)
+            if is_writer and (done % checkpoint_every == 0 or done == total or stopping):
+                store.save(trainer.state_dict(done, fingerprint))  # replicated state: rank 0's is everyone's
+            if stopping:
+                raise KeyboardInterrupt
+    return stop >= total
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled tokens (divide by `step_label_tokens` of the whole
+    global batch so accumulation and data parallelism equal one large batch)."""
+    batch = {k: v.to(precision.device) for k, v in batch.items()}
+    with precision.autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
+                   warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant / linear / cosine decay to 0 after a linear warm-up."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_finite(stage: str, step: int, values: dict[str, torch.Tensor], store: CheckpointStore) -> None:
+    """Stop before a non-finite loss reaches the weights; the last good checkpoint stays on disk."""
+    bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        saved = store.saved_step()
+        kept = f"last good checkpoint (step {saved}) kept in {store.folder}" if saved is not None else "no checkpoint yet"
+        raise StageError(f"{stage}: {bad[0]} became NaN/inf at step {step + 1}; {kept}; lower the learning rates "
+                         "or use bfloat16 instead of float16")

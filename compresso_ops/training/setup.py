@@ -1,0 +1,91 @@
+"""The model as training needs it: the source loaded in the planned precision, frozen, with gradient
+checkpointing, seeded LoRA adapters (peft) and, under FSDP, the frozen base sharded."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresso_ops.errors import UserError
+from compresso_ops.models.adapter import module_names, unwrap
+from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
+from compresso_ops.training.distributed import SINGLE, DistContext
+from compresso_ops.training.precision import Precision, choose_precision
+from compresso_ops.training.sharding import shard_frozen_base
+
+
+def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
+    """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = recipe.model
+    kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+    precision = choose_precision(recipe, dist)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.path: cannot load '{m.path}': {first}") from None
+    freeze_for_training(model, precision)
+    return model, tokenizer, precision
+
+
+def freeze_for_training(model: nn.Module, precision: Precision) -> None:
+    """Frozen, training mode, no KV cache; on the device unless FSDP will shard it there."""
+    if not precision.shard_base:
+        model.to(precision.device)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+
+
+def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSection, field: str,
+                         precision: Precision) -> nn.Module:
+    """Checkpointing as the section asks, seeded LoRA adapters (the same init on every rank and every run),
+    and under FSDP the frozen base sharded across the ranks."""
+    if section.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    seed_all(section.seed)
+    model = add_lora(model, section.lora, field)
+    if precision.shard_base:
+        shard_frozen_base(model, precision.device, precision.dist)
+    return model
+
+
+def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters on `lora.target_modules` (checked to exist; `field` names the
+    recipe field in the error). The base stays frozen; peft keeps adapters in fp32 over a half-precision base."""
+    from peft import LoraConfig, get_peft_model
+
+    names = module_names(model)
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise UserError(f"{field}: {', '.join(missing)} matches no module of the model; use q_proj, k_proj, "
+                        "v_proj, o_proj, gate_proj, up_proj or down_proj")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing: gate values captured by hooks keep receiving gradients."""
+    base = unwrap(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def seed_all(seed: int) -> None:
+    """Seed python and torch (all devices) so adapter init repeats from run to run and rank to rank."""
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,63 @@
+"""Rich tables for a plan (the human view of `compresso-ops plan`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from compresso_ops.infra.units import human_bytes, human_seconds
+
+
+def render_plan(plan: dict[str, Any], console: Console) -> None:
+    p, hw = plan["params"], plan["hardware"]
+    console.print(f"[bold]Plan for {plan['recipe']['name']}[/] (method {plan['recipe']['method']}, "
+                  f"{hw['nodes']} node(s) x {hw['gpus_per_node']} {hw['gpu']}, strategy {hw['strategy']})")
+
+    sizes = Table(title="Parameters", title_justify="left")
+    for col in ("", "total", "prunable", "embeddings", "prunable sparsity"):
+        sizes.add_column(col, justify="right" if col else "left")
+    src, tgt = p["source"], p["target"]
+    sizes.add_row("source", f"{src['total']:,}", f"{src['prunable']:,}", f"{src['embeddings']:,}", "0")
+    sizes.add_row("target", f"{tgt['total']:,}", f"{tgt['prunable']:,}", "", f"{tgt['prunable_sparsity']:.4f}")
+    for mode, entry in p["export"].items():
+        kind = "exact" if entry["exact"] else "bound"
+        sizes.add_row(f"export {mode} ({kind})", f"{entry['params']:,}", "", "",
+                      human_bytes(entry["checkpoint_bytes"]) + f" {p['export_dtype']}")
+    console.print(sizes)
+
+    t = plan["trainable"]
+    console.print(f"Trainable while pruning: LoRA {t['lora']:,} + gates {t['gates']:,} + lambdas "
+                  f"{t['lagrangian']} = {t['total']:,}")
+
+    mem = Table(title=f"Memory per GPU ({plan['memory']['compute_dtype']} base, "
+                      f"{human_bytes(hw['per_gpu_memory_bytes'])} available)", title_justify="left")
+    for col in ("stage", "per GPU", "fits", "breakdown", "to make it fit"):
+        mem.add_column(col)
+    for stage, entry in plan["memory"]["stages"].items():
+        breakdown = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in entry["breakdown"].items()
+                              if not k.startswith("activations_"))
+        label = stage + (f" (layers over {entry['gpus']} GPUs)" if entry.get("gpus", 1) > 1 else "")
+        mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), "[green]yes[/]" if entry["fits"] else "[red]no[/]",
+                    breakdown or entry.get("note", ""), entry.get("suggestion") or "")
+    console.print(mem)
+    dep = plan["memory"]["deploy"]
+    console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
+                  f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")
+    host = plan["memory"]["host"]
+    console.print(f"Host memory: {human_bytes(host['load_per_node_bytes'])} per node while {hw['gpus_per_node']} "
+                  f"process(es) load the source; {human_bytes(host['slice_bytes'])} for the slice stage (fp32)")
+
+    steps = plan["steps"]
+    st = Table(title=f"Steps ({steps['examples'] if steps['examples'] is not None else '?'} examples; "
+                     f"{steps['examples_counted_by']})", title_justify="left")
+    for col in ("stage", "global batch", "steps/epoch", "phases", "total steps", "est. time"):
+        st.add_column(col)
+    for stage in ("prune", "finetune"):
+        s = steps[stage]
+        phases = ", ".join(f"{k} {v if v is not None else '?'}" for k, v in s["phases"].items())
+        st.add_row(stage, str(s["global_batch"]), str(s["steps_per_epoch"] or "?"), phases,
+                   str(s["total"] if s["total"] is not None else "?"), human_seconds(s["est_seconds"]))
+    console.print(st)
+    console.print(f"[dim]Time assumption: {steps['assumption']}[/]")

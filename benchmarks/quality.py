@@ -45,6 +45,7 @@ from compresso_ops.recipe.schema import PerplexitySection, Recipe
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.prune import run_prune
 from compresso_ops.stages.slice import run_slice
+from compresso_ops.training.setup import load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "assets"
@@ -126,7 +127,7 @@ def run_method(method: str, sparsity: float, budget: Budget, work: Path, spec: P
     ft_steps = budget.finetune if method == "compresso" else budget.total
     r = recipe(method, sparsity, budget, ft_steps)
     prune_dir, slice_dir, ft_dir = work / "prune", work / "slice", work / "finetune"
-    pruned = run_prune(r, prune_dir) if method == "compresso" else run_one_shot(r, prune_dir)
+    pruned = run_prune(r, prune_dir) if method == "compresso" else run_one_shot(r, load_source(r)[0], prune_dir)
     manifest = run_slice(r, prune_dir, slice_dir)
     ppl_sliced, params_sliced = score(slice_dir / "model", spec)
     run_finetune(r, slice_dir / "model", ft_dir)

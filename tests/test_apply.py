@@ -265,3 +265,20 @@ def test_an_error_under_torchrun_keeps_its_exit_code(tmp_path):
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "data." in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_one_shot_baseline_runs_the_same_pipeline(tmp_path, method):
+    """`method: magnitude | random` ranks once (no training) and hands the masks to the same slice stage."""
+    recipe = _setup(tmp_path)
+    recipe.write_text(recipe.read_text().replace("name: tiny\n", f"name: tiny\nmethod: {method}\n"))
+    result = _apply(recipe, "--until", "slice")
+    assert result.exit_code == 0, result.output
+    state = _state(tmp_path / "run")
+    assert [state["stages"][s]["status"] for s in ("prune", "slice")] == ["done", "done"]
+    summary = json.loads((tmp_path / "run" / "prune" / "masks.json").read_text())
+    assert summary["prune"]["method"] == method
+    assert summary["prune"]["achieved_sparsity"] >= 0.3
+    assert not (tmp_path / "run" / "prune" / "lora").exists()  # nothing was trained
+    manifest = json.loads((tmp_path / "run" / "slice" / "model" / "compresso_manifest.json").read_text())
+    assert manifest["checks"]["passed"]

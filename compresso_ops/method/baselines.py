@@ -6,7 +6,6 @@ by the same budgeted selection, so the reports of the three methods compare side
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from compresso_ops.models.adapter import ModelAdapter
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.sizes import count_params, prunable_sparsity, target_sparsity
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.ui.progress import EventFn
 
 
 def _sq(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,17 +53,15 @@ def random_scores(arch: ArchSpec, seed: int) -> dict[str, torch.Tensor]:
             "hidden": torch.rand(arch.hidden_size, generator=g)}
 
 
-def run_one_shot(recipe: Recipe, stage_dir: str | Path, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Rank structures once and write `masks.safetensors` / `masks.json` as the prune stage does (no LoRA).
+def run_one_shot(recipe: Recipe, model: torch.nn.Module, stage_dir: str | Path, *,
+                 on_event: EventFn | None = None) -> dict[str, Any]:
+    """Rank the structures of the source `model` once and write `masks.safetensors` / `masks.json` as the
+    prune stage does (no LoRA).
 
     Hidden dims are kept unless the target cannot be met otherwise: one-shot structured pruning in the
     LLM-Pruner style removes heads and channels, and the selection takes only as many hidden dims as the
     budget forces.
     """
-    from compresso_ops.training.setup import load_source
-
-    model, _, _ = load_source(recipe)
     arch = ModelAdapter(model).arch
     sparsity = target_sparsity(recipe, arch)
     if recipe.method == "magnitude":

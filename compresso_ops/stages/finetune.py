@@ -10,7 +10,6 @@ resume work as in the prune stage, through the shared step loop, and so does dat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,7 @@ def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) ->
 
 
 def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 on_event: EventFn | None = None,
                  max_steps: int | None = None) -> dict[str, Any]:
     """Fine-tune the sliced model in `sliced_dir`; write the merged result to `stage_dir/model`.
 

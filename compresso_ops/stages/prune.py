@@ -13,7 +13,6 @@ backpropagates it and the summed gradient is the single-process one. Only rank 0
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def fingerprint(recipe: Recipe) -> str:
     return digest({"recipe": recipe.sections("model", "target", "prompt", "data", "prune"), "micros": micros})
 
 
-def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None = None,
               max_steps: int | None = None) -> dict[str, Any]:
     """Train gates + LoRA, write `lora/`, `masks.safetensors`, `masks.json`, `gates.safetensors`.
 
@@ -234,6 +233,6 @@ def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     if recipe.method == "compresso":
         result = run_prune(recipe, run_dir / STAGE, on_event=on_event)
     else:
-        result = run_one_shot(recipe, run_dir / STAGE, on_event=on_event)
+        result = run_one_shot(recipe, load_source(recipe)[0], run_dir / STAGE, on_event=on_event)
     note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
     return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "")

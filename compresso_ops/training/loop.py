@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from compresso_ops.training.data import IGNORE
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.precision import Precision
+from compresso_ops.ui.progress import EventFn
 
 
 class Trainer(Protocol):
@@ -70,7 +71,7 @@ def graceful_stop() -> Iterator[_StopFlag]:
 
 
 def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fingerprint: str, total: int,
-              checkpoint_every: int, on_event: Callable[[dict[str, Any]], None] | None = None,
+              checkpoint_every: int, on_event: EventFn | None = None,
               max_steps: int | None = None, dist: DistContext = SINGLE) -> bool:
     """Run steps from the last checkpoint to `total`; True when the run is complete.
 

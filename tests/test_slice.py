@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from compresso_ops.method.hooks import masked
 from compresso_ops.method.masks import Masks
@@ -17,7 +18,7 @@ from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.export import build_model, check_batch, logits, native_config, stock_config
 from compresso_ops.models.sizes import count_params
 from compresso_ops.models.slicing import drop_empty_blocks, head_rows, merge_lora, pad_state_dict, slice_state_dict
-from tests.tiny import tiny_model
+from tests.tiny import tiny_config, tiny_model
 
 TOL = 1e-4
 
@@ -96,6 +97,10 @@ def zeroed_reference(model: torch.nn.Module, masks: Masks) -> torch.nn.Module:
             proj.weight[drop_d] = 0
             if proj.bias is not None:
                 proj.bias[drop_d] = 0
+        # A block that keeps nothing is gone, its output bias with it.
+        for proj, kept in ((attn.o_proj, masks.heads[i]), (mlp.down_proj, masks.ffn[i])):
+            if proj.bias is not None and not kept.any():
+                proj.bias.zero_()
     return ref
 
 
@@ -138,6 +143,28 @@ def test_native_slice_equals_masked_model(variant):
     assert small.model.layers[-1].mlp is None and small.model.layers[-1].post_attention_layernorm is None
     assert small.config.hidden_size == masks.kept().hidden < arch.hidden_size
     assert (small.lm_head.weight is small.model.embed_tokens.weight) == arch.tie_embeddings
+
+
+@torch.no_grad()
+def test_biased_llama_with_dropped_blocks_slices_exactly():
+    """LLaMA with attention_bias and mlp_bias: a layer that keeps no head (no channel) loses its o_proj
+    (down_proj) bias too, in the masked model as in the native export and the size formulas."""
+    config = tiny_config("llama", layers=3)
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+            proj.bias.normal_(0, 0.1)
+    arch = ArchSpec.from_hf_config(model.config)
+    masks = random_masks(arch, no_heads_layer=0, no_ffn_layer=-1)
+    batch = check_batch(model.config)
+    reference = logits(zeroed_reference(model, masks), batch)
+    with masked(model, masks):
+        assert (logits(model, batch) - reference).abs().max() <= TOL
+    sliced = _native(model, masks)
+    assert (logits(sliced, batch) - reference).abs().max() <= TOL
+    assert sum(p.numel() for p in sliced.parameters()) == count_params(arch, masks.kept()).total
 
 
 def test_norm_rescale_is_what_makes_pruned_hidden_exact():

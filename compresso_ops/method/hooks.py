@@ -4,7 +4,9 @@
   i // (H/G)), so each KV group's heads are switched on or off together;
 - FFN gate [L, f]: multiplies the input of down_proj;
 - hidden gate [d]: multiplies the output of embed_tokens, o_proj and down_proj;
-- optional block gates [L] scale a layer's whole head / FFN vector.
+- optional block gates [L] scale a layer's whole head / FFN vector;
+- a block whose gates are all zero outputs zero, bias included (docs/method.md §2): the size formulas and
+  the native export drop such a block with its o_proj / down_proj bias, so the masked model must too.
 
 Hooks sit on the outermost module at each path (a peft LoRA wrapper where there is one), so the LoRA delta
 is gated too. The gate values are expanded once per `set()` (once per micro-step) and each hook does a
@@ -33,6 +35,7 @@ class GateHooks:
         self._head_vecs: torch.Tensor | None = None  # [L, H*h]
         self._ffn_vecs: torch.Tensor | None = None  # [L, f]
         self._hidden: torch.Tensor | None = None  # [d]
+        self._alive: dict[str, torch.Tensor | None] = {"o_proj": None, "down_proj": None}  # [L]: block kept
         self._handles: list[RemovableHandle] = []
         self._handles.append(adapter.embed_tokens().register_forward_hook(self._scale_hidden_output))
         for layer in range(self.arch.num_layers):
@@ -40,14 +43,15 @@ class GateHooks:
             down_proj = adapter.projection(layer, "down_proj")
             self._handles.append(o_proj.register_forward_pre_hook(self._input_hook("_head_vecs", layer)))
             self._handles.append(down_proj.register_forward_pre_hook(self._input_hook("_ffn_vecs", layer)))
-            self._handles.append(o_proj.register_forward_hook(self._scale_hidden_output))
-            self._handles.append(down_proj.register_forward_hook(self._scale_hidden_output))
+            self._handles.append(o_proj.register_forward_hook(self._output_hook("o_proj", layer)))
+            self._handles.append(down_proj.register_forward_hook(self._output_hook("down_proj", layer)))
 
     def set(self, values: dict[str, torch.Tensor] | None) -> None:
         """Gate values by structure name (heads, ffn, hidden, attention_blocks, ffn_blocks); missing ones
         stay open. None turns every hook into a pass-through."""
         if values is None:
             self._head_vecs = self._ffn_vecs = self._hidden = None
+            self._alive = {"o_proj": None, "down_proj": None}
             return
         heads = values.get("heads")
         if "attention_blocks" in values:
@@ -61,6 +65,9 @@ class GateHooks:
             ffn = block.expand(-1, self.arch.intermediate_size) if ffn is None else ffn * block
         self._ffn_vecs = ffn
         self._hidden = values.get("hidden")
+        # Only a bias survives a zero input: without biases an all-zero block already outputs zero.
+        self._alive = {"o_proj": _any_open(heads) if self.arch.o_bias else None,
+                       "down_proj": _any_open(ffn) if self.arch.mlp_bias else None}
 
     def _input_hook(self, attr: str, layer: int):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -76,10 +83,25 @@ class GateHooks:
             return None
         return output * self._hidden.to(output.dtype)
 
+    def _output_hook(self, projection: str, layer: int):
+        """o_proj / down_proj output: the hidden gate, and zero when the layer's block kept nothing."""
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            alive = self._alive[projection]
+            scaled = self._scale_hidden_output(module, args, output)
+            if alive is None:
+                return scaled
+            return (output if scaled is None else scaled) * alive[layer].to(output.dtype)
+        return hook
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _any_open(gates: torch.Tensor | None) -> torch.Tensor | None:
+    """[L] 1.0 where a layer has a non-zero gate (a step function: gradients reach the gates elsewhere)."""
+    return None if gates is None else (gates != 0).any(dim=1).float()
 
 
 def masks_as_values(masks: Masks, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:

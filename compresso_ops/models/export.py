@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,70 @@ def export_pruned(
         extra_checks={"sliced_vs_masked_max_abs_diff": sliced_diff},
         reference_logits=reference if out_dtype == "float32" else None,
     )
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """An export folder's manifest ({} when the folder has none, e.g. a stock model standing in for one)."""
+    path = Path(folder) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _leading(shape: torch.Size) -> tuple[slice, ...]:
+    """The leading block of a padded tensor that holds a tensor of `shape`: slicing keeps the kept heads and
+    channels first and `pad_state_dict` appends the zeros after them."""
+    return tuple(slice(0, n) for n in shape)
+
+
+def load_exact(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The pruned model an export folder holds, at its exact shapes, for training.
+
+    A `pad` export stores zero heads and FFN channels that are not part of the pruned model. Training the
+    padded tensors would make them real: a LoRA delta B·A has no zeros in the padded rows and columns (nor
+    does a full-weight gradient), so the padding stops being padding. For a `pad` folder this returns the
+    `native` model of the kept counts in the manifest, cut from the leading block of each padded tensor;
+    `stored_layout` puts it back. Other folders hold their exact shapes already and load as they are.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import compresso_ops.models.modeling_compresso  # noqa: F401  (registers the native class for the reload)
+    stored = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    manifest = read_manifest(folder)
+    if manifest.get("mode") != "pad":
+        return stored
+    arch = ArchSpec.from_hf_config(stored.config)
+    kept = manifest["kept"]
+    shape = SliceShape(kv_heads=tuple(kept["kv_groups_per_layer"]), channels=tuple(kept["ffn_channels_per_layer"]),
+                       hidden=arch.hidden_size, group_size=arch.group_size, head_dim=arch.head_dim,
+                       rms_norm_eps=arch.rms_norm_eps)
+    config = native_config(stored.config, shape)
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    padded = stored.state_dict()
+    exact = build_model(config, {k: padded[k][_leading(s)].contiguous() for k, s in shapes.items()})
+    exact.generation_config = stored.generation_config
+    return exact.to(dtype)
+
+
+@torch.no_grad()
+def stored_layout(folder: str | Path, exact: nn.Module) -> nn.Module:
+    """`exact` (from `load_exact`, trained since) in the layout of the export folder it came from.
+
+    For a `pad` folder: the folder's stock model with every tensor of `exact` written into its leading block
+    and the rest of that tensor set to zero, so the padding is exactly zero whatever training did; tensors
+    `exact` does not hold (a block the native model drops because it keeps nothing) stay as the folder has
+    them. Any other folder: `exact` itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if read_manifest(folder).get("mode") != "pad":
+        return exact
+    stored = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    target = stored.state_dict()
+    for key, tensor in exact.state_dict().items():
+        target[key].zero_()
+        target[key][_leading(tensor.shape)] = tensor.to(target[key].dtype)
+    stored.config.use_cache = exact.config.use_cache
+    return stored.eval()
 
 
 def _release_weights(model: nn.Module) -> None:

@@ -102,15 +102,17 @@ def _fingerprint(recipe: Recipe, sliced_dir: Path) -> str:
 
 
 def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
-    """The sliced export (frozen, training mode) with its tokenizer, held as the recipe's precision says."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The sliced model at its exact pruned shapes (frozen, training mode) with its tokenizer, held as the
+    recipe's precision says. A `pad` export trains without its padding (`load_exact`), so the padding stays
+    zero and costs no compute; it comes back when the model is written."""
+    from transformers import AutoTokenizer
 
-    import compresso_ops.models.modeling_compresso  # noqa: F401  (registers the native export class)
+    from compresso_ops.models.export import load_exact
 
     if not (sliced_dir / "config.json").is_file():
         raise UserError(f"{sliced_dir}: no sliced model; run the slice stage first")
     precision = choose_precision(recipe, dist)
-    model = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=precision.base_dtype)
+    model = load_exact(sliced_dir, precision.base_dtype)
     freeze_for_training(model, precision)
     return model, AutoTokenizer.from_pretrained(sliced_dir), precision
 
@@ -147,17 +149,16 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
 
 
 def _merged(recipe: Recipe, lora: dict[str, torch.Tensor], sliced_dir: Path) -> nn.Module:
-    """The trained adapters merged into a fresh fp32 CPU copy of the sliced model: the trained model may be
-    sharded (FSDP) or half precision on a GPU with no room for an fp32 copy, and merging in fp32 rounds once,
-    at save time."""
-    from transformers import AutoModelForCausalLM
+    """The trained adapters merged into a fresh fp32 CPU copy of the sliced model, in the sliced folder's
+    layout (a `pad` export is padded again here, with exact zeros): the trained model may be sharded (FSDP)
+    or half precision on a GPU with no room for an fp32 copy, and merging in fp32 rounds once, at save time."""
+    from compresso_ops.models.export import load_exact, stored_layout
 
-    base = AutoModelForCausalLM.from_pretrained(sliced_dir, dtype=torch.float32)
-    model = add_lora(base, recipe.finetune.lora, "finetune.lora.target_modules")
+    model = add_lora(load_exact(sliced_dir, torch.float32), recipe.finetune.lora, "finetune.lora.target_modules")
     load_trainable_state(model, lora)
     merged = model.merge_and_unload().eval()
     merged.config.use_cache = True
-    return merged
+    return stored_layout(sliced_dir, merged)
 
 
 def _export(recipe: Recipe, lora: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,

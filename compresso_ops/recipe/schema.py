@@ -129,8 +129,17 @@ class LoraSection(Strict):
     )
 
 
+TRAIN_DESCRIPTION = (
+    "What trains besides the gates: lora (adapters on a frozen base; the reference method) or full (every "
+    "weight, fp32 master weights under fp16/bf16 autocast; more memory, better recovery)."
+)
+
+
 class PruneLearningRates(Strict):
-    lora: float = Field(default=5e-5, gt=0, description="Learning rate of the LoRA adapters while pruning.")
+    lora: float = Field(
+        default=5e-5, gt=0,
+        description="Learning rate of the trained weights while pruning: the LoRA adapters, or every weight "
+                    "with prune.train: full.")
     gates: float = Field(default=0.1, gt=0, description="Learning rate of the gates' log_alpha.")
     lagrangian: float = Field(
         default=0.1, gt=0,
@@ -146,6 +155,7 @@ class PruneSchedule(Strict):
 
 
 class PruneSection(Strict):
+    train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
     lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
     schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
@@ -154,11 +164,13 @@ class PruneSection(Strict):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
-    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the LoRA gradient norm; null disables.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
 
 
 class FinetuneSection(Strict):
-    enabled: bool = Field(default=True, description="Run LoRA fine-tuning on the sliced model.")
+    enabled: bool = Field(default=True, description="Fine-tune the sliced model to recover quality.")
+    train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of `duration`.")
     duration: float = Field(default=3, gt=0, description="How long to fine-tune, in `unit`.")
     lr: float = Field(default=4e-4, gt=0, description="Peak learning rate.")

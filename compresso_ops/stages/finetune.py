@@ -1,5 +1,5 @@
-"""The fine-tune stage: LoRA on the sliced model to recover quality, then merge and save it in the same export
-format as the slice stage (same manifest, same reload-and-check).
+"""The fine-tune stage: LoRA (or, with `finetune.train: full`, every weight) trained on the sliced model to
+recover quality, then saved in the same export format as the slice stage (same manifest, same reload-and-check).
 
 The collaborative prompt starts every example when the recipe uses it in fine-tuning (docs/method.md §9);
 the learning rate follows the recipe's schedule (cosine by default) after a linear warm-up. Checkpoints and
@@ -31,7 +31,15 @@ from compresso_ops.training.batching import (
     step_label_tokens,
     to_steps,
 )
-from compresso_ops.training.checkpoints import CheckpointStore, load_trainable_state, trainable_state
+from compresso_ops.training.checkpoints import (
+    CheckpointStore,
+    gather_weights,
+    load_trainable_state,
+    load_trained_state,
+    sharded_trainables,
+    shared_checkpoint,
+    trained_state,
+)
 from compresso_ops.training.data import Example, build_dataset
 from compresso_ops.training.distributed import SINGLE, DistContext, init_distributed
 from compresso_ops.training.events import EventLog
@@ -61,6 +69,7 @@ class FinetuneTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=f.lr, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, f.schedule, self.total, round(f.warmup_ratio * self.total))
+        self.collective_state = sharded_trainables(model)
 
     def step(self, step: int) -> dict[str, Any]:
         f = self.recipe.finetune
@@ -81,13 +90,13 @@ class FinetuneTrainer:
                 "loss": total.item(), "lr": lr, "tokens": tokens}
 
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
-        return {"step": step, "fingerprint": fingerprint, "lora": trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"step": step, "fingerprint": fingerprint, **trained_state(self.model, self.optimizer),
+                "scheduler": self.scheduler.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        load_trainable_state(self.model, state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict[str, Any] | None) -> int:
+        state = shared_checkpoint(self.model, state, self.precision.dist)
+        load_trained_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
@@ -111,7 +120,7 @@ def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) ->
 
     if not (sliced_dir / "config.json").is_file():
         raise UserError(f"{sliced_dir}: no sliced model; run the slice stage first")
-    precision = choose_precision(recipe, dist)
+    precision = choose_precision(recipe, dist, full=recipe.finetune.train == "full")
     model = load_exact(sliced_dir, precision.base_dtype)
     freeze_for_training(model, precision)
     return model, AutoTokenizer.from_pretrained(sliced_dir), precision
@@ -141,41 +150,52 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     if not complete:
         return {"completed": False}
     weights = weights_held(model, precision)
+    trained = gather_weights(model)  # a collective when FSDP shards them
     result = None
     if dist.is_main:
-        result = _export(recipe, trainable_state(model), tokenizer, sliced_dir, stage_dir, trainer.total)
+        result = _export(recipe, trained, tokenizer, sliced_dir, stage_dir, trainer.total)
         result["weights"] = weights
     return dist.broadcast_object(result)  # also keeps the other ranks until the model is on disk
 
 
-def _merged(recipe: Recipe, lora: dict[str, torch.Tensor], sliced_dir: Path) -> nn.Module:
-    """The trained adapters merged into a fresh fp32 CPU copy of the sliced model, in the sliced folder's
-    layout (a `pad` export is padded again here, with exact zeros): the trained model may be sharded (FSDP)
-    or half precision on a GPU with no room for an fp32 copy, and merging in fp32 rounds once, at save time."""
+def _merged(recipe: Recipe, trained: dict[str, torch.Tensor], sliced_dir: Path) -> nn.Module:
+    """The trained state in a fresh fp32 CPU copy of the sliced model, in the sliced folder's layout (a `pad`
+    export is padded again here, with exact zeros): LoRA adapters are merged into it, or (train: full) the
+    trained weights replace its own. The trained model may be sharded (FSDP) or half precision on a GPU with
+    no room for an fp32 copy, and merging in fp32 rounds once, at save time."""
     from compresso_ops.models.export import load_exact, stored_layout
 
-    model = add_lora(load_exact(sliced_dir, torch.float32), recipe.finetune.lora, "finetune.lora.target_modules")
-    load_trainable_state(model, lora)
-    merged = model.merge_and_unload().eval()
+    model = load_exact(sliced_dir, torch.float32)
+    if recipe.finetune.train == "full":
+        model.requires_grad_(True)  # the parameters `trainable_state` collected
+        load_trainable_state(model, trained)
+        merged = model.eval()
+    else:
+        model = add_lora(model, recipe.finetune.lora, "finetune.lora.target_modules")
+        load_trainable_state(model, trained)
+        merged = model.merge_and_unload().eval()
+    merged.requires_grad_(False)
     merged.config.use_cache = True
     return stored_layout(sliced_dir, merged)
 
 
-def _export(recipe: Recipe, lora: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,
+def _export(recipe: Recipe, trained: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,
             steps: int) -> dict[str, Any]:
-    """Merge the adapters and save the model in the slice stage's export format (rank 0 only)."""
+    """Merge what trained and save the model in the slice stage's export format (rank 0 only)."""
     from compresso_ops.models.export import save_export
 
-    merged = _merged(recipe, lora, sliced_dir)
+    merged = _merged(recipe, trained, sliced_dir)
     manifest = json.loads((sliced_dir / MANIFEST).read_text())
-    manifest["finetune"] = {"steps": steps, "lr": recipe.finetune.lr, "schedule": recipe.finetune.schedule,
-                            "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE)}
+    f = recipe.finetune
+    manifest["finetune"] = {"steps": steps, "train": f.train, "trained_params": sum(t.numel() for t in trained.values()),
+                            "lr": f.lr, "schedule": f.schedule, "lora": f.lora.model_dump() if f.train == "lora" else None,
+                            "prompt": resolve_prompt(recipe.prompt, STAGE)}
     manifest = save_export(merged, tokenizer, stage_dir / "model", manifest)
     return {"completed": True, "steps": steps, "manifest": manifest}
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
-    """The fine-tune stage: LoRA on `slice/model`, merged into `finetune/model`."""
+    """The fine-tune stage: LoRA (or every weight) trained on `slice/model`, written to `finetune/model`."""
     if not recipe.finetune.enabled:
         return "disabled in the recipe"
     result = run_finetune(recipe, run_dir / "slice" / "model", run_dir / STAGE, on_event=on_event)

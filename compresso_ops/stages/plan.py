@@ -136,6 +136,8 @@ def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: fl
 def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
                      micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
                      scale: float = 1.0) -> dict[str, Any]:
+    """Peak bytes per GPU of one training stage. `frozen_params` are held in `dtype`; `trainable` (LoRA,
+    gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each."""
     nbytes = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_layer(arch, nbytes, scale) * tokens
@@ -148,15 +150,21 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
     # after the logits are freed, so the peak holds the larger of the two.
     act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
+    trained = trainable * BYTES_PER_TRAINABLE
     if fsdp:
-        # Each rank keeps 1/world of every frozen weight, plus what is gathered at the peak: the embeddings,
-        # LM head and final norm (the root group stays gathered from forward to backward) and two decoder
-        # layers (the one computing and the one prefetched). Trainables stay replicated (sharding.py).
-        layer = (frozen_params - outside_layers) / arch.num_layers
+        # Each rank keeps 1/world of every sharded weight, plus what is gathered at the peak in the compute
+        # dtype: the embeddings, LM head and final norm (the root group stays gathered from forward to
+        # backward) and two decoder layers (the one computing and the one prefetched). Under LoRA the frozen
+        # base is sharded and the trainables replicated; with train: full (frozen_params 0) the fp32 weights,
+        # gradients and optimizer state are sharded (sharding.py).
+        sharded = frozen_params or trainable
+        layer = (sharded - outside_layers) / arch.num_layers
         frozen = (frozen_params / world + 2 * layer + outside_layers) * nbytes
+        if not frozen_params:
+            trained /= world
     breakdown = {
         "frozen_weights": int(frozen),
-        "trainable_grads_optimizer": trainable * BYTES_PER_TRAINABLE,
+        "trainable_grads_optimizer": int(trained),
         "activations": int(act_ckpt if checkpointing else act_full),
         "activations_without_checkpointing": int(act_full),
         "activations_with_checkpointing": int(act_ckpt),
@@ -170,6 +178,12 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
 def _framework_overhead(subtotal: float) -> int:
     """The CUDA context and allocator fragmentation on top of `subtotal` bytes of tensors."""
     return int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
+
+
+def _finetune_trainable(recipe: Recipe, arch: ArchSpec, target_total: int) -> int:
+    if recipe.finetune.train == "full":
+        return target_total
+    return lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules)
 
 
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
@@ -186,13 +200,13 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
     outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
     stages = {
         "prune": _training_memory(
-            arch, params["source"]["total"], outside, trainable["total"], dtype=dtype,
+            arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
             micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
             checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
             on_gpu=on_gpu),
         "finetune": _training_memory(
-            arch, target_total, int(outside * scale),
-            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
+            arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
+            _finetune_trainable(recipe, arch, target_total), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
             checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
             fsdp=fsdp, on_gpu=on_gpu, scale=scale),
     }
@@ -308,16 +322,17 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
         if stage == "finetune" and not recipe.finetune.enabled:
             total, phase_steps = 0, {"train": 0}
         params = count_params(arch).total if stage == "prune" else target_total
-        # LoRA with a frozen base: forward (2P) + backward through activations (2P), plus a recomputed
-        # forward under gradient checkpointing.
-        flops_per_token = (6 if section.gradient_checkpointing else 4) * params
+        # LoRA with a frozen base: forward (2P) + backward through activations (2P); train: full adds the
+        # weight gradients (2P); gradient checkpointing recomputes the forward (2P).
+        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params
         tokens = None if total is None else total * global_batch * recipe.data.max_seq_length
         out[stage] = {
             "global_batch": global_batch, "steps_per_epoch": per_epoch, "phases": phase_steps, "total": total,
             "est_seconds": None if tokens is None else tokens * flops_per_token / flops_per_s,
         }
     out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
-                         "full-length sequences, 4P (6P with checkpointing) FLOPs per trained token")
+                         "full-length sequences, 4P FLOPs per trained token (+2P with train: full, +2P with "
+                         "checkpointing)")
     return out
 
 
@@ -342,11 +357,16 @@ def _host_memory(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
-    """Trainable parameters of the prune stage (LoRA, gates, the two multipliers)."""
-    structures = recipe.target.structures if recipe.method == "compresso" else []
-    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if recipe.method == "compresso" else 0
-    gates = gate_params(arch, structures)
-    return {"lora": lora, "gates": gates, "lagrangian": 2 if gates else 0, "total": lora + gates + (2 if gates else 0)}
+    """Trainable parameters of the prune stage: LoRA (or with train: full every weight), gates, the two
+    multipliers."""
+    compresso = recipe.method == "compresso"
+    full = compresso and recipe.prune.train == "full"
+    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if compresso and not full else 0
+    weights = count_params(arch).total if full else 0
+    gates = gate_params(arch, recipe.target.structures if compresso else [])
+    lagrangian = 2 if gates else 0
+    return {"lora": lora, "weights": weights, "gates": gates, "lagrangian": lagrangian,
+            "total": lora + weights + gates + lagrangian}
 
 
 def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
@@ -357,7 +377,7 @@ def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
     stages = _stage_memory(recipe, arch, params, trainable)
     if recipe.hardware.strategy != "auto":
         return stages, recipe.hardware.strategy
-    if world > 1 and not stages["prune"]["fits"]:
+    if world > 1 and not (stages["prune"]["fits"] and stages["finetune"]["fits"]):
         sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
         if sharded["prune"]["fits"]:
             return sharded, "fsdp"

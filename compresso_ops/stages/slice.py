@@ -13,6 +13,7 @@ from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.export import _emit, export_pruned
 from compresso_ops.models.slicing import merge_lora
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.prune import TRAINED
 from compresso_ops.ui.progress import EventFn
 
 
@@ -30,8 +31,11 @@ def run_slice(
     _emit(on_event, "load", model=src.path)
     source_dtype = AutoConfig.from_pretrained(src.path, **load_kw).dtype
     tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
-    model: Any = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **load_kw)
-    lora_dir = prune_dir / "lora"
+    trained = prune_dir / TRAINED["full"]  # prune.train: full left the whole trained model (fp32)
+    weights = trained if trained.is_dir() else src.path
+    model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                                      **(load_kw if weights == src.path else {}))
+    lora_dir = prune_dir / TRAINED["lora"]
     if lora_dir.is_dir():
         from peft import PeftModel
 

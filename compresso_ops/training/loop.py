@@ -35,7 +35,11 @@ from compresso_ops.ui.progress import EventFn
 
 
 class Trainer(Protocol):
-    """`state_dict` runs on rank 0 only, so it must not use collectives (every trainable is replicated)."""
+    """With replicated trainables `state_dict` runs on rank 0 only and must not use collectives. With
+    `collective_state` (FSDP shards the trained weights) every rank calls `state_dict` and `load_state_dict`
+    (non-zero ranks with None), which gather to and broadcast from rank 0."""
+
+    collective_state: bool
 
     def step(self, step: int) -> dict[str, Any]: ...
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]: ...
@@ -81,7 +85,10 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
     is_writer = dist.is_main
     saved = store.load(fingerprint) if is_writer else None
     start = 0
-    if dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
+    if trainer.collective_state:  # every rank loaded the same source and seeds: only a resume needs loading
+        if dist.broadcast_object(saved is not None):
+            start = trainer.load_state_dict(saved)
+    elif dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
         start = trainer.load_state_dict(dist.broadcast_object(
             (saved if saved is not None else trainer.state_dict(0, fingerprint)) if is_writer else None))
     elif saved is not None:
@@ -103,8 +110,13 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
                 if on_event is not None:
                     on_event(record)
             stopping = dist.any(flag.requested)
-            if is_writer and (done % checkpoint_every == 0 or done == total or stopping):
-                store.save(trainer.state_dict(done, fingerprint))  # replicated state: rank 0's is everyone's
+            if done % checkpoint_every == 0 or done == total or stopping:
+                if trainer.collective_state:
+                    state = trainer.state_dict(done, fingerprint)  # gathered onto rank 0
+                    if is_writer:
+                        store.save(state)
+                elif is_writer:
+                    store.save(trainer.state_dict(done, fingerprint))  # replicated state: rank 0's is everyone's
             if stopping:
                 raise KeyboardInterrupt
     return stop >= total

@@ -1,5 +1,6 @@
 """The model as training needs it: the source loaded in the planned precision, frozen, with gradient
-checkpointing, seeded LoRA adapters (peft) and, under FSDP, the frozen base sharded."""
+checkpointing, then either seeded LoRA adapters (peft) or, with `train: full`, every weight trainable; under
+FSDP the frozen base sharded."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ from compresso_ops.models.adapter import module_names, unwrap
 from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
-from compresso_ops.training.sharding import shard_frozen_base
+from compresso_ops.training.sharding import shard_model
 
 
-def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
-    """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use."""
+def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = False) -> tuple[nn.Module, Any, Precision]:
+    """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use
+    (`full`: fp32 master weights, see `choose_precision`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = recipe.model
     kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-    precision = choose_precision(recipe, dist)
+    precision = choose_precision(recipe, dist, full=full)
     try:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
@@ -47,14 +49,17 @@ def freeze_for_training(model: nn.Module, precision: Precision) -> None:
 
 def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSection, field: str,
                          precision: Precision) -> nn.Module:
-    """Checkpointing as the section asks, seeded LoRA adapters (the same init on every rank and every run),
-    and under FSDP the frozen base sharded across the ranks."""
+    """Checkpointing as the section asks, then seeded LoRA adapters (the same init on every rank and every
+    run) or, for `train: full`, every weight trainable; under FSDP the frozen base sharded across the ranks."""
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    seed_all(section.seed)
-    model = add_lora(model, section.lora, field)
+    if section.train == "full":
+        model.requires_grad_(True)
+    else:
+        seed_all(section.seed)
+        model = add_lora(model, section.lora, field)
     if precision.shard_base:
-        shard_frozen_base(model, precision.device, precision.dist)
+        shard_model(model, precision)
     return model
 
 

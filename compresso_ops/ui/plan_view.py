@@ -28,7 +28,8 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     console.print(sizes)
 
     t = plan["trainable"]
-    console.print(f"Trainable while pruning: LoRA {t['lora']:,} + gates {t['gates']:,} + lambdas "
+    trained = f"every weight {t['weights']:,}" if t["weights"] else f"LoRA {t['lora']:,}"
+    console.print(f"Trainable while pruning: {trained} + gates {t['gates']:,} + lambdas "
                   f"{t['lagrangian']} = {t['total']:,}")
 
     mem = Table(title=f"Memory per GPU ({plan['memory']['compute_dtype']} base, "

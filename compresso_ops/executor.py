@@ -91,18 +91,28 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
     return hashes
 
 
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A run's state.json, or None when there is none; a damaged one is a user error with what to do
+    (compresso-ops writes it atomically, so damage comes from outside)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and isinstance(data.get("stages"), dict)
+            and all(isinstance(v, dict) for v in data["stages"].values())):
+        raise UserError(f"{path}: damaged (not the state compresso-ops writes); restore it, or delete it and "
+                        "rerun `compresso-ops apply` to run every stage again")
+    return data
+
+
 class RunState:
     """state.json: per-stage status (pending, running, done, skipped, failed, interrupted), hashes, timings."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / STATE_FILE
-        self.data: dict[str, Any] = {"stages": {}}
-        if self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path}: not valid JSON; it was not written by compresso-ops, "
-                                "remove it to start the run again") from None
+        self.data: dict[str, Any] = load_state(self.path) or {"stages": {}}
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(name, {"status": "pending"})
@@ -118,6 +128,9 @@ class Executor:
         self.recipe = recipe
         self.reporter = reporter
         self.run_dir = Path(run_dir or recipe.resolved_run_dir())
+        if from_stage and until and STAGES.index(from_stage) > STAGES.index(until):
+            raise UserError(f"--from {from_stage} comes after --until {until} in the pipeline "
+                            f"({' -> '.join(STAGES)}); nothing would run; swap them")
         self.from_stage = from_stage
         self.until = until
         self.force = force

@@ -78,12 +78,40 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it: event logs are append-only and each line is self-contained."""
+    """Append one JSON line and flush it: event logs are append-only and each line is self-contained.
+    A log whose last line was torn (a kill mid-write) gets a line break first, so the new record stands
+    on its own line and only the torn one is lost."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
+    with open(p, "ab") as fh:
+        if fh.tell() > 0 and _last_byte(p) != b"\n":
+            fh.write(b"\n")
+        fh.write((json.dumps(record, default=float) + "\n").encode())
         fh.flush()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log, in order; a torn or garbled line (a kill mid-write, stray
+    bytes) is dropped rather than failing every later reader. An absent file reads as empty."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:

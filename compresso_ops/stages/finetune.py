@@ -55,6 +55,7 @@ class FinetuneTrainer:
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
         self.precision, self.store = precision, store
         self.layout = BatchLayout.of(f, recipe.hardware)
+        self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
         self.order = DataOrder(len(examples), f.seed)

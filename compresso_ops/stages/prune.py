@@ -96,6 +96,7 @@ class PruneTrainer:
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
+        self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "prune")
         self.order = DataOrder(len(examples), p.seed)
         self.label_counts = [label_count(e) for e in examples]

@@ -8,7 +8,6 @@ stage that did not run gives a "not run" line with the reason, never a crash.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from compresso_ops.errors import UserError
+from compresso_ops.executor import STATE_FILE, load_state
 from compresso_ops.infra import atomic
 from compresso_ops.infra.units import human_bytes, timestamp
 from compresso_ops.recipe.schema import Recipe
@@ -39,7 +40,12 @@ def _stage_status(stage: dict[str, Any]) -> str:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    return atomic.read_json(run_dir / "state.json") or {}
+    """state.json of a run folder; a folder without one is not a run (`report` on the wrong folder)."""
+    state = load_state(run_dir / STATE_FILE)
+    if state is None:
+        raise UserError(f"{run_dir}: not a run folder (no {STATE_FILE}); give the run_dir of a "
+                        "`compresso-ops apply`")
+    return state
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any]:
@@ -75,19 +81,7 @@ def read_masks(run_dir: Path) -> dict[str, Any]:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Step records of a training log; unreadable lines (a run killed mid-write) are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            out.append(record)
-    return out
+    return [r for r in atomic.read_jsonl(path) if isinstance(r.get("step"), (int, float))]
 
 
 def folder_size(path: str | Path | None) -> int | None:

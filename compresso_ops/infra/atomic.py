@@ -22,18 +22,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes 0600, and writers that replace the file (safetensors) may too: every artifact
+        # gets what a plain open() would give it, 0666 less the umask
+        os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
     current = os.umask(0)
     os.umask(current)
     return current
@@ -60,9 +63,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
+        _usual_permissions(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():
@@ -75,6 +79,15 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Files written into `folder` by libraries (safetensors writes 0600) get 0666 less the umask, folders
+    0777 less the umask: the run folder reads the same whoever wrote each file."""
+    mask = umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

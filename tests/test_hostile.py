@@ -42,6 +42,11 @@ def _cli(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+def _report(run: Path):
+    """`report RUN -o FILE` beside the run (the default writes charts into the working folder)."""
+    return _cli("report", str(run), "-o", str(run.parent / f"{run.name}-report.md"))
+
+
 def _state(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
 
@@ -239,15 +244,15 @@ def test_truncated_final_model_is_reported_then_rebuilt_identically(assets, fini
     weights = run / "finetune" / "model" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    result = _cli("report", str(run))
+    result = _report(run)
     assert result.exit_code == 2 and f"{weights}: damaged" in result.output
     result = _cli("apply", str(recipe), "--plain")
     assert result.exit_code == 0, result.output
     assert "model.safetensors is not the file this stage wrote" in result.output
     assert "[prune] skipped" in result.output and "[slice] skipped" in result.output
     assert weights.read_bytes() == good  # resumed from its final checkpoint: the same model
-    result = _cli("report", str(run))
-    assert result.exit_code == 0 and "model files: all 7 match the sha256" in result.output
+    assert _report(run).exit_code == 0
+    assert "model files: all 7 match the sha256" in (run.parent / "truncated-report.md").read_text()
 
 
 def test_bit_flipped_masks_rerun_the_prune_stage(assets, finished):
@@ -269,7 +274,7 @@ def test_torn_and_binary_event_lines_are_dropped(assets, finished):
         fh.write(b'{"time": "x", "event": "stage_st')
     with open(run / "prune" / "events.jsonl", "ab") as fh:
         fh.write(b"\x00\xff\xfe garbage\n{\"step\": 99, \"lm_lo")
-    result = _cli("report", str(run))
+    result = _report(run)
     assert result.exit_code == 0, result.output
     result = _cli("apply", str(recipe), "--plain", "--force", "--until", "plan")
     assert result.exit_code == 0, result.output

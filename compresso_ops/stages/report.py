@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from compresso_ops.errors import UserError
-from compresso_ops.executor import STATE_FILE, load_state
+from compresso_ops.executor import STAGES, STATE_FILE, load_state
 from compresso_ops.infra import atomic
 from compresso_ops.infra.integrity import damaged
 from compresso_ops.infra.units import human_bytes, timestamp
@@ -41,12 +41,13 @@ def _stage_status(stage: dict[str, Any]) -> str:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    """state.json of a run folder; a folder without one is not a run (`report` on the wrong folder)."""
+    """state.json of a run folder ({} for a run without one, e.g. stages run one by one); a folder with
+    neither state.json nor any stage's folder is not a run (`report` on the wrong folder)."""
     state = load_state(run_dir / STATE_FILE)
-    if state is None:
-        raise UserError(f"{run_dir}: not a run folder (no {STATE_FILE}); give the run_dir of a "
-                        "`compresso-ops apply`")
-    return state
+    if state is None and not any((run_dir / name).is_dir() for name in STAGES):
+        raise UserError(f"{run_dir}: not a run folder (no {STATE_FILE} and no stage folder); give the run_dir of "
+                        "a `compresso-ops apply`")
+    return state or {}
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class CheckpointStore:
 
     def save(self, state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".new.*.tmp"):  # left by a kill mid-save; `last` or `previous` covers it
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".new.", suffix=".tmp", dir=self.root))
         try:
             with atomic.atomic_path(tmp / STATE_FILE) as path:

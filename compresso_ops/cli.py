@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, n
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -37,14 +38,23 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as exc:  # an internal error: one line unless debugging
-            if os.environ.get("COMPRESSO_OPS_DEBUG"):
-                raise
-            click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)",
-                       err=True)
-            _exit(1)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                _internal_error(exc)
+            click.echo(f"{exc.filename or 'the run folder'}: no space left on the device; free space and rerun "
+                       "(`apply` resumes from the last checkpoint)", err=True)
+            _exit(2)
+        except Exception as exc:  # noqa: BLE001 (an internal error: one line unless debugging)
+            _internal_error(exc)
 
     return wrapper
+
+
+def _internal_error(exc: Exception) -> None:
+    if os.environ.get("COMPRESSO_OPS_DEBUG"):
+        raise exc
+    click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)", err=True)
+    _exit(1)
 
 
 EXIT_FILE_ENV = "COMPRESSO_OPS_EXIT_FILE"

@@ -9,8 +9,10 @@ starts from an empty folder. `state.json` records status, timings and input hash
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import shutil
 import signal
 import time
@@ -21,6 +23,7 @@ from typing import Any
 from compresso_ops.errors import UserError
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest, path_identity
+from compresso_ops.infra.integrity import damaged, hash_outputs
 from compresso_ops.infra.lock import RunLock
 from compresso_ops.infra.units import timestamp
 from compresso_ops.recipe.loader import dump_resolved
@@ -33,12 +36,15 @@ STATE_FILE = "state.json"
 @dataclass(frozen=True)
 class Stage:
     """One step of the pipeline: the module whose `run(recipe, run_dir, on_event) -> note` does the work,
-    the recipe fields (dotted) that are its inputs, and the recipe fields naming files whose content is."""
+    the recipe fields (dotted) that are its inputs, the recipe fields naming files whose content is, and
+    the outputs (globs under the run folder) that later stages trust: their sha256 is recorded when the
+    stage finishes and checked before the stage is skipped."""
 
     name: str
     module: str
     reads: tuple[str, ...]
     files: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     def run(self, recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
         return importlib.import_module(self.module).run(recipe, run_dir, on_event)
@@ -51,11 +57,12 @@ PIPELINE: tuple[Stage, ...] = (
     # hardware: GPUs per node x nodes set the global batch, the GPU type the precision.
     Stage("prune", "compresso_ops.stages.prune",
           ("method", "model", "target", "prompt", "data", "prune", "export.mode", "hardware.gpu",
-           "hardware.gpus_per_node", "hardware.nodes"), ("model.path", "data.path")),
-    Stage("slice", "compresso_ops.stages.slice", ("export",)),
+           "hardware.gpus_per_node", "hardware.nodes"), ("model.path", "data.path"),
+          ("prune/masks.safetensors", "prune/masks.json", "prune/gates.safetensors", "prune/lora/*")),
+    Stage("slice", "compresso_ops.stages.slice", ("export",), outputs=("slice/model/*",)),
     Stage("finetune", "compresso_ops.stages.finetune",
           ("finetune", "data", "prompt", "model.dtype", "hardware.gpu", "hardware.gpus_per_node",
-           "hardware.nodes"), ("data.path",)),
+           "hardware.nodes"), ("data.path",), ("finetune/model/*",)),
     Stage("evaluate", "compresso_ops.stages.evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
     Stage("report", "compresso_ops.stages.report", ()),
 )
@@ -91,24 +98,48 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
     return hashes
 
 
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A run's state.json, or None when there is none; a damaged one is a user error with what to do
+    (compresso-ops writes it atomically, so damage comes from outside)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and isinstance(data.get("stages"), dict)
+            and all(isinstance(v, dict) for v in data["stages"].values())):
+        raise UserError(f"{path}: damaged (not the state compresso-ops writes); restore it, or delete it and "
+                        "rerun `compresso-ops apply` to run every stage again")
+    return data
+
+
 class RunState:
-    """state.json: per-stage status (pending, running, done, skipped, failed, interrupted), hashes, timings."""
+    """state.json: per-stage status (pending, running, done, skipped, failed, interrupted, damaged), input
+    hashes, the sha256 of the outputs later stages trust, timings."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / STATE_FILE
-        self.data: dict[str, Any] = {"stages": {}}
-        if self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path}: not valid JSON; it was not written by compresso-ops, "
-                                "remove it to start the run again") from None
+        self.data: dict[str, Any] = load_state(self.path) or {"stages": {}}
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(name, {"status": "pending"})
 
     def save(self) -> None:
         atomic.write_json(self.path, self.data)
+
+    def save_failure(self) -> None:
+        """Record a failed or interrupted stage even when the failure is a full disk, which also fails the
+        atomic write (it needs room for a second copy): then the file is rewritten in place, in the blocks
+        it already holds, so state.json never claims a stage is still running."""
+        try:
+            self.save()
+        except OSError:
+            text = json.dumps(self.data, indent=2, default=str).encode() + b"\n"
+            with contextlib.suppress(OSError), open(self.path, "r+b") as fh:
+                fh.write(text)
+                fh.truncate()
+                os.fsync(fh.fileno())
 
 
 class Executor:
@@ -118,6 +149,9 @@ class Executor:
         self.recipe = recipe
         self.reporter = reporter
         self.run_dir = Path(run_dir or recipe.resolved_run_dir())
+        if from_stage and until and STAGES.index(from_stage) > STAGES.index(until):
+            raise UserError(f"--from {from_stage} comes after --until {until} in the pipeline "
+                            f"({' -> '.join(STAGES)}); nothing would run; swap them")
         self.from_stage = from_stage
         self.until = until
         self.force = force
@@ -195,7 +229,14 @@ class Executor:
         if forced_from is not None and STAGES.index(name) >= forced_from:
             return True
         entry = state.stage(name)
-        return not (entry.get("status") == "done" and entry.get("input_hash") == input_hash)
+        if not (entry.get("status") == "done" and entry.get("input_hash") == input_hash):
+            return True
+        changed = damaged(self.run_dir, entry.get("artifacts") or {})
+        if changed:  # a file the stage wrote was altered or truncated since: produce it again (resuming
+            entry["status"] = "damaged"  # from its final checkpoint where it has one)
+            self.reporter.message(f"[{name}] {self.run_dir / changed[0]} is not the file this stage wrote (sha256 "
+                                  f"differs{f'; {len(changed)} files' if len(changed) > 1 else ''}); re-running {name}")
+        return bool(changed)
 
     def _check_upstream(self, state: RunState, hashes: dict[str, str], stages: list[str], todo: list[str]) -> None:
         """A stage may only run on finished, current upstream results."""
@@ -211,7 +252,8 @@ class Executor:
     def _run_stage(self, state: RunState, name: str, input_hash: str) -> None:
         entry = state.stage(name)
         folder = self.stage_dir(name)
-        resuming = entry.get("input_hash") == input_hash and entry.get("status") in ("running", "interrupted", "failed")
+        resuming = entry.get("input_hash") == input_hash and entry.get("status") in (
+            "running", "interrupted", "failed", "damaged")
         if not resuming and folder.exists():
             shutil.rmtree(folder)  # inputs changed (or forced): start the stage from scratch
         folder.mkdir(parents=True, exist_ok=True)
@@ -228,22 +270,30 @@ class Executor:
         t0 = time.monotonic()
 
         def on_event(event: dict[str, Any]) -> None:
-            self.reporter.event({"stage": name, **event})
+            if "notice" in event:  # something the user should read (a damaged checkpoint was skipped)
+                self.reporter.message(f"[{name}] {event['notice']}")
+                self._log({"event": "notice", "stage": name, "text": event["notice"]})
+            else:
+                self.reporter.event({"stage": name, **event})
 
         try:
             note = BY_NAME[name].run(self.recipe, self.run_dir, on_event)
+            artifacts = hash_outputs(self.run_dir, BY_NAME[name].outputs)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             entry.update({"status": "interrupted" if interrupted else "failed",
                           "seconds_before": entry["seconds_before"] + time.monotonic() - t0,
                           "error": None if interrupted else str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
-            state.save()
+            state.save_failure()
             self._log({"event": "stage_end", "stage": name, "status": entry["status"]})
             self.reporter.stage(name, entry["status"], time.monotonic() - t0)
             raise
         seconds = entry.pop("seconds_before") + time.monotonic() - t0
         entry.update({"status": "done", "finished": timestamp(), "seconds": round(seconds, 3), "note": note or ""})
         entry.pop("error", None)
+        entry.pop("artifacts", None)
+        if artifacts:
+            entry["artifacts"] = artifacts
         state.save()
         self._log({"event": "stage_end", "stage": name, "status": "done", "seconds": seconds})
         self.reporter.stage(name, "done", seconds, note or "")

@@ -196,6 +196,7 @@ def test_missing_stages_give_not_run_lines(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "state.json").write_text('{"stages": {}}')  # a run that has not got far
     md = render_markdown(build_report([empty]), tmp_path / "assets")
     for title in ("Summary", "Tasks", "Perplexity", "Speed and memory", "Kept structures per layer",
                   "Training curves", "Reproducibility"):

@@ -14,6 +14,7 @@ from typing import Any
 
 from compresso_ops.errors import UserError
 from compresso_ops.recipe.schema import EvalSection, LocalTask
+from compresso_ops.training.data import read_rows
 
 # Report groups, as the paper averages them (docs/method.md §10). Local tasks join a group through `LocalTask.group`.
 PAPER_GROUPS: dict[str, tuple[str, ...]] = {
@@ -69,40 +70,34 @@ _COPA_QUERY = (("query", "choices", "gold"), {
 })
 
 
-def first_row(path: Path) -> dict[str, Any]:
-    """The first record of a JSON-lines file or a JSON array, to check the schema before lm-eval loads it."""
-    if not path.is_file():
-        raise UserError(f"eval.local_tasks: data file {path} does not exist; fix the task's `data` path")
-    text = path.read_text(encoding="utf-8").lstrip()
-    try:
-        if text.startswith("["):
-            rows = json.loads(text)
-            row = rows[0] if rows else None
-        else:
-            line = text.split("\n", 1)[0]
-            row = json.loads(line) if line else None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"eval.local_tasks: {path} is not JSON or JSON lines ({exc.msg}, line {exc.lineno})") from exc
-    if not isinstance(row, dict):
-        raise UserError(f"eval.local_tasks: {path} has no rows; it must hold JSON objects, one per example")
-    return row
-
-
 def _schema_for(task: LocalTask, row: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
     if task.format == "copa":
         return _COPA_SUPERGLUE if "premise" in row else _COPA_QUERY
     return _FORMATS[task.format]
 
 
+def check_task_file(task: LocalTask) -> dict[str, Any]:
+    """The task body for the file's schema, once every row of the file is a JSON object with the fields its
+    format needs (lm-eval would otherwise fail mid-evaluation with a traceback)."""
+    path = Path(task.data).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"eval.local_tasks: data file {path} does not exist; fix the task's `data` path")
+    rows = read_rows(path)
+    if not rows or not isinstance(rows[0][1], dict):
+        raise UserError(f"{path}: no rows; a task file holds JSON objects, one per example")
+    required, body = _schema_for(task, rows[0][1])
+    for where, row in rows:
+        missing = [k for k in required if k not in row] if isinstance(row, dict) else list(required)
+        if missing:
+            raise UserError(f"{path}: {where}: lacks field(s) {', '.join(missing)} that format '{task.format}' "
+                            "needs; fix the row or pick the format matching the file's schema")
+    return body
+
+
 def local_task_config(task: LocalTask) -> dict[str, Any]:
     """An lm-eval task config for one local task, reading its file by absolute path."""
     path = Path(task.data).expanduser().resolve()
-    row = first_row(path)
-    required, body = _schema_for(task, row)
-    missing = [k for k in required if k not in row]
-    if missing:
-        raise UserError(f"eval.local_tasks[{task.name}]: {path} lacks field(s) {', '.join(missing)} that format "
-                        f"'{task.format}' needs; pick the format matching the file's schema")
+    body = check_task_file(task)
     return {
         "task": task.name,
         "dataset_path": "json",

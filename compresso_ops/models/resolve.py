@@ -17,6 +17,10 @@ from compresso_ops.recipe.schema import ModelSection, Recipe
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
+# Any one of these lets AutoTokenizer load (fast tokenizer, sentencepiece model, or a config naming one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 @dataclass(frozen=True)
 class ModelLocation:
     """`folder` holds the model's config.json (the path itself, or the cached hub snapshot), or is None."""
@@ -28,6 +32,10 @@ class ModelLocation:
     @property
     def has_weights(self) -> bool:
         return self.folder is not None and any(any(self.folder.glob(p)) for p in WEIGHT_PATTERNS)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.folder is not None and any((self.folder / name).is_file() for name in TOKENIZER_FILES)
 
     def problem(self, need_weights: bool) -> str | None:
         """One line saying what is missing and what to do, or None when the model is there."""

@@ -21,10 +21,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from compresso_ops.errors import RecipeError, UserError
+from compresso_ops.evaluation.tasks import check_task_file
 from compresso_ops.models.architecture import PRESETS, PROJECTIONS
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import count_params, target_sparsity
-from compresso_ops.recipe.schema import Recipe
+from compresso_ops.recipe.schema import Recipe, micro_batch_problem
 
 Loc = tuple[str | int, ...]
 
@@ -63,8 +64,25 @@ def _dotted(loc: Loc) -> str:
     return out
 
 
+# A recipe is a few hundred lines; a larger file is not one, and reading it whole would cost memory.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe loader that refuses duplicate keys (YAML silently keeps the last one otherwise)."""
+    """Safe loader that refuses duplicate keys (YAML silently keeps the last one otherwise) and aliases:
+    `*name` shares a node, so ten lines of nested aliases expand to billions of values (an alias bomb)
+    and a self-referencing one never ends. `extends:` is how recipes reuse each other."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _AliasRefused(problem="YAML aliases (*name) are not allowed in a recipe; write the value out "
+                                "or share settings with extends:", problem_mark=mark)
+        return super().compose_node(parent, index)
 
 
 def _compose(path: Path) -> yaml.Node | None:
@@ -105,8 +123,15 @@ def _read_yaml(path: Path, locations: Locations) -> dict[str, Any]:
     file = _display(path)
     if not path.is_file():
         raise RecipeError([f"{file}:1: (recipe): file not found"])
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        size = path.stat().st_size
+        raise RecipeError([f"{file}:1: (recipe): {size:,} bytes is too large for a recipe; check the file name"])
     try:
         node = _compose(path)
+    except _AliasRefused as exc:
+        raise RecipeError([f"{file}:{exc.problem_mark.line + 1}: yaml: {exc.problem}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{file}:1: yaml: the file nests too deeply to be a recipe"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -289,9 +314,11 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")
 
-    if recipe.data.max_seq_length > arch.max_position_embeddings:
-        problems.add(("data", "max_seq_length"), f"{recipe.data.max_seq_length} is above the model's limit of "
-                                                 f"{arch.max_position_embeddings} positions; lower it")
+    _length_problems(recipe, arch.max_position_embeddings, problems)
+    for section in ("prune", "finetune"):
+        micro = getattr(recipe, section).micro_batch_size
+        if recipe.data.num_examples and (why := micro_batch_problem(micro, recipe.data.num_examples)):
+            problems.add((section, "micro_batch_size"), why)
     if recipe.hardware.gpu == "cpu" and recipe.model.dtype == "float16":
         problems.add(("model", "dtype"), "float16 training is not supported on cpu; use float32 or auto")
 
@@ -299,9 +326,29 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         _file_problems(recipe, problems)
 
 
+def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) -> None:
+    """Every sequence the run builds fits the model's position table."""
+    ppl, speed = recipe.eval.perplexity, recipe.eval.speed
+    lengths: list[tuple[Loc, int]] = [(("data", "max_seq_length"), recipe.data.max_seq_length)]
+    if ppl is not None:
+        lengths.append((("eval", "perplexity", "window"), ppl.window))
+    if recipe.eval.max_length is not None:
+        lengths.append((("eval", "max_length"), recipe.eval.max_length))
+    if speed.enabled:
+        lengths.append((("eval", "speed", "prompt_length"), speed.prompt_length + speed.new_tokens))
+    for loc, length in lengths:
+        if length > max_positions:
+            what = "prompt_length + new_tokens = " if loc[-1] == "prompt_length" else ""
+            problems.add(loc, f"{what}{length:,} is above the model's limit of {max_positions:,} positions; lower it")
+
+
 def _file_problems(recipe: Recipe, problems: _Problems) -> None:
-    if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
+    location = locate_model(recipe.model)
+    if (missing := location.problem(need_weights=True)) is not None:
         problems.add(("model", "path"), missing.removeprefix("model.path: "))
+    elif not location.has_tokenizer:
+        problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
+                                        "tokenizer_config.json); copy the source model's tokenizer files there")
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
@@ -314,6 +361,12 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
     for loc, path in files:
         if path is not None and not Path(path).is_file():
             problems.add(loc, f"file not found: {path}")
+    for i, task in enumerate(recipe.eval.local_tasks):
+        if Path(task.data).is_file():
+            try:
+                check_task_file(task)
+            except UserError as exc:
+                problems.add(("eval", "local_tasks", i, "data"), str(exc))
 
 
 def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:

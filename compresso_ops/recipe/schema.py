@@ -27,6 +27,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Upper bounds on values that size memory or time: far above any real job, low enough that a typo or a
+# hostile recipe fails validation instead of exhausting the machine.
+MAX_BATCH = 65_536
+MAX_SEQ_LENGTH = 1 << 20
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+MAX_NAME_LENGTH = 128
+
+
+def _check_duration(amount: float, unit: str, field: str) -> None:
+    """A training length is bounded in its unit (epochs multiply by the dataset's steps per epoch)."""
+    limit = MAX_EPOCHS if unit == "epochs" else MAX_STEPS
+    if amount > limit:
+        raise ValueError(f"{field} {amount:g} {unit} is above the limit of {limit:,} {unit}; lower it")
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes the folder runs/<name>: one plain path component, never a way out of runs/."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"'{name[:40]}' is not a folder name; use letters, digits, '-', '_' or '.' without '/'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("contains control characters; use letters, digits, '-', '_' or '.'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"'{name[:20]}...' is {len(name):,} characters long; use at most {MAX_NAME_LENGTH}")
+    return name
+
+
+def micro_batch_problem(micro_batch_size: int, num_examples: int) -> str | None:
+    """Why a micro-batch cannot be drawn from a dataset (a larger one only repeats examples in memory)."""
+    if micro_batch_size > num_examples:
+        return (f"{micro_batch_size:,} is larger than the dataset's {num_examples:,} examples; "
+                f"use at most {num_examples:,}")
+    return None
+
+
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
@@ -111,16 +146,16 @@ class DataSection(Strict):
         default="alpaca",
         description="alpaca: JSON or JSONL rows with instruction/input/output; text: plain text chunked to max_seq_length.",
     )
-    max_seq_length: int = Field(default=512, ge=8, description="Tokens per training example (longer ones are cut).")
+    max_seq_length: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per training example (longer ones are cut).")
     max_samples: int | None = Field(default=None, gt=0, description="Use at most this many examples.")
     validation_path: Path | None = Field(default=None, description="Held-out plain text for perplexity.")
     num_examples: int | None = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=10**12,
         description="Rows in the data file, for planning steps and time before the file is on disk.")
 
 
 class LoraSection(Strict):
-    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    r: int = Field(default=8, ge=1, le=MAX_BATCH, description="LoRA rank.")
     alpha: float = Field(default=8.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
@@ -153,14 +188,19 @@ class PruneSchedule(Strict):
     ramp: float = Field(default=4, gt=0, description="Phase 2: target sparsity ramps linearly from 0 to the target.")
     hold: float = Field(default=3, ge=0, description="Phase 3: training continues at the target.")
 
+    @model_validator(mode="after")
+    def _bounded(self) -> PruneSchedule:
+        _check_duration(self.lora_only + self.ramp + self.hold, self.unit, "lora_only + ramp + hold =")
+        return self
+
 
 class PruneSection(Strict):
     train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
     lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
     schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
-    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
@@ -177,11 +217,16 @@ class FinetuneSection(Strict):
     schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters of the fine-tune.")
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
-    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling.")
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> FinetuneSection:
+        _check_duration(self.duration, self.unit, "duration")
+        return self
 
 
 class LocalTask(Strict):
@@ -197,26 +242,26 @@ class LocalTask(Strict):
 
 class PerplexitySection(Strict):
     path: Path = Field(description="Plain text file for perplexity (relative to the recipe's folder).")
-    window: int = Field(default=512, ge=8, description="Tokens per sliding window.")
+    window: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per sliding window.")
     stride: int = Field(default=256, ge=1, description="Tokens the window advances; only new tokens are scored.")
     max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens.")
 
 
 class SpeedSection(Strict):
     enabled: bool = Field(default=True, description="Measure prefill and decode speed and peak memory.")
-    batch_size: int = Field(default=1, ge=1, description="Sequences per batch.")
-    prompt_length: int = Field(default=128, ge=1, description="Prompt tokens for prefill.")
-    new_tokens: int = Field(default=64, ge=1, description="Tokens decoded with the KV cache.")
-    repeats: int = Field(default=3, ge=1, description="Timed repetitions (the median is reported).")
+    batch_size: int = Field(default=1, ge=1, le=MAX_BATCH, description="Sequences per batch.")
+    prompt_length: int = Field(default=128, ge=1, le=MAX_SEQ_LENGTH, description="Prompt tokens for prefill.")
+    new_tokens: int = Field(default=64, ge=1, le=MAX_SEQ_LENGTH, description="Tokens decoded with the KV cache.")
+    repeats: int = Field(default=3, ge=1, le=1000, description="Timed repetitions (the median is reported).")
 
 
 class EvalSection(Strict):
     tasks: list[str] = Field(default_factory=list, description="Stock lm-eval task names (need network or HF cache).")
     local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
-    num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per task.")
+    num_fewshot: int = Field(default=0, ge=0, le=1000, description="Few-shot examples per task.")
     limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")
-    batch_size: int = Field(default=8, ge=1, description="lm-eval batch size.")
-    max_length: int | None = Field(default=None, gt=0, description="Context length given to lm-eval (default: the model's).")
+    batch_size: int = Field(default=8, ge=1, le=MAX_BATCH, description="lm-eval batch size.")
+    max_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH, description="Context length given to lm-eval (default: the model's).")
     perplexity: PerplexitySection | None = Field(default=None, description="Sliding-window perplexity on a text file.")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed and memory measurement.")
     compare_source: bool = Field(default=True, description="Evaluate the source model too (cached across runs).")
@@ -234,8 +279,8 @@ class ExportSection(Strict):
 
 class HardwareSection(Strict):
     gpu: GpuType = Field(default="cpu", description="GPU type the job runs on.")
-    gpus_per_node: int = Field(default=1, ge=1, description="GPUs (processes) per node.")
-    nodes: int = Field(default=1, ge=1, description="Nodes; multi-node runs are started with torchrun.")
+    gpus_per_node: int = Field(default=1, ge=1, le=64, description="GPUs (processes) per node.")
+    nodes: int = Field(default=1, ge=1, le=100_000, description="Nodes; multi-node runs are started with torchrun.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         default="auto",
         description="ddp: every GPU holds the whole frozen model; fsdp: the frozen base is sharded across GPUs "
@@ -272,6 +317,11 @@ class Recipe(Strict):
     export: ExportSection = Field(default_factory=ExportSection, description="Checkpoint format.")
     hardware: HardwareSection = Field(default_factory=HardwareSection, description="Where the job runs.")
     run_dir: Path | None = Field(default=None, description="Run folder (default runs/<name>, relative to the working directory).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_run_name(v)
 
     # Set by the loader, not by users: where the recipe came from and where each field was written, so
     # checks that run after validation still point at a file and line.

@@ -61,7 +61,10 @@ class FinetuneTrainer:
         f = recipe.finetune
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
         self.precision, self.store = precision, store
+        self.vocab_size = int(model.config.vocab_size)
+        self.lr_setting = f"finetune.lr (now {f.lr:g})"
         self.layout = BatchLayout.of(f, recipe.hardware)
+        self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
         self.order = DataOrder(len(examples), f.seed)
@@ -82,7 +85,7 @@ class FinetuneTrainer:
                 self.precision.backward(loss)
             local += loss.detach()
         total = torch.tensor(dist.all_reduce_scalar(local.item()))
-        check_finite(STAGE, step, {"lm_loss": total}, self.store)
+        check_finite(STAGE, step, {"lm_loss": total}, self.store, self.lr_setting)
         lr = self.scheduler.get_last_lr()[0]
         self.precision.step([self.optimizer], (self.params, 1.0))
         self.scheduler.step()

@@ -7,7 +7,6 @@ activation model) is written into the plan so a reader can judge the numbers.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from compresso_ops.models.sizes import (
     target_sparsity,
 )
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.training.data import read_rows
 from compresso_ops.ui.progress import EventFn
 
 GIB = 1024**3
@@ -285,13 +285,7 @@ def count_examples(recipe: Recipe) -> tuple[int | None, str]:
         tokens = Path(path).stat().st_size / 4
         n, how = max(1, math.ceil(tokens / recipe.data.max_seq_length)), "text at ~4 bytes per token"
     else:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            rows = json.loads(text)
-            n = len(rows) if isinstance(rows, list) else 1
-        except json.JSONDecodeError:
-            n = sum(1 for line in text.splitlines() if line.strip())
-        how = "rows counted"
+        n, how = len(read_rows(Path(path))), "rows counted"
     if recipe.data.max_samples is not None:
         n = min(n, recipe.data.max_samples)
     return n, how

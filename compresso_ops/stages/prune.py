@@ -101,9 +101,12 @@ class PruneTrainer:
         self.recipe, self.model, self.examples, self.collate, self.precision = recipe, model, examples, collate, precision
         self.store = store
         self.arch = ModelAdapter(model).arch
+        self.vocab_size = self.arch.vocab_size
+        self.lr_setting = f"prune.lr.lora (now {p.lr.lora:g})"
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
+        self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "prune")
         self.order = DataOrder(len(examples), p.seed)
         self.label_counts = [label_count(e) for e in examples]
@@ -142,7 +145,8 @@ class PruneTrainer:
             lagrangian = self.lagrangian(expected, target)
             if dist.is_main:  # identical on every rank: counted once in the summed gradient
                 self.precision.backward(lagrangian)
-        check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store)
+        check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store,
+                     self.lr_setting)
         optimizers = [self.opt_lora] + ([self.opt_gates, self.opt_lambda] if gating else [])
         clip = (self.lora_params, p.max_grad_norm) if p.max_grad_norm is not None else None
         self.precision.step(optimizers, clip)

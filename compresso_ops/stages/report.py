@@ -8,7 +8,6 @@ stage that did not run gives a "not run" line with the reason, never a crash.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from compresso_ops.errors import UserError
+from compresso_ops.executor import STAGES, STATE_FILE, load_state
 from compresso_ops.infra import atomic
+from compresso_ops.infra.integrity import damaged
 from compresso_ops.infra.units import human_bytes, timestamp
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.ui import charts
@@ -39,7 +41,13 @@ def _stage_status(stage: dict[str, Any]) -> str:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    return atomic.read_json(run_dir / "state.json") or {}
+    """state.json of a run folder ({} for a run without one, e.g. stages run one by one); a folder with
+    neither state.json nor any stage's folder is not a run (`report` on the wrong folder)."""
+    state = load_state(run_dir / STATE_FILE)
+    if state is None and not any((run_dir / name).is_dir() for name in STAGES):
+        raise UserError(f"{run_dir}: not a run folder (no {STATE_FILE} and no stage folder); give the run_dir of "
+                        "a `compresso-ops apply`")
+    return state or {}
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any]:
@@ -75,19 +83,25 @@ def read_masks(run_dir: Path) -> dict[str, Any]:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Step records of a training log; unreadable lines (a run killed mid-write) are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            out.append(record)
-    return out
+    return [r for r in atomic.read_jsonl(path) if isinstance(r.get("step"), (int, float))]
+
+
+def verify_model(run_dir: Path, state: dict[str, Any], model_dir: Path | None) -> int | None:
+    """How many files of the shipped model match the sha256 its stage recorded (None: nothing recorded).
+    A file that differs is an error naming it: a report must not vouch for a damaged model."""
+    if model_dir is None:
+        return None
+    stage = model_dir.parent.name
+    prefix = f"{stage}/{model_dir.name}/"
+    artifacts = (state.get("stages", {}).get(stage) or {}).get("artifacts") or {}
+    recorded = {k: v for k, v in artifacts.items() if k.startswith(prefix)}
+    if not recorded:
+        return None
+    changed = damaged(run_dir, recorded)
+    if changed:
+        raise UserError(f"{run_dir / changed[0]}: damaged (its sha256 differs from the one the {stage} stage "
+                        "recorded); rerun `compresso-ops apply` on the recipe to rebuild the model")
+    return len(recorded)
 
 
 def folder_size(path: str | Path | None) -> int | None:
@@ -257,7 +271,8 @@ def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any]) -> d
 
 
 def _reproducibility(run_dir: Path, state: dict[str, Any], recipe: dict[str, Any], manifest: dict[str, Any] | None,
-                     pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> dict[str, Any]:
+                     pruned: dict[str, Any] | None, source: dict[str, Any] | None,
+                     verified: int | None) -> dict[str, Any]:
     stages = [{"stage": name, "status": entry.get("status"), "seconds": entry.get("seconds"),
                "note": entry.get("note") or entry.get("error") or ""}
               for name, entry in state.get("stages", {}).items()]
@@ -271,6 +286,7 @@ def _reproducibility(run_dir: Path, state: dict[str, Any], recipe: dict[str, Any
         "versions": results.get("versions"),
         "hardware": {"recipe": recipe.get("hardware"), "evaluated_on": results.get("hardware")},
         "stages": stages,
+        "model_files_verified": verified,
         "total_seconds": sum(s["seconds"] for s in stages if isinstance(s["seconds"], (int, float))) or None,
     }
 
@@ -290,7 +306,8 @@ def build_run(run_dir: Path) -> dict[str, Any]:
         "speed": _speed(pruned, source),
         "layers": _layers(manifest, masks, plan, recipe, state),
         "training": _training(run_dir, recipe, state),
-        "reproducibility": _reproducibility(run_dir, state, recipe, manifest, pruned, source),
+        "reproducibility": _reproducibility(run_dir, state, recipe, manifest, pruned, source,
+                                            verify_model(run_dir, state, model_dir)),
     }
 
 
@@ -508,6 +525,8 @@ def _md_reproducibility(r: dict[str, Any]) -> list[str]:
         (f"- hardware: recipe {planned.get('gpu', '—')} × {planned.get('gpus_per_node', '—')} per node × "
          f"{planned.get('nodes', '—')} node(s); evaluated on {evaluated.get('device', '—')} "
          f"({evaluated.get('name', '—')})"),
+        ("- model files: " + (f"all {r['model_files_verified']} match the sha256 recorded when they were written"
+                              if r.get("model_files_verified") else "no recorded sha256 to check them against")),
     ]
     out = ["\n".join(bullets)]
     if r["stages"]:

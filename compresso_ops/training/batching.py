@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from compresso_ops.recipe.schema import FinetuneSection, HardwareSection, PruneSection
+from compresso_ops.errors import UserError
+from compresso_ops.recipe.schema import FinetuneSection, HardwareSection, PruneSection, micro_batch_problem
 from compresso_ops.training.data import IGNORE, Example
 from compresso_ops.training.distributed import SINGLE, DistContext
 
@@ -42,6 +43,11 @@ class BatchLayout:
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.micros
+
+    def require_fits(self, num_examples: int, stage: str) -> None:
+        """Refuse a micro-batch larger than the dataset: it would only hold repeated examples in memory."""
+        if (why := micro_batch_problem(self.micro_batch, num_examples)) is not None:
+            raise UserError(f"{stage}.micro_batch_size: {why}")
 
     def steps_per_epoch(self, num_examples: int) -> int:
         return max(1, math.ceil(num_examples / self.global_batch))

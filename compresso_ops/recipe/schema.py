@@ -145,6 +145,16 @@ class PruneSchedule(Strict):
     hold: float = Field(default=3, ge=0, description="Phase 3: training continues at the target.")
 
 
+GROUP_BY_LENGTH_HELP = (
+    "Length-grouped micro-batches (the idea of transformers' group_by_length): megabatches of up to 50 "
+    "micro-batches are sorted by length, so a micro-batch pads little, and their micro-batches are dealt in a "
+    "seeded random order, so an optimizer step still mixes long and short examples. On by default: every example "
+    "is still seen once per epoch, the loss stays normalised by the step's response tokens, runs stay "
+    "deterministic, resumable and equal across processes, and on Alpaca-style data much of a random "
+    "micro-batch is padding (benchmarks/throughput.py). Applies to data.format alpaca; text chunks have one length."
+)
+
+
 class PruneSection(Strict):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
     lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
@@ -153,6 +163,7 @@ class PruneSection(Strict):
     gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the LoRA gradient norm; null disables.")
 
@@ -169,6 +180,7 @@ class FinetuneSection(Strict):
     gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
 
 

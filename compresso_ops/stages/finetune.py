@@ -57,7 +57,7 @@ class FinetuneTrainer:
         self.layout = BatchLayout.of(f, recipe.hardware)
         require_even_split(self.layout.micros, precision, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
-        self.order = DataOrder(len(examples), f.seed)
+        self.order = DataOrder.of(examples, f, recipe.data)
         self.label_counts = [label_count(e) for e in examples]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=f.lr, weight_decay=0.0)

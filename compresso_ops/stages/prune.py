@@ -97,7 +97,7 @@ class PruneTrainer:
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
         require_even_split(self.layout.micros, precision, "prune")
-        self.order = DataOrder(len(examples), p.seed)
+        self.order = DataOrder.of(examples, p, recipe.data)
         self.label_counts = [label_count(e) for e in examples]
         device = precision.device
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)

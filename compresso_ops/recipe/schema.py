@@ -73,6 +73,16 @@ class TargetSection(Strict):
         "attention_blocks / ffn_blocks.",
     )
 
+    multiple_of: int | None = Field(
+        default=None, ge=1,
+        description="Keep FFN channels (per layer) and hidden dims in multiples of this (a dimension may also keep "
+        "its whole width; heads are whole units already): fp16 tensor-core GEMMs want multiples of 8 and run "
+        "best at 64 or 128, llama.cpp's quantizers need blocks of 32 (q8_0) or 256 (k-quants). The final masks "
+        "meet the target within one aligned unit. Default (null): 64 for a dimension of at least 1,024 "
+        "(7B-class widths: hidden 4096, FFN 11008 = 172 x 64), none below, where a 64-wide unit is a large share "
+        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off.",
+    )
+
     @field_validator("params", mode="before")
     @classmethod
     def _parse_params(cls, v: Any) -> Any:

@@ -211,7 +211,8 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: Callable[[dict
 def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str, Any]:
     """The final masks and summary (computed on every rank from the same gates); rank 0 writes them."""
     trainer.hooks.remove()
-    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode)
+    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode,
+                               trainer.recipe.target.multiple_of)
     expected = trainer.gates.expected_sparsity().item()
     achieved = prunable_sparsity(arch, masks.kept())
     summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,

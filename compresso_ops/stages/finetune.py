@@ -81,6 +81,15 @@ class FinetuneTrainer:
         return {"stage": STAGE, "step": step + 1, "total_steps": self.total, "lm_loss": total.item(),
                 "loss": total.item(), "lr": lr, "tokens": tokens}
 
+    def recovery(self) -> dict[str, Any]:
+        """What the fine-tune trained, for the manifest and the report: the mode (LoRA on which projections,
+        at which rank), the trained parameter count and the loss-carrying tokens of all its steps."""
+        lora = self.recipe.finetune.lora
+        return {"mode": "lora", "target_modules": list(lora.target_modules), "r": lora.r,
+                "trained_params": sum(p.numel() for p in self.params),
+                "tokens": sum(step_label_tokens(self.label_counts, self.order, step, self.layout)
+                              for step in range(self.total))}
+
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
         return {"step": step, "fingerprint": fingerprint, "lora": trainable_state(self.model),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -144,7 +153,8 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     weights = weights_held(model, precision)
     result = None
     if dist.is_main:
-        result = _export(recipe, trainable_state(model), tokenizer, sliced_dir, stage_dir, trainer.total)
+        result = _export(recipe, trainable_state(model), tokenizer, sliced_dir, stage_dir, trainer.total,
+                         trainer.recovery())
         result["weights"] = weights
     return dist.broadcast_object(result)  # also keeps the other ranks until the model is on disk
 
@@ -163,14 +173,15 @@ def _merged(recipe: Recipe, lora: dict[str, torch.Tensor], sliced_dir: Path) -> 
 
 
 def _export(recipe: Recipe, lora: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,
-            steps: int) -> dict[str, Any]:
+            steps: int, recovery: dict[str, Any]) -> dict[str, Any]:
     """Merge the adapters and save the model in the slice stage's export format (rank 0 only)."""
     from compresso_ops.models.export import save_export
 
     merged = _merged(recipe, lora, sliced_dir)
     manifest = json.loads((sliced_dir / MANIFEST).read_text())
     manifest["finetune"] = {"steps": steps, "lr": recipe.finetune.lr, "schedule": recipe.finetune.schedule,
-                            "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE)}
+                            "lora": recipe.finetune.lora.model_dump(), "prompt": resolve_prompt(recipe.prompt, STAGE),
+                            "recovery": recovery}
     manifest = save_export(merged, tokenizer, stage_dir / "model", manifest)
     return {"completed": True, "steps": steps, "manifest": manifest}
 

@@ -12,7 +12,7 @@ Reported: loss-carrying (response) tokens per CPU second of each and their ratio
 the first `--steps` steps after one warm-up step, and the padded fraction of the micro-batches: over a whole
 epoch of the data (exact, no model needed) and over the timed steps. Writes benchmarks/results/throughput.json.
 
-    .venv/bin/python -m benchmarks.throughput [--steps 16] [--micro-batch 4]
+    .venv/bin/python -m benchmarks.throughput [--steps 16] [--micro-batch 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="examples per micro-batch (the 7B recipes')")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULT, help="where the JSON goes")
     args = parser.parse_args()
     if not DATA.is_file() or not (TOKENIZER / "tokenizer.json").is_file():
         print(f"skipped: {DATA} or {TOKENIZER} not found (the shared assets are not on this machine)", file=sys.stderr)
@@ -127,10 +128,10 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
     }
-    atomic.write_json(RESULT, result)
+    atomic.write_json(args.out, result)
     print(f"padded fraction {result['padded_fraction_before']:.3f} -> {result['padded_fraction_after']:.3f}; "
           f"loss tokens per CPU second {speed['before']:.1f} -> {speed['after']:.1f}, "
-          f"ratio {result['tokens_per_s_ratio']:.2f} -> {RESULT}")
+          f"ratio {result['tokens_per_s_ratio']:.2f} -> {args.out}")
 
 
 if __name__ == "__main__":

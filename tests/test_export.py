@@ -296,3 +296,24 @@ def test_stories260k_exports_at_30_percent(tmp_path, shared, mode):
     batch = check_batch(model.config)
     assert (logits(small, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
     assert sum(p.numel() for p in small.parameters()) == count_params(arch, masks.kept(), mode).total
+
+
+@pytest.mark.parametrize("mode", ["native", "uniform", "pad"])
+def test_aligned_masks_export_and_reload_exact_in_every_mode(tmp_path, mode):
+    from compresso_ops.method.masks import select_final_masks_from_scores
+
+    model = tiny_model("llama", layers=3, hidden=64, ffn=172)
+    arch = ArchSpec.from_hf_config(model.config)
+    gen = torch.Generator().manual_seed(3)
+    scores = {"heads": torch.rand(3, arch.num_kv_heads, generator=gen), "ffn": torch.rand(3, 172, generator=gen),
+              "hidden": torch.rand(64, generator=gen)}
+    masks = select_final_masks_from_scores(scores, arch, 0.4, mode, ("heads", "ffn", "hidden"), hidden_kept=50,
+                                           multiple_of=16)
+    recipe = Recipe(model={"path": "tiny"}, target={"sparsity": 0.4, "multiple_of": 16})
+    manifest = export_pruned(model, byte_tokenizer(), masks, mode, tmp_path / "m", source_info=SOURCE, recipe=recipe)
+    kept = manifest["kept"]
+    assert manifest["checks"]["passed"] and kept["multiple_of"] == {"ffn_channels": 16, "hidden_dims": 16}
+    assert kept["hidden_dims"] == 48 and all(c % 16 == 0 for c in kept["ffn_channels_per_layer"])
+    assert all(c % 16 == 0 for c in kept["stored_ffn_channels_per_layer"])
+    batch = check_batch(model.config)
+    assert (logits(_reload(tmp_path / "m"), batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL

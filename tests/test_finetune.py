@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.export import MANIFEST_FILE, export_pruned
+from compresso_ops.models.export import MANIFEST_FILE, export_pruned, load_exact
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import run_finetune
 from tests.test_slice import VARIANTS, random_masks
@@ -78,3 +78,20 @@ def test_finetuning_a_pad_export_keeps_its_padding_exactly_zero(tmp_path, varian
         if channels:  # the kept block was trained
             p = f"model.layers.{layer}.mlp.down_proj.weight"
             assert not torch.equal(after[p][:, :channels], before[p][:, :channels])
+
+
+def test_the_manifest_names_the_recovery(tmp_path):
+    """Mode, trained parameters (LoRA on the exact pruned shapes: r x (in + out) per adapted projection) and
+    the loss-carrying tokens of every step, as the events logged them."""
+    model = tiny_model("llama", layers=3)
+    masks = random_masks(ArchSpec.from_hf_config(model.config), no_heads_layer=None)
+    export_pruned(model, byte_tokenizer(), masks, "pad", tmp_path / "sliced",
+                  source_info={"path": "tiny", "revision": None, "dtype": "float32"})
+    run_finetune(_recipe(tmp_path), tmp_path / "sliced", tmp_path / "finetune")
+    recovery = json.loads((tmp_path / "finetune" / "model" / MANIFEST_FILE).read_text())["finetune"]["recovery"]
+    exact = load_exact(tmp_path / "sliced", torch.float32)
+    adapted = [m for name, m in exact.named_modules() if name.rsplit(".", 1)[-1] in ALL_LINEAR]
+    events = [json.loads(line) for line in (tmp_path / "finetune" / "events.jsonl").read_text().splitlines()]
+    assert recovery == {"mode": "lora", "target_modules": ALL_LINEAR, "r": 4,
+                        "trained_params": sum(4 * (m.in_features + m.out_features) for m in adapted),
+                        "tokens": sum(e["tokens"] for e in events)}

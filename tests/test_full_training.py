@@ -53,7 +53,9 @@ def test_full_finetune_trains_every_weight_and_exports_the_pruned_shapes(tmp_pat
     before, after = load_file(str(sliced / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert result["completed"] and manifest["checks"]["passed"]
     assert manifest["finetune"]["train"] == "full" and manifest["finetune"]["lora"] is None
-    assert manifest["finetune"]["trained_params"] == manifest["params"]["exported"]["total"]  # tied: counted once
+    recovery = manifest["finetune"]["recovery"]
+    assert recovery["mode"] == "full" and recovery["tokens"] > 0
+    assert recovery["trained_params"] == manifest["params"]["exported"]["total"]  # tied: counted once
     assert before.keys() == after.keys()
     assert all(before[k].shape == after[k].shape for k in before)
     changed = [k for k in before if not torch.equal(before[k], after[k])]

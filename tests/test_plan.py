@@ -12,8 +12,9 @@ from compresso_ops.cli import main
 from compresso_ops.models.architecture import PRESETS
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
+from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
-from tests.tiny import REPO_ROOT
+from tests.tiny import REPO_ROOT, save_tiny
 
 
 def _plan_json(args: list[str]) -> dict:
@@ -61,13 +62,22 @@ def test_smaller_recipes_land_on_their_names(name, size):
     assert abs(plan["params"]["export"]["uniform"]["params"] - size) <= 0.05e9
 
 
-def test_uniform_split_meets_the_target_within_one_channel_per_layer():
+@pytest.mark.parametrize(("multiple_of", "unit"), [(None, 64), (1, 1), (128, 128)])
+def test_uniform_split_meets_the_target_within_half_an_aligned_unit_per_layer(multiple_of, unit):
     arch = PRESETS["llama-7b"]
     for sparsity in (0.2, 0.27, 0.35):
-        kept = uniform_kept(arch, sparsity)
+        kept = uniform_kept(arch, sparsity, multiple_of)
+        assert all(c % unit == 0 for c in kept.channels)
         got = count_params(arch, kept, "uniform").prunable
         want = (1 - sparsity) * count_params(arch).prunable
-        assert abs(got - want) <= arch.num_layers * 3 * arch.hidden_size
+        assert abs(got - want) <= arch.num_layers * 3 * arch.hidden_size * unit / 2
+
+
+def test_plan_states_the_alignment_the_default_gives_7b_and_tiny_models(tmp_path):
+    big = make_plan(Recipe(model={"path": "unused", "architecture": "llama-7b"}, target={"sparsity": 0.2}))
+    assert big["params"]["alignment"] == {"ffn_channels": 64, "hidden_dims": 64}
+    tiny = make_plan(Recipe(model={"path": str(save_tiny(tmp_path / "m"))}, target={"sparsity": 0.2}))
+    assert tiny["params"]["alignment"] == {"ffn_channels": 1, "hidden_dims": 1}
 
 
 def _recipe(tmp_path, body: str):

@@ -96,6 +96,9 @@ def make_run(root: Path, name: str, *, finetune: bool = True, source: bool = Tru
                    "reloaded_vs_masked_max_abs_diff": 3.2e-06,
                    "param_count": {"expected": 181234, "reloaded": 181234}, "passed": True},
         "weights_bytes": 4000}
+    if finetune:  # as the fine-tune stage adds it
+        manifest["finetune"] = {"steps": 10, "recovery": {"mode": "lora", "target_modules": ["q_proj", "v_proj"],
+                                                          "r": 8, "trained_params": 12288, "tokens": 40960}}
     (model / "compresso_manifest.json").write_text(json.dumps(manifest))
     if finetune:
         with open(run / "finetune" / "events.jsonl", "w") as fh:
@@ -182,6 +185,8 @@ def test_report_numbers_equal_the_run_files(run_dir: Path, tmp_path: Path) -> No
     kept = manifest["kept"]
     assert _row(md, "1")[1:] == [f"{kept['query_heads_per_layer'][1]} / 8", f"{kept['ffn_channels_per_layer'][1]} / 172"]
     assert "Pruning: 40 steps; final loss 2.2000, expected sparsity 0.2850 vs target 0.3000" in md
+    assert ("Fine-tuning: 10 steps of LoRA r=8 on q_proj, v_proj: 12,288 trained parameters, 40,960 loss-carrying "
+            "tokens; final loss 2.0000.") in md
     assert _float(_row(md, "prune")[2]) == 812.5
     assert "recipe hash `abc123def4567890`" in md and "seeds: prune 42, finetune 7" in md
 

@@ -32,7 +32,7 @@ from compresso_ops.infra import atomic
 from compresso_ops.method.hooks import masked
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.sizes import EXPORT_MODES, count_params, prunable_sparsity
+from compresso_ops.models.sizes import EXPORT_MODES, Alignment, count_params, prunable_sparsity
 from compresso_ops.models.slicing import SliceShape, drop_empty_blocks, pad_state_dict, slice_state_dict
 from compresso_ops.ui.progress import EventFn
 
@@ -263,6 +263,7 @@ def export_pruned(
             "hidden_dims": kept.hidden,
             "stored_query_heads_per_layer": list(shape.query_heads),
             "stored_ffn_channels_per_layer": list(shape.channels),
+            "multiple_of": Alignment.of(arch, recipe.target.multiple_of if recipe is not None else None).as_dict(),
         },
         "params": {
             "source": count_params(arch).as_dict(),

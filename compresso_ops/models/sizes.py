@@ -145,18 +145,36 @@ def gate_params(arch: ArchSpec, structures: list[str] | tuple[str, ...]) -> int:
     return n
 
 
+DEFAULT_MULTIPLE_OF = 64  # fp16 tensor-core GEMMs run best at multiples of 64; llama.cpp's q8_0 blocks (32) divide it
+ALIGN_FROM = 16 * DEFAULT_MULTIPLE_OF  # the default aligns a dimension of at least 16 such units
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """The unit that kept FFN channels (per layer) and kept hidden dims come in. A count equal to the whole
+    dimension is always allowed, so a source width that is not a multiple stays loadable."""
+
+    ffn: int
+    hidden: int
+
+    @classmethod
+    def of(cls, arch: ArchSpec, multiple_of: int | None) -> Alignment:
+        """`multiple_of` None is the default: 64 for a dimension of at least 1,024 (7B-class widths: hidden
+        4096, FFN 11008 = 172 x 64), 1 below, where a 64-wide unit would be a large share of the dimension
+        and tiny models could not meet their target."""
+        def unit(dim: int) -> int:
+            if multiple_of is not None:
+                return multiple_of
+            return DEFAULT_MULTIPLE_OF if dim >= ALIGN_FROM else 1
+        return cls(ffn=unit(arch.intermediate_size), hidden=unit(arch.hidden_size))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"ffn_channels": self.ffn, "hidden_dims": self.hidden}
 
 
-
-
-
-
-
-
-
-
+def aligned_counts(unit: int, full: int) -> list[int]:
+    """The counts a dimension of `full` may keep under `unit`, ascending: multiples of `unit`, and `full`."""
+    return sorted({*range(unit, full, unit), full})
 
 
 def target_sparsity(recipe: Recipe, arch: ArchSpec) -> float:

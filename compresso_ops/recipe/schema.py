@@ -108,6 +108,16 @@ class TargetSection(Strict):
         "attention_blocks / ffn_blocks.",
     )
 
+    multiple_of: int | None = Field(
+        default=None, ge=1,
+        description="Keep FFN channels (per layer) and hidden dims in multiples of this (a dimension may also keep "
+        "its whole width; heads are whole units already): fp16 tensor-core GEMMs want multiples of 8 and run "
+        "best at 64 or 128, llama.cpp's quantizers need blocks of 32 (q8_0) or 256 (k-quants). The final masks "
+        "meet the target within one aligned unit. Default (null): 64 for a dimension of at least 1,024 "
+        "(7B-class widths: hidden 4096, FFN 11008 = 172 x 64), none below, where a 64-wide unit is a large share "
+        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off.",
+    )
+
     @field_validator("params", mode="before")
     @classmethod
     def _parse_params(cls, v: Any) -> Any:
@@ -194,6 +204,16 @@ class PruneSchedule(Strict):
         return self
 
 
+GROUP_BY_LENGTH_HELP = (
+    "Length-grouped micro-batches (the idea of transformers' group_by_length): megabatches of up to 50 "
+    "micro-batches are sorted by length, so a micro-batch pads little, and their micro-batches are dealt in a "
+    "seeded random order, so an optimizer step still mixes long and short examples. On by default: every example "
+    "is still seen once per epoch, the loss stays normalised by the step's response tokens, runs stay "
+    "deterministic, resumable and equal across processes, and on Alpaca-style data much of a random "
+    "micro-batch is padding (benchmarks/throughput.py). Applies to data.format alpaca; text chunks have one length."
+)
+
+
 class PruneSection(Strict):
     train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
@@ -203,6 +223,7 @@ class PruneSection(Strict):
     gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
     max_grad_norm: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
@@ -221,6 +242,7 @@ class FinetuneSection(Strict):
     gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
 
     @model_validator(mode="after")

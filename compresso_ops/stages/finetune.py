@@ -67,7 +67,7 @@ class FinetuneTrainer:
         self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "finetune")
         self.total = max(1, to_steps(f.duration, f.unit, self.layout.steps_per_epoch(len(examples))))
-        self.order = DataOrder(len(examples), f.seed)
+        self.order = DataOrder.of(examples, f, recipe.data)
         self.label_counts = [label_count(e) for e in examples]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=f.lr, weight_decay=0.0)
@@ -91,6 +91,16 @@ class FinetuneTrainer:
         self.scheduler.step()
         return {"stage": STAGE, "step": step + 1, "total_steps": self.total, "lm_loss": total.item(),
                 "loss": total.item(), "lr": lr, "tokens": tokens}
+
+    def recovery(self) -> dict[str, Any]:
+        """What the fine-tune trained, for the manifest and the report: the mode (every weight, or LoRA on
+        which projections at which rank), the trained parameter count and the loss-carrying tokens of all its steps."""
+        f = self.recipe.finetune
+        mode = {"mode": "full"} if f.train == "full" else {
+            "mode": "lora", "target_modules": list(f.lora.target_modules), "r": f.lora.r}
+        return {**mode, "trained_params": sum(p.numel() for p in self.params),
+                "tokens": sum(step_label_tokens(self.label_counts, self.order, step, self.layout)
+                              for step in range(self.total))}
 
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
         return {"step": step, "fingerprint": fingerprint, **trained_state(self.model, self.optimizer),
@@ -156,7 +166,7 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     trained = gather_weights(model)  # a collective when FSDP shards them
     result = None
     if dist.is_main:
-        result = _export(recipe, trained, tokenizer, sliced_dir, stage_dir, trainer.total)
+        result = _export(recipe, trained, tokenizer, sliced_dir, stage_dir, trainer.total, trainer.recovery())
         result["weights"] = weights
     return dist.broadcast_object(result)  # also keeps the other ranks until the model is on disk
 
@@ -183,16 +193,16 @@ def _merged(recipe: Recipe, trained: dict[str, torch.Tensor], sliced_dir: Path) 
 
 
 def _export(recipe: Recipe, trained: dict[str, torch.Tensor], tokenizer: Any, sliced_dir: Path, stage_dir: Path,
-            steps: int) -> dict[str, Any]:
+            steps: int, recovery: dict[str, Any]) -> dict[str, Any]:
     """Merge what trained and save the model in the slice stage's export format (rank 0 only)."""
     from compresso_ops.models.export import save_export
 
     merged = _merged(recipe, trained, sliced_dir)
     manifest = json.loads((sliced_dir / MANIFEST).read_text())
     f = recipe.finetune
-    manifest["finetune"] = {"steps": steps, "train": f.train, "trained_params": sum(t.numel() for t in trained.values()),
-                            "lr": f.lr, "schedule": f.schedule, "lora": f.lora.model_dump() if f.train == "lora" else None,
-                            "prompt": resolve_prompt(recipe.prompt, STAGE)}
+    manifest["finetune"] = {"steps": steps, "train": f.train, "lr": f.lr, "schedule": f.schedule,
+                            "lora": f.lora.model_dump() if f.train == "lora" else None,
+                            "prompt": resolve_prompt(recipe.prompt, STAGE), "recovery": recovery}
     manifest = save_export(merged, tokenizer, stage_dir / "model", manifest)
     return {"completed": True, "steps": steps, "manifest": manifest}
 

@@ -16,7 +16,9 @@ from compresso_ops.infra import atomic
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import resolve_arch
 from compresso_ops.models.sizes import (
+    Alignment,
     Kept,
+    aligned_counts,
     attention_params,
     count_params,
     ffn_params,
@@ -77,16 +79,18 @@ def export_dtype(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------- sizes
 
 
-def uniform_kept(arch: ArchSpec, sparsity: float) -> Kept:
+def uniform_kept(arch: ArchSpec, sparsity: float, multiple_of: int | None = None) -> Kept:
     """Per-layer counts for the `uniform` export at the planner's split: attention and FFN lose the same
-    fraction, hidden dims are kept, and the FFN count absorbs rounding so the total meets the target."""
+    fraction, hidden dims are kept, and the FFN count absorbs rounding so the total meets the target, to the
+    nearest count `target.multiple_of` allows (`Alignment`)."""
     layer_full = attention_params(arch, arch.num_kv_heads, arch.hidden_size) + ffn_params(
         arch, arch.intermediate_size, arch.hidden_size)
     budget = (1.0 - sparsity) * layer_full
     groups = max(1, round(arch.num_kv_heads * (1.0 - sparsity)))
     per_channel = ffn_params(arch, 1, arch.hidden_size)
-    channels = round((budget - attention_params(arch, groups, arch.hidden_size)) / per_channel)
-    channels = min(arch.intermediate_size, max(0, channels))
+    wanted = (budget - attention_params(arch, groups, arch.hidden_size)) / per_channel
+    unit = Alignment.of(arch, multiple_of).ffn
+    channels = min([0, *aligned_counts(unit, arch.intermediate_size)], key=lambda n: abs(n - wanted))
     return Kept((groups,) * arch.num_layers, (channels,) * arch.num_layers, arch.hidden_size)
 
 
@@ -96,11 +100,13 @@ def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
     target_total = recipe.target.params if recipe.target.params is not None else (
         target_prunable + src.embeddings + src.norms)
     nbytes = DTYPE_BYTES[export_dtype(recipe)]
-    uniform = count_params(arch, uniform_kept(arch, sparsity), "uniform").total
+    align = Alignment.of(arch, recipe.target.multiple_of)
+    uniform = count_params(arch, uniform_kept(arch, sparsity, recipe.target.multiple_of), "uniform").total
     full_structures = count_params(arch, Kept.full(arch), "pad").total
     export = {
         "native": {"params": target_total, "exact": False,
-                   "note": "meets the target within one structure; exact counts are known after pruning"},
+                   "note": f"meets the target within one structure ({align.ffn} FFN channels, a KV group); exact "
+                           f"counts are known after pruning"},
         "uniform": {"params": uniform, "exact": True,
                     "note": "same heads and FFN channels in every layer, at the planner's attention/FFN split"},
         "pad": {"params": full_structures, "exact": False,
@@ -114,6 +120,7 @@ def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
                    "total_sparsity": 1.0 - target_total / src.total},
         "export": export,
         "export_dtype": export_dtype(recipe),
+        "alignment": align.as_dict(),
     }
 
 
@@ -408,7 +415,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     for name, entry in stages.items():
         entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
     deploy_len = min(arch.max_position_embeddings, 4096)
-    deploy_kept = uniform_kept(arch, sparsity)
+    deploy_kept = uniform_kept(arch, sparsity, recipe.target.multiple_of)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]
     deploy_kv = (2 * sum(deploy_kept.groups) * arch.head_dim * DEPLOY_BATCH * deploy_len
                  * DTYPE_BYTES[export_dtype(recipe)])

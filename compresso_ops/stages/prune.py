@@ -108,7 +108,7 @@ class PruneTrainer:
         self.layout = BatchLayout.of(p, recipe.hardware)
         self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "prune")
-        self.order = DataOrder(len(examples), p.seed)
+        self.order = DataOrder.of(examples, p, recipe.data)
         self.label_counts = [label_count(e) for e in examples]
         device = precision.device
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
@@ -223,7 +223,8 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None
 def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str, Any]:
     """The final masks and summary (computed on every rank from the same gates); rank 0 writes them."""
     trainer.hooks.remove()
-    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode)
+    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode,
+                               trainer.recipe.target.multiple_of)
     expected = trainer.gates.expected_sparsity().item()
     achieved = prunable_sparsity(arch, masks.kept())
     summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,

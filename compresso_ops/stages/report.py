@@ -259,13 +259,17 @@ def _curve(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, An
             "series": {k: [[r["step"], r[k]] for r in thin if isinstance(r.get(k), (int, float))] for k in keys}}
 
 
-def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any],
+              manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Loss curves of both stages; the fine-tune also names its recovery (mode, trained parameters, tokens)
+    from the fine-tuned model's manifest."""
     prune = read_events(run_dir / "prune" / "events.jsonl")
     finetune = read_events(run_dir / "finetune" / "events.jsonl")
+    recovery = (manifest or {}).get("finetune", {}).get("recovery")
     return {
         "prune": _curve(prune, ("loss", "lm_loss", "expected_sparsity", "target_sparsity")) if prune
         else {"missing": _why(state, recipe, "prune") + " (no prune/events.jsonl)"},
-        "finetune": _curve(finetune, ("loss", "lr")) if finetune
+        "finetune": {**_curve(finetune, ("loss", "lr")), "recovery": recovery} if finetune
         else {"missing": _why(state, recipe, "finetune") + " (no finetune/events.jsonl)"},
     }
 
@@ -305,7 +309,7 @@ def build_run(run_dir: Path) -> dict[str, Any]:
         "perplexity": _perplexity(pruned, source),
         "speed": _speed(pruned, source),
         "layers": _layers(manifest, masks, plan, recipe, state),
-        "training": _training(run_dir, recipe, state),
+        "training": _training(run_dir, recipe, state, manifest),
         "reproducibility": _reproducibility(run_dir, state, recipe, manifest, pruned, source,
                                             verify_model(run_dir, state, model_dir)),
     }
@@ -489,6 +493,14 @@ class _Assets:
         return f"![{alt}]({self.link}/{self.prefix}{name})"
 
 
+def _recovery(r: dict[str, Any] | None) -> str:
+    """', LoRA r=8 on q_proj, v_proj: 12,345 trained parameters, 67,890 loss-carrying tokens' ('' if unknown)."""
+    if not r:
+        return ""
+    mode = f"LoRA r={r['r']} on {', '.join(r['target_modules'])}" if r["mode"] == "lora" else "every weight"
+    return f" of {mode}: {r['trained_params']:,} trained parameters, {r['tokens']:,} loss-carrying tokens"
+
+
 def _md_training(t: dict[str, Any], assets: _Assets) -> list[str]:
     out = []
     p = t["prune"]
@@ -507,7 +519,8 @@ def _md_training(t: dict[str, Any], assets: _Assets) -> list[str]:
     if "missing" in ft:
         out.append("Fine-tuning: " + ft["missing"] + ".")
     else:
-        out.append(f"Fine-tuning: {ft['steps']} steps; final loss {_num(ft['final'].get('loss'), '.4f')}.")
+        out.append(f"Fine-tuning: {ft['steps']} steps{_recovery(ft['recovery'])}; final loss "
+                   f"{_num(ft['final'].get('loss'), '.4f')}.")
         out.append(assets.add("finetune_loss.svg", charts.line_chart(
             "Fine-tuning loss", {"loss": ft["series"]["loss"]}, "loss", "step"), "fine-tuning loss"))
     return out

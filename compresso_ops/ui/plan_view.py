@@ -26,6 +26,10 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         sizes.add_row(f"export {mode} ({kind})", f"{entry['params']:,}", "", "",
                       human_bytes(entry["checkpoint_bytes"]) + f" {p['export_dtype']}")
     console.print(sizes)
+    align = p["alignment"]
+    if align["ffn_channels"] > 1 or align["hidden_dims"] > 1:
+        console.print(f"Kept FFN channels in multiples of {align['ffn_channels']}, hidden dims of "
+                      f"{align['hidden_dims']} (target.multiple_of)")
 
     t = plan["trainable"]
     trained = f"every weight {t['weights']:,}" if t["weights"] else f"LoRA {t['lora']:,}"

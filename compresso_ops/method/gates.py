@@ -134,6 +134,23 @@ class Lagrangian(nn.Module):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
 
+# The paper's learning rate for gates and multipliers suits its 1,628-step ramp. What a ramp needs is travel:
+# Adam moves a parameter by about lr per step, and the gates must go from open (log_alpha 4.6) to closed
+# while the multipliers grow until the Lagrangian outweighs the LM loss. "auto" keeps lr x ramp steps at
+# least these (measured on stories260K by benchmarks/gate_lr.py; equal to 0.5 / 0.3 at a 200-step ramp).
+REFERENCE_LR = 0.1
+GATE_TRAVEL = 100.0
+LAMBDA_TRAVEL = 60.0
+
+
+def gate_learning_rates(gates: float | str, lagrangian: float | str, ramp_steps: int) -> tuple[float, float]:
+    """The gates' and the multipliers' learning rates: the recipe's numbers, or for "auto" the paper's 0.1
+    raised so that a short ramp gives them the travel a long one does."""
+    def resolve(value: float | str, travel: float) -> float:
+        return max(REFERENCE_LR, travel / max(1, ramp_steps)) if value == "auto" else float(value)
+    return resolve(gates, GATE_TRAVEL), resolve(lagrangian, LAMBDA_TRAVEL)
+
+
 def target_at(step: int, target: float, ramp_start: int, ramp_steps: int) -> float:
     """S(t) for the 0-based optimizer step `step`: 0 before the ramp, linear to `target` at the ramp's last
     step, `target` after."""

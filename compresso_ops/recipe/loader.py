@@ -249,8 +249,11 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
+    """One line per field. Pydantic reports a union (`0.5 | "auto"`) once per branch, with the branch's tag in
+    the location (`constrained-float`, `literal['auto']`): the tags go, and the branches' messages join."""
+    messages: dict[Loc, list[str]] = {}
     for err in exc.errors(include_url=False):
-        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and not p.isidentifier()))
         kind = err["type"]
         msg = err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
@@ -263,7 +266,10 @@ def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
             msg = f"unknown key '{loc[-1]}'{hint}"
         elif kind == "missing":
             msg = "required field is missing; add it"
-        problems.add(loc, msg)
+        if msg not in messages.setdefault(loc, []):
+            messages[loc].append(msg)
+    for loc, msgs in messages.items():
+        problems.add(loc, "; or ".join(msgs))
 
 
 def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -> None:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, field_validator, model_validator
 
 from compresso_ops.infra.fingerprint import digest
 
@@ -185,11 +185,14 @@ class PruneLearningRates(Strict):
         default=5e-5, gt=0,
         description="Learning rate of the trained weights while pruning: the LoRA adapters, or every weight "
                     "with prune.train: full.")
-    gates: float = Field(default=0.1, gt=0, description="Learning rate of the gates' log_alpha.")
-    lagrangian: float = Field(
-        default=0.1, gt=0,
-        description="Learning rate of the Lagrange multipliers (applied as gradient ascent).",
-    )
+    gates: PositiveFloat | Literal["auto"] = Field(
+        default="auto",
+        description="Learning rate of the gates' log_alpha. auto: the paper's 0.1, raised for ramps shorter than "
+                    "1,000 steps so the gates can follow the target (100 / ramp steps; docs/method.md §5).")
+    lagrangian: PositiveFloat | Literal["auto"] = Field(
+        default="auto",
+        description="Learning rate of the Lagrange multipliers (applied as gradient ascent). auto: the paper's "
+                    "0.1, raised for ramps shorter than 600 steps (60 / ramp steps).")
 
 
 class PruneSchedule(Strict):

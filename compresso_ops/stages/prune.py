@@ -24,7 +24,7 @@ from torch import nn
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest
 from compresso_ops.method.baselines import run_one_shot
-from compresso_ops.method.gates import GateSet, Lagrangian, target_at
+from compresso_ops.method.gates import GateSet, Lagrangian, gate_learning_rates, target_at
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.method.masks import select_final_masks
 from compresso_ops.method.prompts import resolve_prompt
@@ -116,8 +116,9 @@ class PruneTrainer:
         self.hooks = GateHooks(ModelAdapter(model))
         self.lora_params = [q for q in model.parameters() if q.requires_grad]  # every weight with train: full
         self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
-        self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=p.lr.gates, weight_decay=0.0)
-        self.opt_lambda = torch.optim.AdamW(self.lagrangian.parameters(), lr=p.lr.lagrangian, weight_decay=0.0,
+        self.lr_gates, self.lr_lambda = gate_learning_rates(p.lr.gates, p.lr.lagrangian, self.phases.ramp)
+        self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=self.lr_gates, weight_decay=0.0)
+        self.opt_lambda = torch.optim.AdamW(self.lagrangian.parameters(), lr=self.lr_lambda, weight_decay=0.0,
                                             maximize=True)
         self.sched_lora = make_scheduler(self.opt_lora, "constant", self.phases.total)
         self.collective_state = sharded_trainables(model)
@@ -157,7 +158,7 @@ class PruneTrainer:
             "loss": lm_total.item() + lagrangian.item(), "lm_loss": lm_total.item(), "lagrangian": lagrangian.item(),
             "expected_sparsity": expected.item(), "target_sparsity": target,
             "lambda1": self.lagrangian.lambda1.item(), "lambda2": self.lagrangian.lambda2.item(),
-            "lr": {"lora": self.sched_lora.get_last_lr()[0], "gates": p.lr.gates, "lagrangian": p.lr.lagrangian},
+            "lr": {"lora": self.sched_lora.get_last_lr()[0], "gates": self.lr_gates, "lagrangian": self.lr_lambda},
             "tokens": tokens,
         }
 

@@ -67,3 +67,10 @@ def test_qwen3_head_dim_defaults_like_transformers_when_config_json_omits_it():
     arch = ArchSpec.from_hf_config(fields)
     model_type = fields.pop("model_type")
     assert arch.head_dim == AutoConfig.for_model(model_type, **fields).head_dim == 128
+
+
+def test_the_recipe_schema_lists_every_preset():
+    from compresso_ops.recipe.schema import ModelSection
+
+    description = ModelSection.model_fields["architecture"].description
+    assert all(name in description for name in PRESETS)

@@ -69,6 +69,52 @@ _COPA_QUERY = (("query", "choices", "gold"), {
 })
 
 
+# The longest request (context + continuation, in tokens, zero-shot) each stock lm-eval task produces, for the
+# planner's evaluation memory. lm-eval sorts requests longest first and pads each batch to its longest request,
+# so the first batch is the peak. Values bound the tasks' data with headroom for tokenizers that split finer
+# than Llama-3's or Qwen's (LLaMA-1's 32k vocabulary); the shared copies of piqa, arc_easy, openbookqa and copa
+# have their longest rows at 2190, 1079, 582 and 236 bytes of JSON. RACE joins an article with the questions
+# asked before, the longest request of the standard suite.
+LONGEST_REQUEST_TOKENS: dict[str, int] = {
+    "arc_easy": 512, "arc_challenge": 512, "ai2_arc": 512, "boolq": 1024, "copa": 128, "hellaswag": 256,
+    "lambada_openai": 512, "lambada_standard": 512, "mmlu": 1024, "openbookqa": 256, "piqa": 768,
+    "race": 2048, "sciq": 512, "winogrande": 128,
+}
+# Tasks scored with loglikelihood_rolling: lm-eval cuts the text into windows of the whole max_length.
+ROLLING_TASKS = frozenset({"wikitext", "pile_10k", "paloma"})
+# A stock task not in the table: a bound well below today's 128k contexts; eval.max_length lowers it further.
+DEFAULT_REQUEST_TOKENS = 2048
+
+
+def _longest_row_bytes(path: Path) -> int | None:
+    """UTF-8 bytes of a local task file's longest row: a bound on its tokens, since byte-level BPE and
+    SentencePiece with byte fallback never make more tokens than bytes. None when the file is not on disk."""
+    if not path.is_file():
+        return None
+    return max((len(line.encode("utf-8")) for line in path.read_text(encoding="utf-8").splitlines()), default=0)
+
+
+def longest_request_tokens(section: EvalSection, prompt_text: str | None) -> int | None:
+    """Tokens of the longest lm-eval request the recipe's tasks can produce (before lm-eval's truncation to
+    max_length), or None when a rolling-loglikelihood task fills the whole max_length, or 0 without tasks.
+
+    Each few-shot example adds about one more request's length; the evaluation prompt (lm-eval's
+    system_instruction) is counted at one token per byte.
+    """
+    lengths: list[int] = []
+    for name in section.tasks:
+        if name in ROLLING_TASKS:
+            return None
+        lengths.append(LONGEST_REQUEST_TOKENS.get(name, DEFAULT_REQUEST_TOKENS))
+    for task in section.local_tasks:
+        row_bytes = _longest_row_bytes(Path(task.data).expanduser())
+        lengths.append(DEFAULT_REQUEST_TOKENS if row_bytes is None else row_bytes)
+    if not lengths:
+        return 0
+    prompt = len((prompt_text or "").encode("utf-8"))
+    return max(lengths) * (section.num_fewshot + 1) + prompt
+
+
 def first_row(path: Path) -> dict[str, Any]:
     """The first record of a JSON-lines file or a JSON array, to check the schema before lm-eval loads it."""
     if not path.is_file():

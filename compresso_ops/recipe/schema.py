@@ -54,7 +54,8 @@ class ModelSection(Strict):
     architecture: str | None = Field(
         default=None,
         description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-3-8b, "
-        "mistral-7b) used for planning when the model's config.json is not on disk.",
+        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, mistral-7b, mistral-7b-v0.3, qwen2.5-7b, qwen3-8b) used for "
+        "planning when the model's config.json is not on disk.",
     )
 
 
@@ -203,11 +204,30 @@ class EvalSection(Strict):
     local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
     num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per task.")
     limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")
-    batch_size: int = Field(default=8, ge=1, description="lm-eval batch size.")
+    batch_size: int | str = Field(
+        default=8,
+        description="lm-eval batch size: a positive integer, or lm-eval's 'auto' (the largest batch that fits) "
+        "or 'auto:N' (re-detected N times as requests get shorter).")
     max_length: int | None = Field(default=None, gt=0, description="Context length given to lm-eval (default: the model's).")
     perplexity: PerplexitySection | None = Field(default=None, description="Sliding-window perplexity on a text file.")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed and memory measurement.")
     compare_source: bool = Field(default=True, description="Evaluate the source model too (cached across runs).")
+
+
+    @field_validator("batch_size")
+    @classmethod
+    def _lm_eval_batch_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v >= 1 or isinstance(v, str) and _AUTO_BATCH.match(v):
+            return v
+        raise ValueError(f"batch_size {v!r} is not a positive integer, 'auto' or 'auto:N' (e.g. auto:4)")
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """The batch size when the recipe fixes one; None for lm-eval's 'auto' detection."""
+        return self.batch_size if isinstance(self.batch_size, int) else None
+
+
+_AUTO_BATCH = re.compile(r"^auto(:[1-9][0-9]*)?$")
 
 
 class ExportSection(Strict):

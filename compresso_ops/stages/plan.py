@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compresso_ops.evaluation.tasks import longest_request_tokens
 from compresso_ops.infra import atomic
+from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import resolve_arch
 from compresso_ops.models.sizes import (
@@ -196,33 +198,69 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
             fsdp=fsdp, on_gpu=on_gpu, scale=scale),
     }
-    # Log-likelihood evaluation is one forward per batch with the KV cache off: weights, one layer's
-    # transient activations, and the logits with their log-softmax.
-    eval_len = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
-    eval_tokens = recipe.eval.batch_size * eval_len
-    nbytes = DTYPE_BYTES[dtype]
-    weights = max(params["source"]["total"], target_total) * nbytes
-    transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
-    logits = eval_tokens * arch.vocab_size * 2 * nbytes
-    eval_gpus = 1
+    stages["evaluate"] = _eval_memory(recipe, arch, params)
+    for entry in stages.values():
+        entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
+    return stages
+
+
+def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
+    """Tokens of the longest sequence the evaluate stage runs, and where the number comes from.
+
+    lm-eval pads each batch to its longest request and truncates requests to its max_length (eval.max_length,
+    else the model's max_position_embeddings); the tasks bound the longest request (evaluation/tasks.py).
+    Perplexity runs one `window` at a time and the speed check `prompt_length + new_tokens` per sequence.
+    """
+    cap = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
+    longest = longest_request_tokens(recipe.eval, resolve_prompt(recipe.prompt, "evaluate"))
+    if longest is None:
+        length, why = cap, "a rolling-loglikelihood task fills max_length"
+    elif longest > cap:
+        length, why = cap, f"longest request ~{longest:,} tokens, truncated to max_length {cap:,}"
+    else:
+        length, why = longest, "the tasks' longest request"
+    if recipe.eval.perplexity is not None and recipe.eval.perplexity.window > length:
+        length, why = min(recipe.eval.perplexity.window, cap), "the perplexity window"
+    return length, why
+
+
+def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Log-likelihood evaluation: one forward per batch with the KV cache off holding the weights, one layer's
+    transient activations, and the logits with their log-softmax, at the longest batch lm-eval forms.
+
+    lm-eval's `auto` batch size tries batches until one fits, so the plan checks that batch 1 does.
+    """
+    gpu = GPUS[recipe.hardware.gpu]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    length, why = eval_sequence(recipe, arch)
+    batch = recipe.eval.fixed_batch_size or 1
+    tokens = batch * length
+    if recipe.eval.speed.enabled:  # the speed check's prefill: its batch of prompt + generated tokens
+        tokens = max(tokens, recipe.eval.speed.batch_size * (recipe.eval.speed.prompt_length
+                                                             + recipe.eval.speed.new_tokens))
+    weights = max(params["source"]["total"], params["target"]["total"]) * nbytes
+    transient = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
+    logits = tokens * arch.vocab_size * 2 * nbytes
+    gpus = 1
     whole = weights + transient + logits
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
         # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
         # activations and logits are counted whole on each, for the GPU holding the LM head.
-        eval_gpus = recipe.hardware.gpus_per_node
-    eval_sub = weights / eval_gpus + transient + logits
-    eval_overhead = _framework_overhead(eval_sub) if on_gpu else 0
-    stages["evaluate"] = {
-        "per_gpu_bytes": int(eval_sub + eval_overhead),
-        "gpus": eval_gpus,
-        "breakdown": {"weights": int(weights / eval_gpus), "activations": int(transient), "logits": int(logits),
-                      "framework_overhead": eval_overhead},
-        "assumption": f"batch {recipe.eval.batch_size} x {eval_len} tokens, KV cache off; the larger of source "
-                      "and pruned model" + (f", its layers spread over {eval_gpus} GPUs" if eval_gpus > 1 else ""),
+        gpus = recipe.hardware.gpus_per_node
+    sub = weights / gpus + transient + logits
+    overhead = _framework_overhead(sub) if on_gpu else 0
+    batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
+                  f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
+    return {
+        "per_gpu_bytes": int(sub + overhead),
+        "gpus": gpus,
+        "sequence_tokens": length,
+        "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
+                      "framework_overhead": overhead},
+        "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
+                      "pruned model" + (f", its layers spread over {gpus} GPUs" if gpus > 1 else ""),
     }
-    for entry in stages.values():
-        entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
-    return stages
 
 
 def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],

@@ -123,8 +123,11 @@ def test_a_model_too_big_for_any_setting_says_so(tmp_path):
         target: {sparsity: 0.2}
         hardware: {gpu: V100-16GB, gpus_per_node: 1}
     """))
-    assert not plan["memory"]["stages"]["prune"]["fits"]
-    assert "larger GPU" in plan["memory"]["stages"]["prune"]["suggestion"]
+    prune = plan["memory"]["stages"]["prune"]
+    assert not prune["fits"]
+    # no setting fits 16 GB; of the larger GPUs only those that fit as the recipe stands are named
+    assert prune["suggestion"] == "set hardware.gpu: A100-80GB (or H100-80GB, H200)"
+    assert [o["hardware.gpu"] for o in prune["suggestion_overrides"]] == ["A100-80GB", "H100-80GB", "H200"]
 
 
 def test_steps_come_from_the_local_data_file(tmp_path):
@@ -226,3 +229,43 @@ def test_a_local_task_is_planned_at_its_longest_row(tmp_path):
     """)
     longest = max(len(line.encode()) for line in (tmp_path / "quiz.jsonl").read_text().splitlines())
     assert make_plan(recipe)["memory"]["stages"]["evaluate"]["sequence_tokens"] == longest
+
+
+# --------------------------------------------------------------------------- suggestions that work
+
+FAMILIES = ["llama-7b", "llama-3.1-8b", "mistral-7b-v0.3", "qwen2.5-7b", "qwen3-8b"]
+HARDWARE = {"V100-16GB": 8, "V100-32GB": 4, "A100-80GB": 1}
+HEAVY = """
+    model: {{path: org/{preset}, architecture: {preset}}}
+    target: {{sparsity: 0.2}}
+    data: {{num_examples: 50000, max_seq_length: {seq}}}
+    prune: {{micro_batch_size: 8, gradient_accumulation: 2}}
+    finetune: {{micro_batch_size: 8, gradient_accumulation: 2}}
+    eval: {{tasks: [race], batch_size: 64}}
+    hardware: {{gpu: {gpu}, gpus_per_node: {n}}}
+"""
+
+
+@pytest.mark.parametrize("gpu", list(HARDWARE))
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_every_suggestion_makes_its_stage_fit_when_applied(tmp_path, preset, gpu):
+    """Recipes that do not fit (no checkpointing, large micro-batches, long sequences, a large eval batch):
+    each alternative a suggestion names, applied to the recipe, re-plans to a stage that fits, and the line
+    shown to the user names every field the alternative changes."""
+    from compresso_ops.stages.plan import with_overrides
+
+    misfits = 0
+    for seq in (512, 2048):
+        recipe = _recipe(tmp_path, HEAVY.format(preset=preset, seq=seq, gpu=gpu, n=HARDWARE[gpu]))
+        for stage, entry in make_plan(recipe)["memory"]["stages"].items():
+            if entry["fits"]:
+                continue
+            misfits += 1
+            assert entry["suggestion_overrides"], entry["suggestion"]
+            for overrides in entry["suggestion_overrides"]:
+                fixed = make_plan(with_overrides(recipe, overrides))["memory"]["stages"][stage]
+                assert fixed["fits"], (stage, overrides)
+            for field, value in entry["suggestion_overrides"][0].items():
+                shown = str(value).lower() if isinstance(value, bool) else str(value)
+                assert f"{field}: {shown}" in entry["suggestion"]
+    assert misfits  # the heavy recipes do not fit somewhere, so the suggestions were exercised

@@ -263,35 +263,96 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
     }
 
 
-def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-             stage: str) -> str | None:
-    """The smallest change (in this order of cost to the user) that makes `stage` fit."""
-    world = recipe.hardware.world_size
-    section = getattr(recipe, stage, None)
-    candidates: list[tuple[str, dict[str, Any]]] = []
-    if section is not None and not section.gradient_checkpointing:
-        candidates.append((f"set {stage}.gradient_checkpointing: true", {f"{stage}_ckpt": True}))
-    if section is not None:
-        mb = section.micro_batch_size
-        while mb > 1:
-            mb //= 2
-            factor = section.micro_batch_size // mb
-            text = (f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
-                    f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing")
-            candidates.append((text, {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
-    if world > 1 and recipe.hardware.strategy != "fsdp":
-        candidates.append(("set hardware.strategy: fsdp to shard the frozen base across GPUs",
-                           {"fsdp": True, f"{stage}_ckpt": True}))
+Overrides = dict[str, Any]  # recipe field path ("prune.micro_batch_size") -> value
+
+
+def with_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
+    """A copy of `recipe` with the dotted fields set, as a user editing the YAML would."""
+    changed = recipe.model_copy(deep=True)
+    for path, value in overrides.items():
+        *parents, name = path.split(".")
+        section = changed
+        for part in parents:
+            section = getattr(section, part)
+        setattr(section, name, value)
+    return changed
+
+
+def _candidate_fixes(recipe: Recipe, stage: str) -> list[Overrides]:
+    """Changes that may make `stage` fit, cheapest for the user first; each holds every field it changes."""
+    out: list[Overrides] = []
+    if stage == "evaluate":
+        ev = recipe.eval
+        batch = ev.fixed_batch_size
+        while batch is not None and batch > 1:
+            batch //= 2
+            out.append({"eval.batch_size": batch})
+        length = ev.max_length or 0
+        for cap in (8192, 4096, 2048, 1024):
+            if not length or cap < length:
+                out.append({"eval.batch_size": 1 if batch is not None else ev.batch_size, "eval.max_length": cap})
+        return out
+    section = getattr(recipe, stage)
+    ckpt = {f"{stage}.gradient_checkpointing": True}
+    if not section.gradient_checkpointing:
+        out.append(dict(ckpt))
+    smaller: list[Overrides] = []
+    mb = section.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        factor = section.micro_batch_size // mb
+        smaller.append({**ckpt, f"{stage}.micro_batch_size": mb,  # the same global batch
+                        f"{stage}.gradient_accumulation": section.gradient_accumulation * factor})
+    out += smaller
+    sharded = recipe.hardware.world_size > 1 and recipe.hardware.strategy != "fsdp"
+    if sharded:
+        out += [{**fix, "hardware.strategy": "fsdp"} for fix in [ckpt, *smaller]]
+    shortest = {**ckpt, **(smaller[-1] if smaller else {}), **({"hardware.strategy": "fsdp"} if sharded else {})}
     seq = recipe.data.max_seq_length
     while seq > 256:
         seq //= 2
-        candidates.append((f"lower data.max_seq_length to {seq}", {"seq_len": seq, f"{stage}_ckpt": True,
-                                                                    f"{stage}_micro_batch": 1}))
-    for text, overrides in candidates:
-        if _stage_memory(recipe, arch, params, trainable, overrides)[stage]["fits"]:
-            return text
-    bigger = [name for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > GPUS[recipe.hardware.gpu].memory_bytes]
-    return f"use a larger GPU ({', '.join(bigger)})" if bigger else "no setting makes this fit one GPU"
+        out.append({**shortest, "data.max_seq_length": seq})
+    return out
+
+
+def _fits(recipe: Recipe, stage: str) -> bool:
+    """Whether `stage` fits when the whole plan is redone for `recipe` (strategy choice included)."""
+    arch = resolve_arch(recipe)
+    params = _params(recipe, arch, target_sparsity(recipe, arch))
+    return _memory_and_strategy(recipe, arch, params, _trainable(recipe, arch))[0][stage]["fits"]
+
+
+def _describe(overrides: Overrides) -> str:
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return ", ".join(f"{k}: {value(v)}" for k, v in overrides.items())
+
+
+def _suggest(recipe: Recipe, stage: str) -> tuple[str, list[Overrides]]:
+    """What to change so that `stage` fits: one line, and the alternatives it names as recipe overrides.
+
+    Every alternative is checked by re-planning with it, so each one listed makes the stage fit. First the
+    cheapest change on this hardware; else every larger GPU that fits as the recipe stands; else the smallest
+    GPU that fits with the cheapest change.
+    """
+    for fix in _candidate_fixes(recipe, stage):
+        if _fits(with_overrides(recipe, fix), stage):
+            note = " (same global batch)" if any(k.endswith("micro_batch_size") for k in fix) else ""
+            return f"set {_describe(fix)}{note}", [fix]
+    here = GPUS[recipe.hardware.gpu].memory_bytes
+    bigger = sorted((g.memory_bytes, name) for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > here)
+    gpus = [{"hardware.gpu": name} for _, name in bigger
+            if _fits(with_overrides(recipe, {"hardware.gpu": name}), stage)]
+    if gpus:
+        names = [g["hardware.gpu"] for g in gpus]
+        return f"set hardware.gpu: {names[0]}" + (f" (or {', '.join(names[1:])})" if names[1:] else ""), gpus
+    for _, name in bigger:
+        on_gpu = with_overrides(recipe, {"hardware.gpu": name})
+        for fix in _candidate_fixes(on_gpu, stage):
+            if _fits(with_overrides(on_gpu, fix), stage):
+                fix = {"hardware.gpu": name, **fix}
+                return f"set {_describe(fix)}", [fix]
+    return "no setting of this recipe makes it fit; use more GPUs per node or a smaller model", []
 
 
 # --------------------------------------------------------------------------- steps and time
@@ -430,7 +491,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
     for name, entry in stages.items():
-        entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
+        entry["suggestion"], entry["suggestion_overrides"] = (None, []) if entry["fits"] else _suggest(recipe, name)
     deploy_len = min(arch.max_position_embeddings, 4096)
     deploy_kept = uniform_kept(arch, sparsity)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]

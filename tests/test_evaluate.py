@@ -170,8 +170,23 @@ def test_perplexity_scores_each_token_once(tmp_path: Path) -> None:
     assert one["nll_per_token"] == pytest.approx(loss, rel=1e-5)
     many = measures.perplexity(model, tok, PerplexitySection(path=text, window=32, stride=8))
     assert many["tokens_scored"] == len(ids) - 1 and many["windows"] == 1 + math.ceil((len(ids) - 32) / 8)
-    with pytest.raises(UserError, match="stride"):
-        measures.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
+    # stride == window: non-overlapping windows, each token still scored once, the first of each window by
+    # the previous window's last position (its context is the previous window)
+    text.write_text(text.read_text()[:127])  # with BOS, 8 windows of exactly 16 tokens
+    ids = ids[:128]
+    apart = measures.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
+    assert apart["tokens_scored"] == len(ids) - 1 and apart["windows"] == 8
+    expected = 0.0
+    with torch.no_grad():
+        for begin in range(0, len(ids), 16):
+            x = torch.tensor([ids[begin:begin + 16]])
+            expected += model(x, labels=x).loss.item() * (x.shape[1] - 1)
+            if begin:  # the window's first token, predicted from the 16 tokens before it
+                prev = torch.tensor([ids[begin - 16:begin]])
+                expected -= torch.log_softmax(model(prev).logits[0, -1], -1)[ids[begin]].item()
+    assert apart["nll_per_token"] == pytest.approx(expected / (len(ids) - 1), rel=1e-5)
+    with pytest.raises(ValueError, match="larger than window"):
+        PerplexitySection(path=text, window=16, stride=17)
 
 
 def test_speed_reports_the_documented_cpu_memory_measure() -> None:

@@ -7,7 +7,9 @@ Hugging Face config, or the built-in table of well-known models below.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,15 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS: dict[str, ArchSpec] = {name: ArchSpec.from_hf_config(c) for name, c in PRESET_CONFIGS.items()}
+
+
+def unknown_preset(name: str) -> str:
+    """Why `name` is not a preset, with a did-you-mean only for what looks like a typo of one: the same sizes
+    and versions (digits), so llama-3.1-70b is not offered llama-3.1-8b."""
+    numbers = re.findall(r"\d+", name)
+    close = [c for c in difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.75)
+             if re.findall(r"\d+", c) == numbers]
+    if close:
+        return f"unknown preset '{name}'; did you mean '{close[0]}'?"
+    return (f"there is no preset '{name}'; the presets are {', '.join(PRESETS)} (for another model, point "
+            "model.path at a folder with its config.json)")

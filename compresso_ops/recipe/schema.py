@@ -187,8 +187,17 @@ class LocalTask(Strict):
 class PerplexitySection(Strict):
     path: Path = Field(description="Plain text file for perplexity (relative to the recipe's folder).")
     window: int = Field(default=512, ge=8, description="Tokens per sliding window.")
-    stride: int = Field(default=256, ge=1, description="Tokens the window advances; only new tokens are scored.")
+    stride: int = Field(
+        default=256, ge=1,
+        description="Tokens the window advances; only new tokens are scored. Equal to window: non-overlapping windows.")
     max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens.")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> PerplexitySection:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) is larger than window ({self.window}): the tokens between "
+                             "windows would never be scored; use a stride of at most the window")
+        return self
 
 
 class SpeedSection(Strict):

@@ -14,6 +14,7 @@ import torch
 from compresso_ops.errors import UserError
 from compresso_ops.evaluation import harness, measures
 from compresso_ops.evaluation.tasks import local_task_config
+from compresso_ops.infra.cache import CACHE_ENV
 from compresso_ops.method.prompts import COLLABORATIVE_EVAL
 from compresso_ops.recipe.schema import LocalTask, PerplexitySection, Recipe, SpeedSection
 from compresso_ops.stages import evaluate
@@ -44,7 +45,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip("../shared is absent (only developer machines and CI have it)")
     root = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(evaluate.CACHE_ENV, str(root / "cache"))
+        mp.setenv(CACHE_ENV, str(root / "cache"))
         recipe = _recipe()
         run = root / "run"
         first = evaluate.run_source_evaluate(recipe, run / "evaluate" / "source.json", prompt_text=COLLABORATIVE_EVAL)
@@ -223,3 +224,21 @@ def test_summary_of_stock_groups_and_tags() -> None:
     assert groups["commonsense"]["tasks"] == ["arc_easy", "arc_challenge"]
     assert groups["commonsense"]["average"] == pytest.approx(0.55)
     assert groups["knowledge"]["average"] == 0.35 and len(groups["commonsense"]["paper_tasks"]) == 7
+
+
+@pytest.mark.slow
+def test_task_names_come_from_lm_evals_registry_offline_and_are_cached(tmp_path: Path, monkeypatch) -> None:
+    """Indexes lm-eval's real task folder once (10-25 s), then answers from the cache without lm-eval."""
+    import lm_eval.tasks
+
+    from compresso_ops.evaluation import tasks
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    names = tasks.lm_eval_task_names()
+    assert tasks.task_names_cache().is_file()
+    built_in = set(tasks.LONGEST_REQUEST_TOKENS) | tasks.ROLLING_TASKS
+    assert built_in | {t for group in tasks.PAPER_GROUPS.values() for t in group} <= names
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", None)  # a second look-up must not index again
+    assert tasks.lm_eval_task_names() == names
+    assert tasks.unknown_task_problems(["boolq", "hellaswg"]) == [
+        (1, "'hellaswg' is not an lm-eval task, group or tag; did you mean 'hellaswag'?")]

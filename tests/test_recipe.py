@@ -152,6 +152,24 @@ def test_params_in_a_child_says_how_to_clear_the_parents_sparsity(tmp_path, mode
     assert load_recipe(fixed).target.params == 20_000
 
 
+def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monkeypatch):
+    """The names come from the cached registry index (tests/test_evaluate.py builds the real one)."""
+    from compresso_ops.evaluation.tasks import task_names_cache
+    from compresso_ops.infra import atomic
+    from compresso_ops.infra.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    atomic.write_json(task_names_cache(), {"names": ["arc_easy", "hellaswag", "mmlu", "my_task"]})
+    body = BASE.format(model=model_dir) + "eval:\n  tasks: [arc_easy, hellaswg, my_task, zzz]\n"
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines[0].endswith("r.yaml:10: eval.tasks[1]: 'hellaswg' is not an lm-eval task, group or tag; "
+                             "did you mean 'hellaswag'?")
+    assert "eval.tasks[3]: 'zzz' is not an lm-eval task" in lines[1] and len(lines) == 2
+    assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
+
+
 def test_bad_extends_is_located(tmp_path):
     path = _write(tmp_path, "extends: missing.yaml\nname: x\n")
     result = CliRunner().invoke(main, ["validate", str(path)])

@@ -8,11 +8,17 @@ Stock task names (`recipe.eval.tasks`) are passed through untouched for lm-eval'
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from compresso_ops.errors import UserError
+from compresso_ops.infra import atomic
+from compresso_ops.infra.cache import cache_dir
+from compresso_ops.infra.fingerprint import digest
 from compresso_ops.recipe.schema import EvalSection, LocalTask
 
 # Report groups, as the paper averages them (docs/method.md §10). Local tasks join a group through `LocalTask.group`.
@@ -84,6 +90,58 @@ LONGEST_REQUEST_TOKENS: dict[str, int] = {
 ROLLING_TASKS = frozenset({"wikitext", "pile_10k", "paloma"})
 # A stock task not in the table: a bound well below today's 128k contexts; eval.max_length lowers it further.
 DEFAULT_REQUEST_TOKENS = 2048
+
+
+def _lm_eval_tasks_dir() -> Path | None:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def task_names_cache() -> Path:
+    """The cache file of lm-eval's task names for the installed lm-eval."""
+    folder = _lm_eval_tasks_dir()
+    if folder is None:
+        raise UserError("eval.tasks: lm-eval is not installed; install lm-eval or use eval.local_tasks only")
+    key = digest([importlib.metadata.version("lm_eval"), str(folder), folder.stat().st_mtime_ns])
+    return cache_dir() / "lm-eval-tasks" / f"{key}.json"
+
+
+def lm_eval_task_names() -> frozenset[str]:
+    """Every task, group and tag name of lm-eval's registry, indexed offline once per lm-eval install.
+
+    lm-eval's TaskManager parses ~14,000 task YAML files (10-25 s); the names are cached under the user's
+    compresso-ops cache, keyed by lm-eval's version and its task folder, so later checks take milliseconds.
+    """
+    cached = task_names_cache()
+    stored = atomic.read_json(cached)
+    if stored is None or not isinstance(stored.get("names"), list):
+        from lm_eval.tasks import TaskManager
+
+        stored = {"lm_eval": importlib.metadata.version("lm_eval"), "names": sorted(TaskManager().all_tasks)}
+        atomic.write_json(cached, stored)
+    return frozenset(stored["names"])
+
+
+def unknown_task_problems(tasks: list[str]) -> list[tuple[int, str]]:
+    """(index, message) for each name in `tasks` that lm-eval does not know, with a did-you-mean.
+
+    Names of the built-in table (the paper's suite among them) are known without indexing lm-eval, so a
+    recipe of stock tasks is checked instantly even before the first index is cached.
+    """
+    known = set(LONGEST_REQUEST_TOKENS) | ROLLING_TASKS | {t for group in PAPER_GROUPS.values() for t in group}
+    if not tasks or set(tasks) <= known:
+        return []
+    registry = lm_eval_task_names()
+    out = []
+    for i, name in enumerate(tasks):
+        if name in registry:
+            continue
+        close = difflib.get_close_matches(name, sorted(registry), n=1, cutoff=0.8)
+        hint = f"did you mean '{close[0]}'?" if close else "`lm_eval --tasks list` lists them"
+        out.append((i, f"'{name}' is not an lm-eval task, group or tag; {hint}"))
+    return out
 
 
 def _longest_row_bytes(path: Path) -> int | None:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from compresso_ops.errors import RecipeError, UserError
+from compresso_ops.evaluation.tasks import unknown_task_problems
 from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import count_params, target_sparsity
@@ -334,6 +335,8 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
         (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),
     ]
     files += [(("eval", "local_tasks", i, "data"), t.data) for i, t in enumerate(recipe.eval.local_tasks)]
+    for i, message in unknown_task_problems(recipe.eval.tasks):
+        problems.add(("eval", "tasks", i), message)
     for loc, path in files:
         if path is not None and not Path(path).is_file():
             problems.add(loc, f"file not found: {path}")

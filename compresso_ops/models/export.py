@@ -131,6 +131,13 @@ def native_config(src: Any, shape: SliceShape) -> Any:
     )
 
 
+def _qwen_window(src: Any, arch: ArchSpec) -> dict[str, Any]:
+    """Qwen2/Qwen3 sliding-window settings, copied from the source."""
+    return {"use_sliding_window": getattr(src, "use_sliding_window", False),
+            "sliding_window": getattr(src, "sliding_window", None),
+            "max_window_layers": getattr(src, "max_window_layers", arch.num_layers)}
+
+
 def stock_config(src: Any, shape: SliceShape) -> Any:
     """A stock config with one head/FFN count for all layers (uniform and pad exports)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -147,16 +154,10 @@ def stock_config(src: Any, shape: SliceShape) -> Any:
         "num_key_value_heads": shape.kv_heads[0],
         "intermediate_size": shape.channels[0],
     }
-    if arch.model_type in ("qwen2", "qwen3"):
-        if arch.model_type == "qwen3":
-            fields["attention_bias"] = arch.o_bias
-        config_class = Qwen2Config if arch.model_type == "qwen2" else Qwen3Config
-        return config_class(
-            **fields,
-            use_sliding_window=getattr(src, "use_sliding_window", False),
-            sliding_window=getattr(src, "sliding_window", None),
-            max_window_layers=getattr(src, "max_window_layers", arch.num_layers),
-        )
+    if arch.model_type == "qwen2":
+        return Qwen2Config(**fields, **_qwen_window(src, arch))
+    if arch.model_type == "qwen3":  # Qwen3's attention_bias puts a bias on all four projections
+        return Qwen3Config(**fields, attention_bias=arch.o_bias, **_qwen_window(src, arch))
     if arch.model_type == "mistral":
         return MistralConfig(**fields, sliding_window=getattr(src, "sliding_window", None))
     if arch.o_bias or arch.mlp_bias:  # Mistral has no biases: only LlamaConfig holds them

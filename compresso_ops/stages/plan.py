@@ -175,28 +175,28 @@ def _framework_overhead(subtotal: float) -> int:
 
 
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    o = overrides or {}
+                  fsdp: bool | None = None) -> dict[str, Any]:
+    """Per-GPU memory of each stage as the recipe stands (`fsdp`: override the recipe's strategy)."""
     gpu = GPUS[recipe.hardware.gpu]
     on_gpu = recipe.hardware.gpu != "cpu"
     dtype = compute_dtype(recipe)
     world = recipe.hardware.world_size
-    fsdp = o.get("fsdp", recipe.hardware.strategy == "fsdp")
-    seq = o.get("seq_len", recipe.data.max_seq_length)
+    fsdp = recipe.hardware.strategy == "fsdp" if fsdp is None else fsdp
+    seq = recipe.data.max_seq_length
     target_total = params["target"]["total"]
     scale = math.sqrt(target_total / params["source"]["total"])  # dims shrink roughly with sqrt(params)
     outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
     stages = {
         "prune": _training_memory(
             arch, params["source"]["total"], outside, trainable["total"], dtype=dtype,
-            micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
-            on_gpu=on_gpu),
+            micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu),
         "finetune": _training_memory(
             arch, target_total, int(outside * scale),
-            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
-            fsdp=fsdp, on_gpu=on_gpu, scale=scale),
+            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype,
+            micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
+            scale=scale),
     }
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
@@ -290,7 +290,7 @@ def _candidate_fixes(recipe: Recipe, stage: str) -> list[Overrides]:
         length = ev.max_length or 0
         for cap in (8192, 4096, 2048, 1024):
             if not length or cap < length:
-                out.append({"eval.batch_size": 1 if batch is not None else ev.batch_size, "eval.max_length": cap})
+                out.append({**({"eval.batch_size": 1} if batch is not None else {}), "eval.max_length": cap})
         return out
     section = getattr(recipe, stage)
     ckpt = {f"{stage}.gradient_checkpointing": True}
@@ -457,7 +457,7 @@ def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
     if recipe.hardware.strategy != "auto":
         return stages, recipe.hardware.strategy
     if world > 1 and not stages["prune"]["fits"]:
-        sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
+        sharded = _stage_memory(recipe, arch, params, trainable, fsdp=True)
         if sharded["prune"]["fits"]:
             return sharded, "fsdp"
     return stages, "single" if world == 1 else "ddp"

@@ -209,7 +209,9 @@ class SpeedSection(Strict):
 
 
 class EvalSection(Strict):
-    tasks: list[str] = Field(default_factory=list, description="Stock lm-eval task names (need network or HF cache).")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Stock lm-eval task names (need network or HF cache); validate checks them against lm-eval.")
     local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
     num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per task.")
     limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")

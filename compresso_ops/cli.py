@@ -179,15 +179,16 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
     from compresso_ops.ui.progress import make_reporter, quiet_libraries
 
     loaded = load_recipe(recipe, check_files=True)
+    executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
+                        until=until, force=force, break_stale_lock=break_stale_lock)
     hw = loaded.hardware
     if hw.world_size > 1 and "LOCAL_RANK" not in os.environ:
         if hw.nodes > 1:
             raise UserError(f"{recipe}: hardware.nodes is {hw.nodes}; start multi-node runs with torchrun on every "
                             "node (see the README's 'Several GPUs and nodes')")
+        executor.check_before_launch()
         _exit(_launch_torchrun(hw.gpus_per_node))
     quiet_libraries()
-    executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
-                        until=until, force=force, break_stale_lock=break_stale_lock)
     state = executor.run()
     if os.environ.get("RANK", "0") != "0":
         return

@@ -200,16 +200,9 @@ class Executor:
         state.data["recipe_file"] = str(self.recipe.source_file) if self.recipe.source_file else None
         atomic.write_text(self.run_dir / "recipe.resolved.yaml", dump_resolved(self.recipe))
         stages = self.selected()
-        forced_from = STAGES.index(self.from_stage) if self.from_stage else (0 if self.force else None)
-        todo: list[str] = []
-        for name in stages:  # a stage that runs makes every stage after it (but the plan) run too
-            if self._needs_run(state, name, hashes[name], forced_from) or any(t != "plan" for t in todo):
-                todo.append(name)
-        self._check_upstream(state, hashes, stages, todo)
-        if self.preflight and any(s not in ("plan", "report") for s in todo):
-            from compresso_ops.stages.preflight import run_preflight
-
-            run_preflight(self.recipe, self.run_dir, todo)
+        todo = self._todo(state, hashes)
+        if self.preflight:
+            self._preflight(todo)
         ctx.broadcast_object(todo)
 
         self.reporter.start(stages)
@@ -225,6 +218,28 @@ class Executor:
             self.reporter.close()
         return state.data
 
+    def _todo(self, state: RunState, hashes: dict[str, str]) -> list[str]:
+        """The selected stages that must run: out of date or forced, and every stage after one that runs."""
+        forced_from = STAGES.index(self.from_stage) if self.from_stage else (0 if self.force else None)
+        todo: list[str] = []
+        for name in self.selected():  # a stage that runs makes every stage after it (but the plan) run too
+            if self._needs_run(state, name, hashes[name], forced_from) or any(t != "plan" for t in todo):
+                todo.append(name)
+        self._check_upstream(state, hashes, todo)
+        return todo
+
+    def _preflight(self, todo: list[str]) -> None:
+        if any(s not in ("plan", "report") for s in todo):
+            from compresso_ops.stages.preflight import run_preflight
+
+            run_preflight(self.recipe, self.run_dir, todo)
+
+    def check_before_launch(self) -> None:
+        """Preflight in the launching process, before torchrun starts the workers, so a bad input is one line
+        here rather than a failure on every rank. Reads the run state; writes nothing but the run folder."""
+        if self.preflight:
+            self._preflight(self._todo(RunState(self.run_dir), stage_hashes(self.recipe)))
+
     def _needs_run(self, state: RunState, name: str, input_hash: str, forced_from: int | None) -> bool:
         if forced_from is not None and STAGES.index(name) >= forced_from:
             return True
@@ -238,7 +253,7 @@ class Executor:
                                   f"differs{f'; {len(changed)} files' if len(changed) > 1 else ''}); re-running {name}")
         return bool(changed)
 
-    def _check_upstream(self, state: RunState, hashes: dict[str, str], stages: list[str], todo: list[str]) -> None:
+    def _check_upstream(self, state: RunState, hashes: dict[str, str], todo: list[str]) -> None:
         """A stage may only run on finished, current upstream results."""
         for name in todo:
             for before in STAGES[1: STAGES.index(name)]:

@@ -21,7 +21,7 @@ from compresso_ops.models.export import MANIFEST_FILE, check_batch, export_prune
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.slice import run_slice
-from tests.test_slice import VARIANTS, random_masks, uniform_masks, zeroed_reference
+from tests.test_slice import STOCK_CLASS, VARIANTS, random_masks, uniform_masks, zeroed_reference
 from tests.tiny import STORIES260K, byte_tokenizer, save_tiny, tiny_model
 
 TOL = 1e-4
@@ -60,9 +60,7 @@ def test_export_reloads_exact_with_predicted_size(tmp_path, variant, mode):
     assert sum(p.numel() for p in reloaded.parameters()) == expected
     batch = check_batch(model.config)
     assert (logits(reloaded, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
-    expected_class = {"native": "CompressoLlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-        "native" if mode == "native" else model_type, "MistralForCausalLM"
-    )
+    expected_class = "CompressoLlamaForCausalLM" if mode == "native" else STOCK_CLASS[model_type]
     assert type(reloaded).__name__ == expected_class
     assert (out / "modeling_compresso.py").is_file() == (mode == "native")
     assert AutoTokenizer.from_pretrained(out).encode("hi") == byte_tokenizer().encode("hi")

@@ -69,10 +69,14 @@ MALFORMED = {
     "unknown top-level key": (BASE + "tragets: 1\n", "tragets", 9, "did you mean 'target'"),
     "unknown nested key": (BASE + "prune:\n  lora:\n    rank: 8\n", "prune.lora.rank", 11, "valid keys: alpha, dropout, r,"),
     "wrong type": (BASE + "prune:\n  micro_batch_size: four\n", "prune.micro_batch_size", 10, "integer"),
-    "out of range sparsity": (BASE.replace("0.3", "1.5"), "target.sparsity", 5, "less than 1"),
+    "out of range sparsity": (BASE.replace("0.3", "1.5"), "target.sparsity", 5, "between 0 and 1"),
+    "sparsity as a percentage": (BASE.replace("0.3", "20"), "target.sparsity", 5, "write 0.20 for 20%"),
+    "finetune: false": (BASE + "finetune: false\n", "finetune", 9, "write finetune: {enabled: false}"),
+    "float16 without a hardware section": (BASE.replace("  path: {model}", "  path: {model}\n  dtype: float16"),
+                                           "model.dtype", 4, "the default is hardware.gpu: cpu"),
     "negative learning rate": (BASE + "prune:\n  lr:\n    gates: -0.1\n", "prune.lr.gates", 11, "greater than 0"),
     "both sparsity and params": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  params: 10K"), "target", 4,
-                                 "exactly one"),
+                                 "not both"),
     "neither sparsity nor params": (BASE.replace("  sparsity: 0.3\n", "  structures: [heads]\n"), "target", 4,
                                     "exactly one"),
     "empty structures": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: []"), "target", 4, "empty"),
@@ -100,8 +104,10 @@ MALFORMED = {
     "wrong export mode": (BASE + "export:\n  mode: sharded\n", "export.mode", 10, "native"),
     "section given as a scalar": (BASE + "prune: fast\n", "prune", 9, "dictionary"),
     "missing model": ("name: t\ntarget:\n  sparsity: 0.3\n", "model", 1, "required"),
-    "unknown preset": ("name: t\nmodel:\n  path: org/m\n  architecture: llama-8b\ntarget:\n  sparsity: 0.3\n",
-                       "model.architecture", 4, "did you mean"),
+    "misspelt preset": ("name: t\nmodel:\n  path: org/m\n  architecture: lama-2-7b\ntarget:\n  sparsity: 0.3\n",
+                        "model.architecture", 4, "did you mean 'llama-2-7b'?"),
+    "missing preset": ("name: t\nmodel:\n  path: org/m\n  architecture: llama-3.1-70b\ntarget:\n  sparsity: 0.3\n",
+                       "model.architecture", 4, "there is no preset 'llama-3.1-70b'; the presets are llama-7b"),
     "hub id without preset": ("name: t\nmodel:\n  path: org/m\ntarget:\n  sparsity: 0.3\n", "model.path", 3,
                               "model.architecture"),
     "duplicate key": (BASE + "name: u\n", "name", 9, "twice"),
@@ -125,6 +131,43 @@ def test_malformed_recipe_gives_exit_2_and_a_located_line(case, tmp_path, model_
     assert match["field"] == field, lines[0]
     assert int(match["line"]) == line, lines[0]
     assert fragment in match["msg"], lines[0]
+
+
+def test_missing_preset_offers_no_wrong_did_you_mean(tmp_path):
+    path = _write(tmp_path, "model: {path: org/m, architecture: qwen3-32b}\ntarget: {sparsity: 0.3}\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "there is no preset 'qwen3-32b'" in result.output
+    assert "did you mean" not in result.output
+
+
+def test_params_in_a_child_says_how_to_clear_the_parents_sparsity(tmp_path, model_dir):
+    _write(tmp_path, BASE.format(model=model_dir), "base.yaml")
+    child = _write(tmp_path, "extends: base.yaml\ntarget:\n  params: 20K\n", "child.yaml")
+    result = CliRunner().invoke(main, ["validate", str(child)])
+    assert result.exit_code == 2
+    assert "child.yaml:2: target: target.sparsity and target.params are both set (target.sparsity comes from " \
+           in result.output
+    assert "base.yaml:5 through extends); add 'sparsity: null' under target" in result.output
+    fixed = _write(tmp_path, "extends: base.yaml\ntarget:\n  params: 20K\n  sparsity: null\n", "fixed.yaml")
+    assert load_recipe(fixed).target.params == 20_000
+
+
+def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monkeypatch):
+    """The names come from the cached registry index (tests/test_evaluate.py builds the real one)."""
+    from compresso_ops.evaluation.tasks import task_names_cache
+    from compresso_ops.infra import atomic
+    from compresso_ops.infra.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    atomic.write_json(task_names_cache(), {"names": ["arc_easy", "hellaswag", "mmlu", "my_task"]})
+    body = BASE.format(model=model_dir) + "eval:\n  tasks: [arc_easy, hellaswg, my_task, zzz]\n"
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines[0].endswith("r.yaml:10: eval.tasks[1]: 'hellaswg' is not an lm-eval task, group or tag; "
+                             "did you mean 'hellaswag'?")
+    assert "eval.tasks[3]: 'zzz' is not an lm-eval task" in lines[1] and len(lines) == 2
+    assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
 
 
 def test_bad_extends_is_located(tmp_path):

@@ -7,6 +7,8 @@ Three formats (docs/method.md §8, recipe `export.mode`):
   `sliding_window: null` and an explicit `head_dim`, because transformers 5 `LlamaConfig` rejects
   `hidden_size % num_attention_heads != 0` (checked with 5.24.0: StrictDataclassClassValidationError), which a
   pruned hidden size produces; `MistralConfig` accepts it and the Mistral modules are LLaMA's without biases.
+  Qwen2 and Qwen3 sources stay `Qwen2ForCausalLM` / `Qwen3ForCausalLM`: `Qwen2Config` and `Qwen3Config` accept
+  any hidden size with an explicit `head_dim` (checked with 5.24.0).
 - pad: a stock class with every layer zero-padded to the largest layer's counts: exact, smaller savings.
 
 Every export is reloaded from disk and checked: its logits on a fixed batch equal the masked model's and its
@@ -112,9 +114,9 @@ def native_config(src: Any, shape: SliceShape) -> Any:
     from compresso_ops.models.modeling_compresso import CompressoLlamaConfig
 
     arch = ArchSpec.from_hf_config(src)
-    if arch.model_type == "qwen2" and getattr(src, "use_sliding_window", False):
+    if arch.model_type in ("qwen2", "qwen3") and getattr(src, "use_sliding_window", False):
         raise StageError(
-            "export.mode native does not support Qwen2 sliding-window layers; use uniform or pad"
+            f"export.mode native does not support {arch.model_type} sliding-window layers; use uniform or pad"
         )
     return CompressoLlamaConfig(
         **_common_config(src, shape),
@@ -124,14 +126,22 @@ def native_config(src: Any, shape: SliceShape) -> Any:
         qkv_bias=arch.qkv_bias,
         o_bias=arch.o_bias,
         mlp_bias=arch.mlp_bias,
+        qk_norm=arch.qk_norm,
         sliding_window=getattr(src, "sliding_window", None) if arch.model_type == "mistral" else None,
         source_model_type=arch.model_type,
     )
 
 
+def _qwen_window(src: Any, arch: ArchSpec) -> dict[str, Any]:
+    """Qwen2/Qwen3 sliding-window settings, copied from the source."""
+    return {"use_sliding_window": getattr(src, "use_sliding_window", False),
+            "sliding_window": getattr(src, "sliding_window", None),
+            "max_window_layers": getattr(src, "max_window_layers", arch.num_layers)}
+
+
 def stock_config(src: Any, shape: SliceShape) -> Any:
     """A stock config with one head/FFN count for all layers (uniform and pad exports)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     arch = ArchSpec.from_hf_config(src)
     if shape.kv_heads[0] == 0:
@@ -146,12 +156,9 @@ def stock_config(src: Any, shape: SliceShape) -> Any:
         "intermediate_size": shape.channels[0],
     }
     if arch.model_type == "qwen2":
-        return Qwen2Config(
-            **fields,
-            use_sliding_window=getattr(src, "use_sliding_window", False),
-            sliding_window=getattr(src, "sliding_window", None),
-            max_window_layers=getattr(src, "max_window_layers", arch.num_layers),
-        )
+        return Qwen2Config(**fields, **_qwen_window(src, arch))
+    if arch.model_type == "qwen3":  # Qwen3's attention_bias puts a bias on all four projections
+        return Qwen3Config(**fields, attention_bias=arch.o_bias, **_qwen_window(src, arch))
     if arch.model_type == "mistral":
         return MistralConfig(**fields, sliding_window=getattr(src, "sliding_window", None))
     if arch.o_bias or arch.mlp_bias:  # Mistral has no biases: only LlamaConfig holds them

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compresso_ops.errors import UserError
-from compresso_ops.models.architecture import PRESETS, ArchSpec
+from compresso_ops.models.architecture import PRESETS, ArchSpec, unknown_preset
 from compresso_ops.recipe.schema import ModelSection, Recipe
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -80,9 +80,9 @@ def resolve_arch(recipe: Recipe) -> ArchSpec:
         return ArchSpec.from_pretrained_dir(location.folder)
     if recipe.model.architecture:
         if recipe.model.architecture not in PRESETS:
-            raise UserError(f"model.architecture: unknown preset '{recipe.model.architecture}'; "
-                            f"choose one of {', '.join(PRESETS)}")
+            raise UserError(f"model.architecture: {unknown_preset(recipe.model.architecture)}")
         return PRESETS[recipe.model.architecture]
-    where = "" if location.is_path else " and is not in the Hugging Face cache"
+    where = "" if location.is_path else \
+        f" and is not in the Hugging Face cache (hf download {recipe.model.path} puts it there)"
     raise UserError(f"model.path: '{recipe.model.path}' has no local config.json{where}; point it at a model "
                     f"folder or set model.architecture to one of {', '.join(PRESETS)}")

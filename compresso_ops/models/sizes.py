@@ -1,9 +1,10 @@
-"""Exact parameter counts of a LLaMA-family model before and after structured pruning.
+"""Exact parameter counts of a LLaMA-family model (Qwen3 included) before and after structured pruning.
 
 One set of formulas serves the planner (before any training), the final-mask selection (to meet the
 target) and the slice stage's check (the exported checkpoint must hold exactly what these formulas say).
 "Prunable" follows the paper: the attention and FFN projections (their biases included). Embeddings and
-norms are not prunable but shrink with the kept hidden dims.
+norms are not prunable but shrink with the kept hidden dims (Qwen3's per-head q/k norms do not: they span
+head_dim).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def ffn_params(arch: ArchSpec, channels: int, hidden: int) -> int:
     return n
 
 
+def head_norm_params(arch: ArchSpec) -> int:
+    """Qwen3's per-head q_norm and k_norm of one attention block: two weights of head_dim, shared by all heads,
+    so pruning heads or hidden dims leaves them whole; they go only with the whole block."""
+    return 2 * arch.head_dim if arch.qk_norm else 0
+
+
 def embedding_params(arch: ArchSpec, hidden: int) -> int:
     return arch.vocab_size * hidden * (1 if arch.tie_embeddings else 2)
 
@@ -99,8 +106,9 @@ def count_params(arch: ArchSpec, kept: Kept | None = None, mode: str = "native")
         a, f = attention_params(arch, g, d), ffn_params(arch, c, d)
         attn_total += a
         ffn_total += f
-        # A native checkpoint drops a dropped block's norm with it; stock classes keep every norm.
-        norms += d * ((g > 0 or mode != "native") + (c > 0 or mode != "native"))
+        # A native checkpoint drops a dropped block's norms with it; stock classes keep every norm.
+        attention_kept, ffn_kept = g > 0 or mode != "native", c > 0 or mode != "native"
+        norms += (d + head_norm_params(arch)) * attention_kept + d * ffn_kept
         per_layer.append({"attention": a, "ffn": f})
     emb = embedding_params(arch, d)
     prunable = attn_total + ffn_total

@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from compresso_ops.errors import RecipeError, UserError
-from compresso_ops.evaluation.tasks import check_task_file
-from compresso_ops.models.architecture import PRESETS, PROJECTIONS
+from compresso_ops.evaluation.tasks import check_task_file, unknown_task_problems
+from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import count_params, target_sparsity
 from compresso_ops.recipe.schema import Recipe, micro_batch_problem
@@ -248,14 +248,14 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
+def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, Any]) -> None:
     """One line per field. Pydantic reports a union (`0.5 | "auto"`) once per branch, with the branch's tag in
     the location (`constrained-float`, `literal['auto']`): the tags go, and the branches' messages join."""
     messages: dict[Loc, list[str]] = {}
     for err in exc.errors(include_url=False):
         loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and not p.isidentifier()))
         kind = err["type"]
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _plain_hint(loc, err, data, problems) or err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1])
             valid = sorted(parent.model_fields) if parent else []
@@ -272,11 +272,31 @@ def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
         problems.add(loc, "; or ".join(msgs))
 
 
+def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -> str | None:
+    """A message for the mistakes users make most, where pydantic's own text would not say what to write."""
+    value, section = err.get("input"), _model_at(loc)
+    if isinstance(value, bool) and section is not None and "enabled" in section.model_fields:
+        return f"{str(value).lower()} is not a section; write {_dotted(loc)}: {{enabled: {str(value).lower()}}}"
+    if loc == ("target", "sparsity") and err["type"] == "less_than" and isinstance(value, (int, float)):
+        example = f": write {value / 100:.2f} for {value:g}%" if 1 < value < 100 and value == int(value) else ""
+        return f"{value} is not a fraction; sparsity is the share of prunable parameters removed, between 0 " \
+               f"and 1{example}"
+    target = _get(data, ("target",))
+    if loc == ("target",) and isinstance(target, dict) and None not in (target.get("sparsity"), target.get("params")):
+        where = {key: problems.locations.get(("target", key), ("", 0)) for key in ("sparsity", "params")}
+        inherited = [key for key, (file, _) in where.items() if file != problems.default_file]
+        if len(inherited) == 1:
+            key = inherited[0]
+            file, line = where[key]
+            return (f"target.sparsity and target.params are both set (target.{key} comes from {file}:{line} "
+                    f"through extends); add '{key}: null' under target to clear the inherited one")
+        return "give one of target.sparsity or target.params, not both"
+    return None
+
+
 def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -> None:
     if recipe.model.architecture and recipe.model.architecture not in PRESETS:
-        close = difflib.get_close_matches(recipe.model.architecture, list(PRESETS), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(PRESETS)}"
-        problems.add(("model", "architecture"), f"unknown preset '{recipe.model.architecture}'; {hint}")
+        problems.add(("model", "architecture"), unknown_preset(recipe.model.architecture))
         return
     try:
         arch = resolve_arch(recipe)
@@ -326,7 +346,10 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         if recipe.data.num_examples and (why := micro_batch_problem(micro, recipe.data.num_examples)):
             problems.add((section, "micro_batch_size"), why)
     if recipe.hardware.gpu == "cpu" and recipe.model.dtype == "float16":
-        problems.add(("model", "dtype"), "float16 training is not supported on cpu; use float32 or auto")
+        default = "" if ("hardware", "gpu") in recipe._locations else \
+            " (the recipe sets no hardware.gpu, and the default is hardware.gpu: cpu)"
+        problems.add(("model", "dtype"), f"float16 training is not supported on cpu{default}; set hardware.gpu "
+                                         "to your GPU type, or model.dtype: float32 or auto")
 
     if check_files:
         _file_problems(recipe, problems)
@@ -364,6 +387,8 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
         (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),
     ]
     files += [(("eval", "local_tasks", i, "data"), t.data) for i, t in enumerate(recipe.eval.local_tasks)]
+    for i, message in unknown_task_problems(recipe.eval.tasks):
+        problems.add(("eval", "tasks", i), message)
     for loc, path in files:
         if path is not None and not Path(path).is_file():
             problems.add(loc, f"file not found: {path}")
@@ -385,7 +410,7 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        _schema_problems(exc, problems)
+        _schema_problems(exc, problems, data)
         raise RecipeError(problems.lines) from None
     recipe._source_file = path.resolve()
     recipe._locations = locations

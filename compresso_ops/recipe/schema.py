@@ -89,7 +89,8 @@ class ModelSection(Strict):
     architecture: str | None = Field(
         default=None,
         description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-3-8b, "
-        "mistral-7b) used for planning when the model's config.json is not on disk.",
+        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, mistral-7b, mistral-7b-v0.3, qwen2.5-7b, qwen3-8b) used for "
+        "planning when the model's config.json is not on disk.",
     )
 
 
@@ -268,8 +269,17 @@ class LocalTask(Strict):
 class PerplexitySection(Strict):
     path: Path = Field(description="Plain text file for perplexity (relative to the recipe's folder).")
     window: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per sliding window.")
-    stride: int = Field(default=256, ge=1, description="Tokens the window advances; only new tokens are scored.")
+    stride: int = Field(
+        default=256, ge=1,
+        description="Tokens the window advances; only new tokens are scored. Equal to window: non-overlapping windows.")
     max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens.")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> PerplexitySection:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) is larger than window ({self.window}): the tokens between "
+                             "windows would never be scored; use a stride of at most the window")
+        return self
 
 
 class SpeedSection(Strict):
@@ -281,15 +291,37 @@ class SpeedSection(Strict):
 
 
 class EvalSection(Strict):
-    tasks: list[str] = Field(default_factory=list, description="Stock lm-eval task names (need network or HF cache).")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Stock lm-eval task names (need network or HF cache); validate checks them against lm-eval.")
     local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
     num_fewshot: int = Field(default=0, ge=0, le=1000, description="Few-shot examples per task.")
     limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")
-    batch_size: int = Field(default=8, ge=1, le=MAX_BATCH, description="lm-eval batch size.")
-    max_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH, description="Context length given to lm-eval (default: the model's).")
+    batch_size: int | str = Field(
+        default=8,
+        description="lm-eval batch size: a positive integer, or lm-eval's 'auto' (the largest batch that fits) "
+        "or 'auto:N' (re-detected N times as requests get shorter).")
+    max_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH,
+                                   description="Context length given to lm-eval (default: the model's).")
     perplexity: PerplexitySection | None = Field(default=None, description="Sliding-window perplexity on a text file.")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed and memory measurement.")
     compare_source: bool = Field(default=True, description="Evaluate the source model too (cached across runs).")
+
+
+    @field_validator("batch_size")
+    @classmethod
+    def _lm_eval_batch_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and 1 <= v <= MAX_BATCH or isinstance(v, str) and _AUTO_BATCH.match(v):
+            return v
+        raise ValueError(f"batch_size {v!r} is not an integer from 1 to {MAX_BATCH:,}, 'auto' or 'auto:N' (e.g. auto:4)")
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """The batch size when the recipe fixes one; None for lm-eval's 'auto' detection."""
+        return self.batch_size if isinstance(self.batch_size, int) else None
+
+
+_AUTO_BATCH = re.compile(r"^auto(:[1-9][0-9]*)?$")
 
 
 class ExportSection(Strict):

@@ -12,7 +12,6 @@ Not distributed: the executor calls these functions on rank 0 only (lm-eval retu
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,13 @@ from typing import Any
 from compresso_ops.evaluation.harness import group_averages, load_model, run_lm_eval, summarize_tasks
 from compresso_ops.evaluation.measures import hardware, measure_speed, perplexity, versions
 from compresso_ops.infra import atomic
+from compresso_ops.infra.cache import cache_dir
 from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, resolve_prompt
 from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import EvalSection, ModelSection, Recipe
 from compresso_ops.stages.plan import evaluation_gpus
 from compresso_ops.ui.progress import EventFn
-
-CACHE_ENV = "COMPRESSO_OPS_CACHE"
-
 
 # Files whose size and mtime identify a model folder's content (hashing multi-GB weights would take minutes).
 _IDENTITY_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
@@ -94,10 +91,6 @@ def run_evaluate(recipe: Recipe, model_dir: str | Path, out_file: str | Path, *,
                **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label=label, on_event=on_event)}
     atomic.write_json(out_file, results)
     return results
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresso-ops")
 
 
 def model_identity(model: ModelSection) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compresso_ops.evaluation.tasks import longest_request_tokens
 from compresso_ops.infra import atomic
+from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import resolve_arch
 from compresso_ops.models.sizes import (
@@ -194,87 +196,184 @@ def _finetune_trainable(recipe: Recipe, arch: ArchSpec, target_total: int) -> in
 
 
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    o = overrides or {}
+                  fsdp: bool | None = None) -> dict[str, Any]:
+    """Per-GPU memory of each stage as the recipe stands (`fsdp`: override the recipe's strategy)."""
     gpu = GPUS[recipe.hardware.gpu]
     on_gpu = recipe.hardware.gpu != "cpu"
     dtype = compute_dtype(recipe)
     world = recipe.hardware.world_size
-    fsdp = o.get("fsdp", recipe.hardware.strategy == "fsdp")
-    seq = o.get("seq_len", recipe.data.max_seq_length)
+    fsdp = recipe.hardware.strategy == "fsdp" if fsdp is None else fsdp
+    seq = recipe.data.max_seq_length
     target_total = params["target"]["total"]
     scale = math.sqrt(target_total / params["source"]["total"])  # dims shrink roughly with sqrt(params)
     outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
     stages = {
         "prune": _training_memory(
             arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
-            micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
-            on_gpu=on_gpu),
+            micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu),
         "finetune": _training_memory(
             arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
-            _finetune_trainable(recipe, arch, target_total), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
-            fsdp=fsdp, on_gpu=on_gpu, scale=scale),
+            _finetune_trainable(recipe, arch, target_total), dtype=dtype,
+            micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
+            scale=scale),
     }
-    # Log-likelihood evaluation is one forward per batch with the KV cache off: weights, one layer's
-    # transient activations, and the logits with their log-softmax.
-    eval_len = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
-    eval_tokens = recipe.eval.batch_size * eval_len
-    nbytes = DTYPE_BYTES[dtype]
-    weights = max(params["source"]["total"], target_total) * nbytes
-    transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
-    logits = eval_tokens * arch.vocab_size * 2 * nbytes
-    eval_gpus = 1
-    whole = weights + transient + logits
-    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
-        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
-        # activations and logits are counted whole on each, for the GPU holding the LM head.
-        eval_gpus = recipe.hardware.gpus_per_node
-    eval_sub = weights / eval_gpus + transient + logits
-    eval_overhead = _framework_overhead(eval_sub) if on_gpu else 0
-    stages["evaluate"] = {
-        "per_gpu_bytes": int(eval_sub + eval_overhead),
-        "gpus": eval_gpus,
-        "breakdown": {"weights": int(weights / eval_gpus), "activations": int(transient), "logits": int(logits),
-                      "framework_overhead": eval_overhead},
-        "assumption": f"batch {recipe.eval.batch_size} x {eval_len} tokens, KV cache off; the larger of source "
-                      "and pruned model" + (f", its layers spread over {eval_gpus} GPUs" if eval_gpus > 1 else ""),
-    }
+    stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
     return stages
 
 
-def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-             stage: str) -> str | None:
-    """The smallest change (in this order of cost to the user) that makes `stage` fit."""
-    world = recipe.hardware.world_size
-    section = getattr(recipe, stage, None)
-    candidates: list[tuple[str, dict[str, Any]]] = []
-    if section is not None and not section.gradient_checkpointing:
-        candidates.append((f"set {stage}.gradient_checkpointing: true", {f"{stage}_ckpt": True}))
-    if section is not None:
-        mb = section.micro_batch_size
-        while mb > 1:
-            mb //= 2
-            factor = section.micro_batch_size // mb
-            text = (f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
-                    f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing")
-            candidates.append((text, {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
-    if world > 1 and recipe.hardware.strategy != "fsdp":
-        candidates.append(("set hardware.strategy: fsdp to shard the frozen base across GPUs",
-                           {"fsdp": True, f"{stage}_ckpt": True}))
+def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
+    """Tokens of the longest sequence the evaluate stage runs, and where the number comes from.
+
+    lm-eval pads each batch to its longest request and truncates requests to its max_length (eval.max_length,
+    else the model's max_position_embeddings); the tasks bound the longest request (evaluation/tasks.py).
+    Perplexity runs one `window` at a time and the speed check `prompt_length + new_tokens` per sequence.
+    """
+    cap = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
+    longest = longest_request_tokens(recipe.eval, resolve_prompt(recipe.prompt, "evaluate"))
+    if longest is None:
+        length, why = cap, "a rolling-loglikelihood task fills max_length"
+    elif longest > cap:
+        length, why = cap, f"longest request ~{longest:,} tokens, truncated to max_length {cap:,}"
+    else:
+        length, why = longest, "the tasks' longest request"
+    if recipe.eval.perplexity is not None and recipe.eval.perplexity.window > length:
+        length, why = min(recipe.eval.perplexity.window, cap), "the perplexity window"
+    return length, why
+
+
+def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Log-likelihood evaluation: one forward per batch with the KV cache off holding the weights, one layer's
+    transient activations, and the logits with their log-softmax, at the longest batch lm-eval forms.
+
+    lm-eval's `auto` batch size tries batches until one fits, so the plan checks that batch 1 does.
+    """
+    gpu = GPUS[recipe.hardware.gpu]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    length, why = eval_sequence(recipe, arch)
+    batch = recipe.eval.fixed_batch_size or 1
+    tokens = batch * length
+    if recipe.eval.speed.enabled:  # the speed check's prefill: its batch of prompt + generated tokens
+        tokens = max(tokens, recipe.eval.speed.batch_size * (recipe.eval.speed.prompt_length
+                                                             + recipe.eval.speed.new_tokens))
+    weights = max(params["source"]["total"], params["target"]["total"]) * nbytes
+    transient = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
+    logits = tokens * arch.vocab_size * 2 * nbytes
+    gpus = 1
+    whole = weights + transient + logits
+    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
+        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
+        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        gpus = recipe.hardware.gpus_per_node
+    sub = weights / gpus + transient + logits
+    overhead = _framework_overhead(sub) if on_gpu else 0
+    batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
+                  f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
+    return {
+        "per_gpu_bytes": int(sub + overhead),
+        "gpus": gpus,
+        "sequence_tokens": length,
+        "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
+                      "framework_overhead": overhead},
+        "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
+                      "pruned model" + (f", its layers spread over {gpus} GPUs" if gpus > 1 else ""),
+    }
+
+
+Overrides = dict[str, Any]  # recipe field path ("prune.micro_batch_size") -> value
+
+
+def with_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
+    """A copy of `recipe` with the dotted fields set, as a user editing the YAML would."""
+    changed = recipe.model_copy(deep=True)
+    for path, value in overrides.items():
+        *parents, name = path.split(".")
+        section = changed
+        for part in parents:
+            section = getattr(section, part)
+        setattr(section, name, value)
+    return changed
+
+
+def _candidate_fixes(recipe: Recipe, stage: str) -> list[Overrides]:
+    """Changes that may make `stage` fit, cheapest for the user first; each holds every field it changes."""
+    out: list[Overrides] = []
+    if stage == "evaluate":
+        ev = recipe.eval
+        batch = ev.fixed_batch_size
+        while batch is not None and batch > 1:
+            batch //= 2
+            out.append({"eval.batch_size": batch})
+        length = ev.max_length or 0
+        for cap in (8192, 4096, 2048, 1024):
+            if not length or cap < length:
+                out.append({**({"eval.batch_size": 1} if batch is not None else {}), "eval.max_length": cap})
+        return out
+    section = getattr(recipe, stage)
+    ckpt = {f"{stage}.gradient_checkpointing": True}
+    if not section.gradient_checkpointing:
+        out.append(dict(ckpt))
+    smaller: list[Overrides] = []
+    mb = section.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        factor = section.micro_batch_size // mb
+        smaller.append({**ckpt, f"{stage}.micro_batch_size": mb,  # the same global batch
+                        f"{stage}.gradient_accumulation": section.gradient_accumulation * factor})
+    out += smaller
+    sharded = recipe.hardware.world_size > 1 and recipe.hardware.strategy != "fsdp"
+    if sharded:
+        out += [{**fix, "hardware.strategy": "fsdp"} for fix in [ckpt, *smaller]]
+    shortest = {**ckpt, **(smaller[-1] if smaller else {}), **({"hardware.strategy": "fsdp"} if sharded else {})}
     seq = recipe.data.max_seq_length
     while seq > 256:
         seq //= 2
-        candidates.append((f"lower data.max_seq_length to {seq}", {"seq_len": seq, f"{stage}_ckpt": True,
-                                                                    f"{stage}_micro_batch": 1}))
-    for text, overrides in candidates:
-        if _stage_memory(recipe, arch, params, trainable, overrides)[stage]["fits"]:
-            return text
-    bigger = [name for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > GPUS[recipe.hardware.gpu].memory_bytes]
-    return f"use a larger GPU ({', '.join(bigger)})" if bigger else "no setting makes this fit one GPU"
+        out.append({**shortest, "data.max_seq_length": seq})
+    return out
+
+
+def _fits(recipe: Recipe, stage: str) -> bool:
+    """Whether `stage` fits when the whole plan is redone for `recipe` (strategy choice included)."""
+    arch = resolve_arch(recipe)
+    params = _params(recipe, arch, target_sparsity(recipe, arch))
+    return _memory_and_strategy(recipe, arch, params, _trainable(recipe, arch))[0][stage]["fits"]
+
+
+def _describe(overrides: Overrides) -> str:
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return ", ".join(f"{k}: {value(v)}" for k, v in overrides.items())
+
+
+def _suggest(recipe: Recipe, stage: str) -> tuple[str, list[Overrides]]:
+    """What to change so that `stage` fits: one line, and the alternatives it names as recipe overrides.
+
+    Every alternative is checked by re-planning with it, so each one listed makes the stage fit. First the
+    cheapest change on this hardware; else every larger GPU that fits as the recipe stands; else the smallest
+    GPU that fits with the cheapest change.
+    """
+    for fix in _candidate_fixes(recipe, stage):
+        if _fits(with_overrides(recipe, fix), stage):
+            note = " (same global batch)" if any(k.endswith("micro_batch_size") for k in fix) else ""
+            return f"set {_describe(fix)}{note}", [fix]
+    here = GPUS[recipe.hardware.gpu].memory_bytes
+    bigger = sorted((g.memory_bytes, name) for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > here)
+    gpus = [{"hardware.gpu": name} for _, name in bigger
+            if _fits(with_overrides(recipe, {"hardware.gpu": name}), stage)]
+    if gpus:
+        names = [g["hardware.gpu"] for g in gpus]
+        return f"set hardware.gpu: {names[0]}" + (f" (or {', '.join(names[1:])})" if names[1:] else ""), gpus
+    for _, name in bigger:
+        on_gpu = with_overrides(recipe, {"hardware.gpu": name})
+        for fix in _candidate_fixes(on_gpu, stage):
+            if _fits(with_overrides(on_gpu, fix), stage):
+                fix = {"hardware.gpu": name, **fix}
+                return f"set {_describe(fix)}", [fix]
+    return "no setting of this recipe makes it fit; use more GPUs per node or a smaller model", []
 
 
 # --------------------------------------------------------------------------- steps and time
@@ -379,7 +478,7 @@ def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
     if recipe.hardware.strategy != "auto":
         return stages, recipe.hardware.strategy
     if world > 1 and not (stages["prune"]["fits"] and stages["finetune"]["fits"]):
-        sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
+        sharded = _stage_memory(recipe, arch, params, trainable, fsdp=True)
         if sharded["prune"]["fits"]:
             return sharded, "fsdp"
     return stages, "single" if world == 1 else "ddp"
@@ -413,7 +512,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
     for name, entry in stages.items():
-        entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
+        entry["suggestion"], entry["suggestion_overrides"] = (None, []) if entry["fits"] else _suggest(recipe, name)
     deploy_len = min(arch.max_position_embeddings, 4096)
     deploy_kept = uniform_kept(arch, sparsity, recipe.target.multiple_of)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]

@@ -47,6 +47,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), "[green]yes[/]" if entry["fits"] else "[red]no[/]",
                     breakdown or entry.get("note", ""), entry.get("suggestion") or "")
     console.print(mem)
+    console.print(f"[dim]Evaluate assumption: {plan['memory']['stages']['evaluate']['assumption']}[/]")
     dep = plan["memory"]["deploy"]
     console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
                   f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")

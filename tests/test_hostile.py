@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 import compresso_ops.training.checkpoints as checkpoints_mod
 from compresso_ops.cli import main
 from compresso_ops.errors import StageError, UserError
+from compresso_ops.evaluation.measures import perplexity
 from compresso_ops.infra import atomic
 from compresso_ops.infra.lock import RunLock
 from compresso_ops.recipe.loader import load_recipe
-from compresso_ops.recipe.schema import Recipe
+from compresso_ops.recipe.schema import PerplexitySection, Recipe
 from compresso_ops.stages.plan import make_plan
 from compresso_ops.stages.preflight import DISK_FLOOR, disk_needed
 from compresso_ops.stages.prune import fingerprint, run_prune
@@ -35,7 +36,7 @@ from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.loop import DivergenceGuard
 from tests.test_apply import RECIPE, _setup
 from tests.test_prune import _recipe
-from tests.tiny import REPO_ROOT, STORIES260K, TINYSTORIES
+from tests.tiny import REPO_ROOT, STORIES260K, TINYSTORIES, byte_tokenizer
 
 
 def _cli(*args: str):
@@ -169,6 +170,13 @@ def test_non_utf8_training_data(assets, tmp_path):
         result = _cli(*command, str(path))
         assert result.exit_code == 2, result.output
         assert f"{data}: not UTF-8 text" in result.output
+
+
+def test_non_utf8_perplexity_text(tmp_path):
+    text = tmp_path / "dev.txt"
+    text.write_bytes(b"one two \xff\xfe three")
+    with pytest.raises(UserError, match=f"{text}: not UTF-8 text"):
+        perplexity(None, byte_tokenizer(), PerplexitySection(path=text, window=16, stride=8))
 
 
 def test_from_after_until_is_refused(assets):

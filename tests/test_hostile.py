@@ -149,6 +149,19 @@ def test_model_folder_without_tokenizer(assets, tmp_path):
     assert result.exit_code == 2 and ":3: model.path:" in result.output and "no tokenizer" in result.output
 
 
+def test_truncated_source_weights(assets, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20000])
+    path = _variant(assets, "truncsrc.yaml", _recipe_text(assets, run_dir=str(tmp_path / "run"),
+                                                          **{"{path: model}": f"{{path: {model}}}"}))
+    result = _cli("apply", str(path), "--plain")
+    assert result.exit_code == 2, result.output
+    assert f"model.path: cannot load '{model}'" in result.output and "restore the model's files" in result.output
+    assert _state(tmp_path / "run")["stages"]["prune"]["status"] == "failed"
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q2"}\n', "line 2: lacks field(s)"),
     (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": \n', "2: not valid JSON"),

@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 import compresso_ops.training.checkpoints as checkpoints_mod
 from compresso_ops.cli import main
 from compresso_ops.errors import StageError, UserError
+from compresso_ops.evaluation.measures import perplexity
 from compresso_ops.infra import atomic
 from compresso_ops.infra.lock import RunLock
 from compresso_ops.recipe.loader import load_recipe
-from compresso_ops.recipe.schema import Recipe
+from compresso_ops.recipe.schema import PerplexitySection, Recipe
 from compresso_ops.stages.plan import make_plan
 from compresso_ops.stages.preflight import DISK_FLOOR, disk_needed
 from compresso_ops.stages.prune import fingerprint, run_prune
@@ -35,7 +36,7 @@ from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.loop import DivergenceGuard
 from tests.test_apply import RECIPE, _setup
 from tests.test_prune import _recipe
-from tests.tiny import REPO_ROOT, STORIES260K, TINYSTORIES
+from tests.tiny import REPO_ROOT, STORIES260K, TINYSTORIES, byte_tokenizer
 
 
 def _cli(*args: str):
@@ -117,6 +118,8 @@ def test_yaml_aliases_and_deep_nesting_are_refused_at_their_line(tmp_path, text,
      "eval.speed.prompt_length", "prompt_length + new_tokens = 300"),
     ({"max_seq_length: 200}": "max_seq_length: 200, num_examples: 3}"}, "prune.micro_batch_size",
      "larger than the dataset's 3 examples"),
+    ({"  checkpoint_every: 2\n": "  checkpoint_every: 2\n  seed: 99999999999999999999999\n"}, "prune.seed",
+     "less than or equal"),
     ({"name: tiny": "name: /some/abs/path"}, "name", "not a folder name"),
     ({"name: tiny": "name: ../../x"}, "name", "not a folder name"),
     ({"name: tiny": "name: " + "n" * 5000}, "name", "5,000 characters"),
@@ -146,6 +149,19 @@ def test_model_folder_without_tokenizer(assets, tmp_path):
     assert result.exit_code == 2 and ":3: model.path:" in result.output and "no tokenizer" in result.output
 
 
+def test_truncated_source_weights(assets, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20000])
+    path = _variant(assets, "truncsrc.yaml", _recipe_text(assets, run_dir=str(tmp_path / "run"),
+                                                          **{"{path: model}": f"{{path: {model}}}"}))
+    result = _cli("apply", str(path), "--plain")
+    assert result.exit_code == 2, result.output
+    assert f"model.path: cannot load '{model}'" in result.output and "restore the model's files" in result.output
+    assert _state(tmp_path / "run")["stages"]["prune"]["status"] == "failed"
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q2"}\n', "line 2: lacks field(s)"),
     (b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": \n', "2: not valid JSON"),
@@ -169,6 +185,13 @@ def test_non_utf8_training_data(assets, tmp_path):
         result = _cli(*command, str(path))
         assert result.exit_code == 2, result.output
         assert f"{data}: not UTF-8 text" in result.output
+
+
+def test_non_utf8_perplexity_text(tmp_path):
+    text = tmp_path / "dev.txt"
+    text.write_bytes(b"one two \xff\xfe three")
+    with pytest.raises(UserError, match=f"{text}: not UTF-8 text"):
+        perplexity(None, byte_tokenizer(), PerplexitySection(path=text, window=16, stride=8))
 
 
 def test_from_after_until_is_refused(assets):

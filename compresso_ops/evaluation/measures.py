@@ -15,6 +15,7 @@ import torch
 
 from compresso_ops.errors import StageError, UserError
 from compresso_ops.recipe.schema import PerplexitySection, SpeedSection
+from compresso_ops.training.data import read_text
 
 
 @torch.inference_mode()
@@ -30,7 +31,7 @@ def perplexity(model: Any, tok: Any, spec: PerplexitySection) -> dict[str, Any]:
     path = Path(spec.path)
     if not path.is_file():
         raise UserError(f"eval.perplexity.path: {path} does not exist; point it at a plain text file")
-    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tok(read_text(path), add_special_tokens=False)["input_ids"]
     has_bos = tok.bos_token_id is not None
     if has_bos:
         ids = [tok.bos_token_id, *ids]

@@ -19,6 +19,7 @@ from types import TracebackType
 from filelock import FileLock, Timeout
 
 from compresso_ops.errors import UserError
+from compresso_ops.infra.atomic import umask
 from compresso_ops.infra.units import timestamp
 
 LOCK_FILE = ".lock"
@@ -44,7 +45,8 @@ class RunLock:
         self.held = False
 
     def _guard(self) -> FileLock:
-        return FileLock(self.path.with_name(LOCK_FILE + ".guard"), timeout=GUARD_TIMEOUT_S)
+        return FileLock(self.path.with_name(LOCK_FILE + ".guard"), timeout=GUARD_TIMEOUT_S,
+                        mode=0o666 & ~umask())  # filelock would otherwise force its own mode
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ preflight, the architecture and the source-evaluation cache all ask `locate_mode
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,19 @@ class ModelLocation:
             return (f"model.path: {self.folder} has a config.json but no weights (*.safetensors or *.bin); "
                     "copy the weights there (plan works from the config alone)")
         return None
+
+
+@contextmanager
+def readable_model(name: str | Path, field: str = "model.path") -> Iterator[None]:
+    """Loading a model folder whose files are missing, truncated or corrupt (OSError from transformers,
+    SafetensorError from a damaged shard) is a user error naming the folder, not an internal one."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{field}: cannot load '{name}': {first}; check or restore the model's files") from None
 
 
 def _looks_like_path(name: str) -> bool:

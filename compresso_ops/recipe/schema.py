@@ -34,6 +34,7 @@ MAX_SEQ_LENGTH = 1 << 20
 MAX_STEPS = 10_000_000
 MAX_EPOCHS = 10_000
 MAX_NAME_LENGTH = 128
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
 def _check_duration(amount: float, unit: str, field: str) -> None:
@@ -226,7 +227,7 @@ class PruneSection(Strict):
     micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
     gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling, gate init and gate sampling.")
     group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
     max_grad_norm: float | None = Field(
@@ -245,7 +246,7 @@ class FinetuneSection(Strict):
     micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
     gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, description="Seed of data shuffling.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling.")
     group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
 

@@ -11,6 +11,7 @@ import torch
 from compresso_ops.errors import StageError
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.export import _emit, export_pruned
+from compresso_ops.models.resolve import readable_model
 from compresso_ops.models.slicing import merge_lora
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.prune import TRAINED
@@ -29,12 +30,14 @@ def run_slice(
     src = recipe.model
     load_kw = {"revision": src.revision, "trust_remote_code": src.trust_remote_code}
     _emit(on_event, "load", model=src.path)
-    source_dtype = AutoConfig.from_pretrained(src.path, **load_kw).dtype
-    tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
     trained = prune_dir / TRAINED["full"]  # prune.train: full left the whole trained model (fp32)
     weights = trained if trained.is_dir() else src.path
-    model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
-                                                      **(load_kw if weights == src.path else {}))
+    with readable_model(src.path):
+        source_dtype = AutoConfig.from_pretrained(src.path, **load_kw).dtype
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
+    with readable_model(weights, field="model.path" if weights == src.path else "prune/model"):
+        model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                                          **(load_kw if weights == src.path else {}))
     lora_dir = prune_dir / TRAINED["lora"]
     if lora_dir.is_dir():
         from peft import PeftModel

@@ -66,7 +66,8 @@ def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; other bytes are a user error naming the file and the offset."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -75,7 +76,7 @@ def _read_text(path: Path) -> str:
 
 def read_rows(path: Path) -> list[tuple[str, Any]]:
     """JSON rows of a file holding a JSON list or JSON Lines, each with a location for error messages."""
-    text = _read_text(path)
+    text = read_text(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -131,7 +132,7 @@ def _pieces(path: Path) -> list[tuple[str, bool]]:
     a plain file is one document, cut after blank lines so it can be tokenized a batch at a time)."""
     if path.suffix in (".json", ".jsonl"):
         return [(_field(path, where, row, "text", True), True) for where, row in read_rows(path)]
-    paragraphs = re.split(r"(?<=\n\n)", _read_text(path))
+    paragraphs = re.split(r"(?<=\n\n)", read_text(path))
     return [(p, i == len(paragraphs) - 1) for i, p in enumerate(paragraphs)]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import module_names, unwrap
+from compresso_ops.models.resolve import readable_model
 from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
@@ -27,12 +28,9 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = Fals
     m = recipe.model
     kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
     precision = choose_precision(recipe, dist, full=full)
-    try:
+    with readable_model(m.path):
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.path: cannot load '{m.path}': {first}") from None
     freeze_for_training(model, precision)
     return model, tokenizer, precision
 

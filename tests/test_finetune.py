@@ -11,11 +11,18 @@ import torch
 from safetensors.torch import load_file
 
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.export import MANIFEST_FILE, export_pruned, load_exact
+from compresso_ops.models.export import MANIFEST_FILE, check_batch, export_pruned, load_exact, logits
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import run_finetune
 from tests.test_slice import VARIANTS, random_masks
 from tests.tiny import byte_tokenizer, tiny_model
+
+
+def _reload(folder: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,6 +70,10 @@ def test_finetuning_a_pad_export_keeps_its_padding_exactly_zero(tmp_path, varian
     masks = random_masks(arch, no_heads_layer=0, no_ffn_layer=-1)
     export_pruned(model, byte_tokenizer(), masks, "pad", tmp_path / "sliced",
                   source_info={"path": "tiny", "revision": None, "dtype": "float32"})
+    exact, stored = load_exact(tmp_path / "sliced", torch.float32), _reload(tmp_path / "sliced")
+    assert type(exact).__name__ == "CompressoLlamaForCausalLM"  # trained without the padding ...
+    batch = check_batch(model.config)
+    assert (logits(exact, batch) - logits(stored, batch)).abs().max() <= 1e-4  # ... and the same model
     result = run_finetune(_recipe(tmp_path), tmp_path / "sliced", tmp_path / "finetune")
 
     out = tmp_path / "finetune" / "model"

@@ -329,7 +329,7 @@ def load_exact(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     padded = stored.state_dict()
     exact = build_model(config, {k: padded[k][_leading(s)].contiguous() for k, s in shapes.items()})
     exact.generation_config = stored.generation_config
-    return exact.to(dtype)
+    return exact
 
 
 @torch.no_grad()

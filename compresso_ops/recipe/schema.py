@@ -214,8 +214,9 @@ GROUP_BY_LENGTH_HELP = (
     "micro-batches are sorted by length, so a micro-batch pads little, and their micro-batches are dealt in a "
     "seeded random order, so an optimizer step still mixes long and short examples. On by default: every example "
     "is still seen once per epoch, the loss stays normalised by the step's response tokens, runs stay "
-    "deterministic, resumable and equal across processes, and on Alpaca-style data much of a random "
-    "micro-batch is padding (benchmarks/throughput.py). Applies to data.format alpaca; text chunks have one length."
+    "deterministic, resumable and equal across processes, and padding falls (benchmarks/throughput.py, Alpaca "
+    "rows, micro-batches of 4: 18% of the positions ungrouped, 1% grouped). Applies to data.format alpaca; "
+    "text chunks have one length."
 )
 
 

@@ -190,11 +190,11 @@ class PruneLearningRates(Strict):
     gates: PositiveFloat | Literal["auto"] = Field(
         default="auto",
         description="Learning rate of the gates' log_alpha. auto: the paper's 0.1, raised for ramps shorter than "
-                    "1,000 steps so the gates can follow the target (100 / ramp steps; docs/method.md §5).")
+                    "150 steps so the gates can follow the target (15 / ramp steps; docs/method.md §5).")
     lagrangian: PositiveFloat | Literal["auto"] = Field(
         default="auto",
         description="Learning rate of the Lagrange multipliers (applied as gradient ascent). auto: the paper's "
-                    "0.1, raised for ramps shorter than 600 steps (60 / ramp steps).")
+                    "0.1, raised for ramps shorter than 250 steps (25 / ramp steps).")
 
 
 class PruneSchedule(Strict):

@@ -24,7 +24,7 @@ from torch import nn
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest
 from compresso_ops.method.baselines import run_one_shot
-from compresso_ops.method.gates import GateSet, Lagrangian, gate_learning_rates, target_at
+from compresso_ops.method.gates import GateSet, Lagrangian, gate_learning_rates, ramp_lag, target_at
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.method.masks import select_final_masks
 from compresso_ops.method.prompts import resolve_prompt
@@ -228,8 +228,14 @@ def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str,
                                trainer.recipe.target.multiple_of)
     expected = trainer.gates.expected_sparsity().item()
     achieved = prunable_sparsity(arch, masks.kept())
+    dist, phases = trainer.precision.dist, trainer.phases
+    ramp_end = dist.broadcast_object(next(  # from the log: a resumed run may not have seen that step
+        (e["expected_sparsity"] for e in atomic.read_jsonl(stage_dir / "events.jsonl")
+         if e.get("step") == phases.lora_only + phases.ramp), None) if dist.is_main else None)
     summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,
-               "steps": trainer.phases.total, "phases": asdict(trainer.phases),
+               "ramp_end_expected_sparsity": ramp_end, "lr": {"gates": trainer.lr_gates,
+                                                               "lagrangian": trainer.lr_lambda},
+               "steps": phases.total, "phases": asdict(phases),
                "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item()}
     full = trainer.recipe.prune.train == "full"
     weights = gather_weights(trainer.model) if full else None  # a collective when FSDP shards them
@@ -254,4 +260,6 @@ def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     else:
         result = run_one_shot(recipe, load_source(recipe)[0], run_dir / STAGE, on_event=on_event)
     note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
-    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "")
+    lag = ramp_lag(result.get("ramp_end_expected_sparsity"), result["target_sparsity"])
+    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "") + (
+        f"; warning: {lag}" if lag else "")

@@ -163,3 +163,33 @@ def test_shipped_recipes_start_with_the_schema_comment_and_load():
     for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
         assert path.read_text().startswith("# yaml-language-server: $schema=../schemas/recipe.schema.json"), path
         load_recipe(path, check_files=False)
+
+
+def _schema_errors(document: dict) -> list[str]:
+    import jsonschema  # the dev extra installs it: a missing validator must fail, not skip
+
+    schema = json.loads((REPO_ROOT / "schemas" / "recipe.schema.json").read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(document)]
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_against_the_editor_schema(path):
+    """Editors validate with schemas/recipe.schema.json: a recipe the loader accepts must not show as invalid."""
+    import yaml
+
+    assert _schema_errors(yaml.safe_load(path.read_text())) == []
+
+
+@pytest.mark.parametrize("document,valid", [
+    ({"model": {"path": "m"}, "target": {"params": "5.4B"}}, True),
+    ({"model": {"path": "m"}, "target": {"params": 5_400_000_000}}, True),
+    ({"model": {"path": "m"}, "target": {"params": "lots"}}, False),
+    ({"model": {"path": "m"}, "target": {"params": 0}}, False),
+    ({"target": {"sparsity": 0.3}}, False),                        # no model and nothing to inherit it from
+    ({"model": {"dtype": "float16"}, "target": {"sparsity": 0.3}}, False),
+    ({"extends": "base.yaml", "target": {"sparsity": 0.3}}, True),
+    ({"extends": "base.yaml", "model": {"dtype": "float16"}, "eval": {"perplexity": {"window": 64}}}, True),
+    ({"extends": "base.yaml", "model": {"dtype": "float99"}}, False),  # types still apply under extends
+])
+def test_editor_schema_accepts_what_the_loader_accepts(document, valid):
+    assert (_schema_errors(document) == []) == valid

@@ -27,7 +27,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+PARAM_COUNT_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$"
+_SIZE = re.compile(PARAM_COUNT_PATTERN)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
@@ -66,6 +67,12 @@ class TargetSection(Strict):
     params: int | None = Field(
         default=None, gt=0,
         description="Total parameters after pruning, e.g. 5.4B, 500M or an integer.",
+        # The loader parses "5.4B" before validating; the schema editors see must accept what it accepts.
+        json_schema_extra=lambda schema: schema.update(anyOf=[
+            {"type": "integer", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": PARAM_COUNT_PATTERN},
+            {"type": "null"},
+        ]),
     )
     structures: list[Structure] = Field(
         default_factory=lambda: ["heads", "ffn", "hidden"],
@@ -292,9 +299,38 @@ class Recipe(Strict):
 
 
 def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema editors validate recipes with; it accepts exactly what the loader accepts before its
+    own cross-field checks.
+
+    A recipe with `extends:` is deep-merged over its parent, so it may leave out required fields (a
+    child that only sets `target` has no `model`). The required lists of merged sections therefore apply
+    only when `extends` is absent: they move from the definitions into one `if`/`then` at the top.
+    """
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compresso-ops recipe"
     schema.setdefault("properties", {})["extends"] = {
         "type": "string", "description": "Another recipe (relative path) whose fields this one overrides."}
+    merged: set[str] = set()
+    schema["then"] = _merged_required(schema, schema.get("$defs", {}), merged)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    for node in [schema, *(schema["$defs"][name] for name in merged)]:
+        node.pop("required", None)
     return schema
+
+
+def _merged_required(node: dict[str, Any], defs: dict[str, Any], merged: set[str]) -> dict[str, Any]:
+    """A schema holding only the `required` lists of `node` and of the mappings `extends:` deep-merges into
+    (sections reached through properties; lists are replaced whole, so their items keep theirs). Adds the
+    names of those definitions to `merged`."""
+    out: dict[str, Any] = {"required": node["required"]} if node.get("required") else {}
+    properties: dict[str, Any] = {}
+    for name, prop in node.get("properties", {}).items():
+        for ref in [prop.get("$ref")] + [alt.get("$ref") for alt in prop.get("anyOf", [])]:
+            if ref and ref.startswith("#/$defs/"):
+                merged.add(ref.removeprefix("#/$defs/"))
+                if sub := _merged_required(defs[ref.removeprefix("#/$defs/")], defs, merged):
+                    properties[name] = sub
+    if properties:
+        out["properties"] = properties
+    return out

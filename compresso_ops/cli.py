@@ -94,6 +94,9 @@ def _launch_torchrun(nproc: int) -> int:
 
 STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override one recipe field, e.g. --set prune.lr.lora=1e-4 (a YAML value; repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,8 +107,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@set_option
 @_handle_errors
-def validate(recipes: tuple[Path, ...]) -> None:
+def validate(recipes: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check RECIPES: schema, cross-field rules and that their files exist.
 
     Prints one `FILE:LINE: field: message` line per problem and exits 2 if any recipe is invalid.
@@ -116,7 +120,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
     problems: list[str] = []
     for path in recipes:
         try:
-            load_recipe(path, check_files=True)
+            load_recipe(path, check_files=True, overrides=overrides)
             click.echo(f"{path}: ok")
         except RecipeError as exc:
             problems.extend(exc.lines)
@@ -135,15 +139,17 @@ def schema() -> None:
 
 @main.command()
 @recipe_arg
+@set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_handle_errors
-def plan(recipe: Path, as_json: bool) -> None:
+def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything."""
-    _print_plan(recipe, as_json)
+    _print_plan(recipe, overrides, as_json)
 
 
 @main.command()
 @recipe_arg
+@set_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and run nothing (same as `plan`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON; otherwise the final "
               "run state as JSON.")
@@ -154,7 +160,7 @@ def plan(recipe: Path, as_json: bool) -> None:
 @click.option("--plain", is_flag=True, help="Timestamped lines instead of the live view (automatic off a terminal).")
 @click.option("--break-stale-lock", is_flag=True, help="Take over a run folder whose lock's process is gone.")
 @_handle_errors
-def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, until: str | None, force: bool,
+def apply(recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool, from_stage: str | None, until: str | None, force: bool,
           run_dir: Path | None, plain: bool, break_stale_lock: bool) -> None:
     """Run plan -> prune -> slice -> finetune -> evaluate -> report for RECIPE.
 
@@ -162,13 +168,13 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
     checkpoint; a changed recipe re-runs only the stages whose inputs changed.
     """
     if dry_run:
-        _print_plan(recipe, as_json)
+        _print_plan(recipe, overrides, as_json)
         return
     from compresso_ops.executor import Executor
     from compresso_ops.recipe.loader import load_recipe
     from compresso_ops.ui.progress import make_reporter, quiet_libraries
 
-    loaded = load_recipe(recipe, check_files=True)
+    loaded = load_recipe(recipe, check_files=True, overrides=overrides)
     hw = loaded.hardware
     if hw.world_size > 1 and "LOCAL_RANK" not in os.environ:
         if hw.nodes > 1:
@@ -214,11 +220,11 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
         click.echo(text)
 
 
-def _print_plan(recipe_path: Path, as_json: bool) -> None:
+def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     from compresso_ops.recipe.loader import load_recipe
     from compresso_ops.stages.plan import make_plan
 
-    recipe = load_recipe(recipe_path, check_files=False)
+    recipe = load_recipe(recipe_path, check_files=False, overrides=overrides)
     result = make_plan(recipe)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -193,3 +193,67 @@ def test_shipped_recipes_are_valid_against_the_editor_schema(path):
 ])
 def test_editor_schema_accepts_what_the_loader_accepts(document, valid):
     assert (_schema_errors(document) == []) == valid
+
+
+# --set: one field overridden on the command line, checked like a field in the file and named in errors.
+OVERRIDE_ERRORS = {
+    "out of range": ("prune.lr.lora=-1", "--set prune.lr.lora=-1: prune.lr.lora: ", "greater than 0"),
+    "misspelt key": ("prune.lr.lroa=1", "--set prune.lr.lroa=1: prune.lr.lroa: ", "did you mean 'lora'"),
+    "flow list item": ("prune.lora.target_modules=[q_proj, qkv]",
+                       "--set prune.lora.target_modules=[q_proj, qkv]: prune.lora.target_modules[1]: ",
+                       "not a projection"),
+    "no equals sign": ("prune.lr.lora", "--set prune.lr.lora: ", "key.path=value"),
+    "missing list item": ("eval.local_tasks[0].data=x.jsonl", "--set eval.local_tasks[0].data=x.jsonl: ", "no such"),
+    "into a scalar": ("name.first=x", "--set name.first=x: name: ", "not a mapping"),
+    "bad yaml": ("prune.seed=[1", "--set prune.seed=[1: ", "not YAML"),
+    "missing file, relative to the working folder": ("data.path=nope.jsonl", "--set data.path=nope.jsonl: data.path: ",
+                                                     "nope.jsonl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERRIDE_ERRORS))
+def test_bad_override_names_itself_and_exits_2(case, tmp_path, model_dir):
+    item, prefix, fragment = OVERRIDE_ERRORS[case]
+    path = _write(tmp_path, BASE.format(model=model_dir))
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", item])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith(prefix) and fragment in first, first
+
+
+def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_path, model_dir):
+    from compresso_ops.executor import stage_hashes
+    from compresso_ops.recipe.loader import dump_resolved
+
+    path = _write(tmp_path, BASE.format(model=model_dir))
+    sets = ["target.sparsity=0.5", "prune.lora={r: 4, alpha: 8}", "finetune.enabled=false"]
+    edited = _write(tmp_path, BASE.format(model=model_dir).replace("sparsity: 0.3", "sparsity: 0.5")
+                    + "prune:\n  lora: {r: 4, alpha: 8}\nfinetune:\n  enabled: false\n", "edited.yaml")
+
+    def plan(recipe: Path, *args: str) -> dict:
+        result = CliRunner().invoke(main, ["plan", str(recipe), "--json", *args])
+        assert result.exit_code == 0, result.output
+        return {k: v for k, v in json.loads(result.output).items() if k != "recipe"}  # "recipe" names the file
+
+    assert plan(path, *[arg for item in sets for arg in ("--set", item)]) == plan(edited) != plan(path)
+
+    plain, overridden = load_recipe(path), load_recipe(path, overrides=sets)
+    assert (overridden.target.sparsity, overridden.prune.lora.r, overridden.finetune.enabled) == (0.5, 4, False)
+    assert overridden.prune.lora.target_modules == plain.prune.lora.target_modules  # a mapping merges, not replaces
+    assert stage_hashes(overridden)["prune"] != stage_hashes(plain)["prune"]
+    resolved = dump_resolved(overridden)
+    assert resolved.startswith("# --set target.sparsity=0.5\n")
+    import yaml
+
+    assert yaml.safe_load(resolved)["prune"]["lora"]["r"] == 4
+
+
+def test_override_path_is_relative_to_the_working_folder(tmp_path, model_dir, monkeypatch):
+    path = _write(tmp_path, BASE.format(model=model_dir))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "other.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(path, overrides=["data.path=other.jsonl"])
+    assert recipe.data.path == elsewhere / "other.jsonl"

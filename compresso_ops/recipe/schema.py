@@ -272,10 +272,16 @@ class Recipe(Strict):
     # checks that run after validation still point at a file and line.
     _source_file: Path | None = PrivateAttr(default=None)
     _locations: dict[tuple[str | int, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def source_file(self) -> Path | None:
         return self._source_file
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set key.path=value` items applied on top of the file, in order."""
+        return self._overrides
 
     def location(self, *path: str | int) -> tuple[str, int]:
         """(file, line) of the deepest part of `path` that was written in a recipe file."""

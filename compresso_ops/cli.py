@@ -128,6 +128,41 @@ def validate(recipes: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
         raise UserError(problems[0], lines=problems)
 
 
+@main.group()
+def recipes() -> None:
+    """The recipes shipped with compresso-ops: list them, copy one to edit."""
+
+
+@recipes.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, description, path}.")
+@_handle_errors
+def recipes_ls(as_json: bool) -> None:
+    """List the shipped recipes with their descriptions."""
+    from compresso_ops.recipe.catalogue import catalogue, describe
+
+    rows = describe()
+    if as_json:
+        paths = catalogue()
+        click.echo(json.dumps([{"name": n, "description": d, "path": str(paths[n])} for n, d in rows], indent=2))
+        return
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, description in rows:
+        click.echo(f"{name:<{width}}  {description}".rstrip())
+
+
+@recipes.command("cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+@_handle_errors
+def recipes_cp(name: str, dest: Path, force: bool) -> None:
+    """Copy recipe NAME to DEST (a file or a folder), with the recipes it extends and its files folder."""
+    from compresso_ops.recipe.catalogue import copy
+
+    for path in copy(name, dest, force=force):
+        click.echo(f"wrote {path}")
+
+
 @main.command()
 @_handle_errors
 def schema() -> None:

@@ -204,6 +204,11 @@ def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...]
     return _merge(base, data)
 
 
+def merged_fields(path: Path) -> dict[str, Any]:
+    """A recipe file's fields with `extends:` applied, unvalidated (for listing recipes, not running them)."""
+    return _load_with_extends(path, {})
+
+
 def _model_at(loc: Loc) -> type[BaseModel] | None:
     """The pydantic model class that validates the mapping at `loc` (for "did you mean" hints)."""
     model: Any = Recipe

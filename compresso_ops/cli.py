@@ -1,7 +1,7 @@
 """The `compresso-ops` command line. Thin: every command parses options and calls the package's API.
 
 Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, never a traceback),
-130 interrupted (the run checkpoints first and resumes on the next `apply`).
+3 `plan --check` found a stage that does not fit, 130 interrupted (the run checkpoints first and resumes on the next `apply`).
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def _launch_torchrun(nproc: int) -> int:
         exit_file.unlink(missing_ok=True)
 
 
+PLAN_DOES_NOT_FIT = 3  # `plan --check`: a stage needs more memory than its GPU has
+
 STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 set_option = click.option(
@@ -176,10 +178,20 @@ def schema() -> None:
 @recipe_arg
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--check", is_flag=True, help="Exit 3 when a stage does not fit its GPU (for scripts and CI).")
 @_handle_errors
-def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything."""
-    _print_plan(recipe, overrides, as_json)
+def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool, check: bool) -> None:
+    """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything.
+
+    With --check, exits 3 and names each stage that does not fit (exit 2 stays "the recipe is invalid").
+    """
+    from compresso_ops.stages.plan import misfits
+
+    problems = misfits(_print_plan(recipe, overrides, as_json))
+    if check and problems:
+        for line in problems:
+            click.echo(f"{recipe}: does not fit: {line}", err=True)
+        _exit(PLAN_DOES_NOT_FIT)
 
 
 @main.command()
@@ -255,7 +267,7 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
         click.echo(text)
 
 
-def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) -> dict[str, Any]:
     from compresso_ops.recipe.loader import load_recipe
     from compresso_ops.stages.plan import make_plan
 
@@ -267,6 +279,7 @@ def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) ->
         from compresso_ops.ui.plan_view import render_plan
 
         render_plan(result, Console(highlight=False))
+    return result
 
 
 if __name__ == "__main__":

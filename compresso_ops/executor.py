@@ -22,7 +22,7 @@ from compresso_ops.errors import UserError
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.infra.lock import RunLock
-from compresso_ops.infra.units import timestamp
+from compresso_ops.infra.units import human_seconds, timestamp
 from compresso_ops.recipe.loader import dump_resolved
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.ui.progress import Reporter
@@ -182,7 +182,9 @@ class Executor:
         try:
             for name in stages:
                 if name not in todo:
-                    self.reporter.stage(name, "skipped", state.stage(name).get("seconds"), "up to date")
+                    took = state.stage(name).get("seconds")  # when it ran; skipping takes no time
+                    earlier = f" (ran earlier in {human_seconds(took)})" if isinstance(took, (int, float)) else ""
+                    self.reporter.stage(name, "skipped", None, "up to date" + earlier)
                     continue
                 if self.collective(name):
                     ctx.barrier()  # the other ranks join this stage now

@@ -308,9 +308,46 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         _file_problems(recipe, problems)
 
 
+# A bound for when no tokenizer is on disk: no LLaMA-family tokenizer averages more characters per token than
+# this over a sentence (LLaMA's is about 4 on English prose), so chars / 10 tokens is a floor.
+_MAX_CHARS_PER_TOKEN = 10
+
+
+def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
+    """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
+    be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
+    model's tokenizer.json when it is local or cached, else bounded from the character count."""
+    from compresso_ops.method.prompts import resolve_prompt
+    from compresso_ops.training.data import fixed_prefix
+
+    stages = [s for s, on in (("prune", recipe.method == "compresso"), ("finetune", recipe.finetune.enabled)) if on]
+    prefix = max((fixed_prefix(recipe.data.format, resolve_prompt(recipe.prompt, s)) for s in stages),  # type: ignore[arg-type]
+                 key=len, default="")
+    if not prefix:
+        return
+    limit = recipe.data.max_seq_length
+    folder = locate_model(recipe.model).folder
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        count = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prefix, add_special_tokens=False).ids)
+        count += 1 if config.get("bos_token") else 0
+        how = f"{count} tokens with the model's tokenizer"
+    else:
+        count = len(prefix) // _MAX_CHARS_PER_TOKEN
+        how = f"at least {count} tokens by its {len(prefix)} characters (no local tokenizer to count exactly)"
+    if count >= limit:
+        problems.add(("data", "max_seq_length"), f"{limit} leaves no room for text after the prompt and the "
+                                                 f"{recipe.data.format} template ({how}); raise "
+                                                 "data.max_seq_length or shorten prompt.text")
+
+
 def _file_problems(recipe: Recipe, problems: _Problems) -> None:
     if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
         problems.add(("model", "path"), missing.removeprefix("model.path: "))
+    _prompt_room(recipe, problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")

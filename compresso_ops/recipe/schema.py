@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, field_validator, model_validator
 
 from compresso_ops.infra.fingerprint import digest
 
@@ -25,6 +25,18 @@ ExportMode = Literal["native", "uniform", "pad"]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _whole(value: float) -> float | int:
+    """A duration that is a whole number is written as one (`10`, not `10.0`, in recipe.resolved.yaml)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _check_whole_steps(unit: str, **amounts: float) -> None:
+    if unit == "steps":
+        for name, amount in amounts.items():
+            if not float(amount).is_integer():
+                raise ValueError(f"{name} is {amount} but the unit is steps; give a whole number of steps")
 
 
 PARAM_COUNT_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$"
@@ -151,6 +163,15 @@ class PruneSchedule(Strict):
     ramp: float = Field(default=4, gt=0, description="Phase 2: target sparsity ramps linearly from 0 to the target.")
     hold: float = Field(default=3, ge=0, description="Phase 3: training continues at the target.")
 
+    @model_validator(mode="after")
+    def _whole_steps(self) -> PruneSchedule:
+        _check_whole_steps(self.unit, lora_only=self.lora_only, ramp=self.ramp, hold=self.hold)
+        return self
+
+    @field_serializer("lora_only", "ramp", "hold")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
+
 
 class PruneSection(Strict):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
@@ -177,6 +198,15 @@ class FinetuneSection(Strict):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, description="Seed of data shuffling.")
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+
+    @model_validator(mode="after")
+    def _whole_steps(self) -> FinetuneSection:
+        _check_whole_steps(self.unit, duration=self.duration)
+        return self
+
+    @field_serializer("duration")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
 
 
 class LocalTask(Strict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compresso_ops.infra import atomic
+from compresso_ops.infra.units import human_bytes
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import resolve_arch
 from compresso_ops.models.sizes import (
@@ -391,8 +392,11 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     if recipe.method != "compresso":
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
+    on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
-        entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
+        if not on_gpu:  # host RAM bounds a CPU run, and the planner does not know the machine's: no verdict
+            entry["fits"] = None
+        entry["suggestion"] = _suggest(recipe, arch, params, trainable, name) if entry["fits"] is False else None
     deploy_len = min(arch.max_position_embeddings, 4096)
     deploy_kept = uniform_kept(arch, sparsity)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]
@@ -416,8 +420,16 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
         "steps": _steps(recipe, arch, params["target"]["total"]),
         "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,
                      "nodes": recipe.hardware.nodes, "world_size": world, "strategy": strategy,
-                     "per_gpu_memory_bytes": gpu.memory_bytes},
+                     "per_gpu_memory_bytes": gpu.memory_bytes if on_gpu else None},
     }
+
+
+def misfits(plan: dict[str, Any]) -> list[str]:
+    """One line per stage that does not fit its GPU, with the smallest change that makes it fit."""
+    limit = plan["hardware"]["per_gpu_memory_bytes"]
+    return [f"{name}: needs {human_bytes(entry['per_gpu_bytes'])} per GPU, {human_bytes(limit)} available on "
+            f"{plan['hardware']['gpu']}; {entry['suggestion']}"
+            for name, entry in plan["memory"]["stages"].items() if entry["fits"] is False]
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:

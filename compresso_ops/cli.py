@@ -1,7 +1,7 @@
 """The `compresso-ops` command line. Thin: every command parses options and calls the package's API.
 
 Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, never a traceback),
-3 `plan --check` found a stage that does not fit, 130 interrupted (the run checkpoints first and resumes on the next `apply`).
+3 a `--check` failed (plan: a stage does not fit; report: a verdict is FAIL), 130 interrupted (the run checkpoints first and resumes on the next `apply`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _launch_torchrun(nproc: int) -> int:
         exit_file.unlink(missing_ok=True)
 
 
-PLAN_DOES_NOT_FIT = 3  # `plan --check`: a stage needs more memory than its GPU has
+CHECK_FAILED = 3  # `plan --check`: a stage does not fit its GPU; `report --check`: a verdict is FAIL
 
 STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
@@ -191,7 +191,7 @@ def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool, check: bool) -
     if check and problems:
         for line in problems:
             click.echo(f"{recipe}: does not fit: {line}", err=True)
-        _exit(PLAN_DOES_NOT_FIT)
+        _exit(CHECK_FAILED)
 
 
 @main.command()
@@ -245,19 +245,22 @@ def apply(recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Markdown file to write (default: print to stdout).")
+              help="Markdown file to write, with its charts in OUTPUT_assets/ beside it (default: print to stdout, "
+                   "without charts).")
 @click.option("--json", "as_json", is_flag=True, help="Write the report's content as JSON instead of markdown.")
+@click.option("--check", is_flag=True, help="Exit 3 when a run's verdict is FAIL against its report.require "
+              "thresholds (for CI gates).")
 @_handle_errors
-def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
+def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool, check: bool) -> None:
     """Write the release-review report for one or more RUN_DIRS (several give a side-by-side table)."""
-    from compresso_ops.stages.report import build_report, render_markdown
+    from compresso_ops.stages.report import build_report, failures, render_markdown
 
     content = build_report(list(run_dirs))
     if as_json:
         text = json.dumps(content, indent=2)
     else:
-        assets = (output.parent if output else Path.cwd()) / ((output.stem if output else "report") + "_assets")
-        text = render_markdown(content, assets)
+        # Charts are files: they go beside the report file, never into the working folder of a stdout report.
+        text = render_markdown(content, output.parent / f"{output.stem}_assets" if output else None)
     if output:
         from compresso_ops.infra import atomic
 
@@ -265,6 +268,10 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
         click.echo(f"wrote {output}")
     else:
         click.echo(text)
+    if check and (failed := failures(content)):
+        for line in failed:
+            click.echo(line, err=True)
+        _exit(CHECK_FAILED)
 
 
 def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) -> dict[str, Any]:

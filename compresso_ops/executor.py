@@ -57,7 +57,7 @@ PIPELINE: tuple[Stage, ...] = (
           ("finetune", "data", "prompt", "model.dtype", "hardware.gpu", "hardware.gpus_per_node",
            "hardware.nodes"), ("data.path",)),
     Stage("evaluate", "compresso_ops.stages.evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
-    Stage("report", "compresso_ops.stages.report", ()),
+    Stage("report", "compresso_ops.stages.report", ("report",)),
 )
 from compresso_ops.ui.progress import EventFn
 

@@ -257,6 +257,26 @@ class ExportSection(Strict):
     max_shard_size: str = Field(default="5GB", description="Shard safetensors above this size.")
 
 
+class Requirements(Strict):
+    """Release thresholds: the report's verdict is PASS when every one given holds (and the export checks
+    passed), FAIL otherwise; `compresso-ops report --check` exits 3 on FAIL."""
+
+    retention: float | None = Field(
+        default=None, gt=0, description="Least mean retention over the evaluated tasks (pruned / source), e.g. 0.95.")
+    ppl_ratio: float | None = Field(
+        default=None, gt=0, description="Largest perplexity ratio (pruned / source), e.g. 1.2.")
+    decode_speedup: float | None = Field(
+        default=None, gt=0, description="Least decode speed-up (pruned / source tokens per second), e.g. 1.1.")
+    memory_ratio: float | None = Field(
+        default=None, gt=0, description="Largest deployed-memory ratio (pruned / source), e.g. 0.85.")
+    sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="Least prunable sparsity the final model must reach, e.g. 0.2.")
+
+
+class ReportSection(Strict):
+    require: Requirements = Field(default_factory=Requirements, description="Thresholds that decide PASS/FAIL.")
+
+
 class HardwareSection(Strict):
     gpu: GpuType = Field(default="cpu", description="GPU type the job runs on.")
     gpus_per_node: int = Field(default=1, ge=1, description="GPUs (processes) per node.")
@@ -296,6 +316,7 @@ class Recipe(Strict):
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation suite.")
     export: ExportSection = Field(default_factory=ExportSection, description="Checkpoint format.")
     hardware: HardwareSection = Field(default_factory=HardwareSection, description="Where the job runs.")
+    report: ReportSection = Field(default_factory=ReportSection, description="The release review's verdict.")
     run_dir: Path | None = Field(default=None, description="Run folder (default runs/<name>, relative to the working directory).")
 
     # Set by the loader, not by users: where the recipe came from and where each field was written, so

@@ -16,7 +16,7 @@ NOISE_Z = 1.96  # a delta within 1.96 standard errors of zero is called "within 
 
 MEMORY_METHODS = {
     "cuda_max_memory_allocated": "peak GPU memory allocated",
-    "weights_plus_kv_cache": "weights + KV cache, computed (CPU run; activations excluded)",
+    "weights_plus_kv_cache": "weights + KV cache, computed for a CPU run, activations excluded",
 }
 
 

@@ -229,10 +229,11 @@ def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_
     from compresso_ops.executor import stage_hashes
     from compresso_ops.recipe.loader import dump_resolved
 
-    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)))
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)) + "prune:\n  lora: {target_modules: [q_proj, k_proj]}\n")
     sets = ["target.sparsity=0.5", "prune.lora={r: 4, alpha: 8}", "finetune.enabled=false"]
     edited = _write(tmp_path, BASE.replace("{model}", str(model_dir)).replace("sparsity: 0.3", "sparsity: 0.5")
-                    + "prune:\n  lora: {r: 4, alpha: 8}\nfinetune:\n  enabled: false\n", "edited.yaml")
+                    + "prune:\n  lora: {r: 4, alpha: 8, target_modules: [q_proj, k_proj]}\nfinetune:\n  enabled: false\n",
+                    "edited.yaml")
 
     def plan(recipe: Path, *args: str) -> dict:
         result = CliRunner().invoke(main, ["plan", str(recipe), "--json", *args])
@@ -243,7 +244,7 @@ def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_
 
     plain, overridden = load_recipe(path), load_recipe(path, overrides=sets)
     assert (overridden.target.sparsity, overridden.prune.lora.r, overridden.finetune.enabled) == (0.5, 4, False)
-    assert overridden.prune.lora.target_modules == plain.prune.lora.target_modules  # a mapping merges, not replaces
+    assert overridden.prune.lora.target_modules == ["q_proj", "k_proj"]  # a mapping merges, not replaces
     assert stage_hashes(overridden)["prune"] != stage_hashes(plain)["prune"]
     resolved = dump_resolved(overridden)
     assert resolved.startswith("# --set target.sparsity=0.5\n")

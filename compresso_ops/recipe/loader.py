@@ -405,9 +405,13 @@ def _apply_override(data: dict[str, Any], item: str, locations: Locations) -> No
             raise RecipeError([f"{label}: {key}: no such list item in the recipe"])
     elif not isinstance(container, dict):
         raise RecipeError([f"{label}: {_dotted(loc[:-1])}: is not a mapping; set it whole instead"])
-    container[last] = value
-    for known in [k for k in locations if k[:len(loc)] == loc]:
-        del locations[known]  # lines of the file's old value no longer describe it
+    old = container[last] if isinstance(last, int) or last in container else None
+    if isinstance(value, dict) and isinstance(old, dict):  # a mapping merges into the section, as extends: does
+        container[last] = _merge(old, value)
+    else:
+        container[last] = value
+        for known in [k for k in locations if k[:len(loc)] == loc]:
+            del locations[known]  # lines of the file's old value no longer describe it
     _locate_value(value, loc, label, locations)
     _resolve_paths(data, Path.cwd(), label, locations)
 

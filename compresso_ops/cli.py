@@ -1,7 +1,8 @@
 """The `compresso-ops` command line. Thin: every command parses options and calls the package's API.
 
 Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, never a traceback),
-3 a `--check` failed (plan: a stage does not fit; report: a verdict is FAIL), 130 interrupted (the run checkpoints first and resumes on the next `apply`).
+3 a `--check` failed (plan: a stage does not fit; report: a verdict is FAIL), 130 interrupted (the run
+checkpoints first and resumes on the next `apply`).
 """
 
 from __future__ import annotations

@@ -726,7 +726,7 @@ def _md_side_by_side(runs: list[dict[str, Any]]) -> list[str]:
             node = node.get(key) if isinstance(node, dict) else None
         return node
 
-    def task(run: dict[str, Any], name: str, side: str = "pruned") -> dict[str, Any]:
+    def task(run: dict[str, Any], name: str) -> dict[str, Any]:
         return next((r for r in run["evaluation"].get("tasks", []) if r["task"] == name), {})
 
     def with_retention(value: Any, kept: Any) -> str:

@@ -25,10 +25,10 @@ from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.infra.integrity import damaged, hash_outputs
 from compresso_ops.infra.lock import RunLock
-from compresso_ops.infra.units import timestamp
+from compresso_ops.infra.units import human_seconds, timestamp
 from compresso_ops.recipe.loader import dump_resolved
 from compresso_ops.recipe.schema import Recipe
-from compresso_ops.ui.progress import Reporter
+from compresso_ops.ui.progress import EventFn, Reporter
 
 STATE_FILE = "state.json"
 
@@ -50,6 +50,12 @@ class Stage:
         return importlib.import_module(self.module).run(recipe, run_dir, on_event)
 
 
+def _model_folder(folder: str) -> tuple[str, ...]:
+    """The files of an exported model folder that later stages load: weights, configs, tokenizer, modeling
+    code. Not its README.md, the model card, which the evaluate stage rewrites with its results."""
+    return tuple(f"{folder}/{pattern}" for pattern in ("*.safetensors", "*.json", "*.py", "*.model"))
+
+
 # The pipeline, in order. Stage modules are imported when they run: `plan` needs no torch.
 PIPELINE: tuple[Stage, ...] = (
     Stage("plan", "compresso_ops.stages.plan",
@@ -58,15 +64,15 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("prune", "compresso_ops.stages.prune",
           ("method", "model", "target", "prompt", "data", "prune", "export.mode", "hardware.gpu",
            "hardware.gpus_per_node", "hardware.nodes"), ("model.path", "data.path"),
-          ("prune/masks.safetensors", "prune/masks.json", "prune/gates.safetensors", "prune/lora/*")),
-    Stage("slice", "compresso_ops.stages.slice", ("export",), outputs=("slice/model/*",)),
+          ("prune/masks.safetensors", "prune/masks.json", "prune/gates.safetensors", "prune/lora/*",
+           *_model_folder("prune/model"))),  # prune/model: the trained model of prune.train: full
+    Stage("slice", "compresso_ops.stages.slice", ("export",), outputs=_model_folder("slice/model")),
     Stage("finetune", "compresso_ops.stages.finetune",
           ("finetune", "data", "prompt", "model.dtype", "hardware.gpu", "hardware.gpus_per_node",
-           "hardware.nodes"), ("data.path",), ("finetune/model/*",)),
+           "hardware.nodes"), ("data.path",), _model_folder("finetune/model")),
     Stage("evaluate", "compresso_ops.stages.evaluate", ("eval", "prompt"), ("eval.perplexity.path",)),
-    Stage("report", "compresso_ops.stages.report", ()),
+    Stage("report", "compresso_ops.stages.report", ("report",)),
 )
-from compresso_ops.ui.progress import EventFn
 
 STAGES = tuple(stage.name for stage in PIPELINE)
 BY_NAME = {stage.name: stage for stage in PIPELINE}
@@ -209,7 +215,9 @@ class Executor:
         try:
             for name in stages:
                 if name not in todo:
-                    self.reporter.stage(name, "skipped", state.stage(name).get("seconds"), "up to date")
+                    took = state.stage(name).get("seconds")  # when it ran; skipping takes no time
+                    earlier = f" (ran earlier in {human_seconds(took)})" if isinstance(took, (int, float)) else ""
+                    self.reporter.stage(name, "skipped", None, "up to date" + earlier)
                     continue
                 if self.collective(name):
                     ctx.barrier()  # the other ranks join this stage now

@@ -112,7 +112,16 @@ def test_second_apply_does_no_work(finished_run):
     for name, entry in after["stages"].items():
         assert entry["started"] == before["stages"][name]["started"], name
     assert result.output.count("skipped") == 6
+    assert "skipped in" not in result.output and "ran earlier in" in result.output  # a skip takes no time
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_the_shipped_folder_has_a_model_card_with_the_evaluation(finished_run):
+    folder, _ = finished_run
+    card = (folder / "run" / "finetune" / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "## Evaluation" in card and "| quiz |" in card and "Not evaluated yet" not in card
+    assert "Not evaluated yet" in (folder / "run" / "slice" / "model" / "README.md").read_text()
 
 
 def test_editing_finetune_reruns_only_finetune_evaluate_report(finished_run, tmp_path):

@@ -279,3 +279,22 @@ def test_every_suggestion_makes_its_stage_fit_when_applied(tmp_path, preset, gpu
                 shown = str(value).lower() if isinstance(value, bool) else str(value)
                 assert f"{field}: {shown}" in entry["suggestion"]
     assert misfits  # the heavy recipes do not fit somewhere, so the suggestions were exercised
+
+
+def test_plan_check_exits_3_naming_the_stage_that_does_not_fit():
+    recipe = str(REPO_ROOT / "recipes" / "llama7b-5.4b.yaml")
+    small = CliRunner().invoke(main, ["plan", recipe, "--check", "--json", "--set", "hardware.gpu=V100-16GB",
+                                      "--set", "hardware.gpus_per_node=1"])
+    assert small.exit_code == 3, small.output
+    assert "does not fit: prune: needs" in small.output and "V100-16GB" in small.output
+    assert CliRunner().invoke(main, ["plan", recipe, "--check"]).exit_code == 0
+
+
+def test_cpu_plan_states_no_gpu_limit():
+    recipe = str(REPO_ROOT / "recipes" / "demo.yaml")
+    plan = _plan_json(["plan", recipe, "--json"])
+    assert plan["hardware"]["per_gpu_memory_bytes"] is None
+    assert all(entry["fits"] is None for entry in plan["memory"]["stages"].values())
+    text = CliRunner().invoke(main, ["plan", recipe], terminal_width=200).output
+    assert "available" not in text and "per GPU" not in text and "host RAM" in text
+    assert "GiB float32" not in text  # sizes have their own column, not the sparsity one

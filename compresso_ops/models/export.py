@@ -13,7 +13,8 @@ Three formats (docs/method.md §8, recipe `export.mode`):
 
 Every export is reloaded from disk and checked: its logits on a fixed batch equal the masked model's and its
 parameter count equals `sizes.count_params` (the planner's prediction). The results go into
-`compresso_manifest.json`; a failed check raises `StageError` and leaves no folder behind.
+`compresso_manifest.json`, and a model card (README.md, `models/card.py`) says what the folder is and how to
+load it; a failed check raises `StageError` and leaves no folder behind.
 """
 
 
@@ -34,6 +35,7 @@ from compresso_ops.infra import atomic
 from compresso_ops.method.hooks import masked
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.card import write_card
 from compresso_ops.models.sizes import EXPORT_MODES, Alignment, count_params, prunable_sparsity
 from compresso_ops.models.slicing import SliceShape, drop_empty_blocks, pad_state_dict, slice_state_dict
 from compresso_ops.ui.progress import EventFn
@@ -261,8 +263,12 @@ def export_pruned(
             "revision": source_info.get("revision"),
             "model_type": arch.model_type,
             "dtype": resolve_dtype("auto", source_info.get("dtype")),
+            "shape": {"layers": arch.num_layers, "hidden_dims": arch.hidden_size,
+                      "query_heads_per_layer": arch.num_heads, "kv_heads_per_layer": arch.num_kv_heads,
+                      "ffn_channels_per_layer": arch.intermediate_size},
         },
         "recipe_hash": recipe.recipe_hash() if recipe is not None else None,
+        "recipe_name": recipe.name if recipe is not None else None,
         "kept": {
             "kv_groups_per_layer": list(kept.groups),
             "query_heads_per_layer": [g * arch.group_size for g in kept.groups],
@@ -427,6 +433,7 @@ def save_export(
             "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
         }
         atomic.write_json(tmp / MANIFEST_FILE, manifest)
+        write_card(tmp, manifest)
     return manifest
 
 
@@ -444,3 +451,15 @@ def _write_folder(
         model.float()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        _drop_load_time_keys(folder / "tokenizer_config.json")
+
+
+# How this process loaded the tokenizer, which transformers saves back as if it were configuration: a
+# folder shipped with "local_files_only": true would refuse the Hub wherever it is loaded.
+_LOAD_TIME_KEYS = ("local_files_only", "is_local")
+
+
+def _drop_load_time_keys(config_file: Path) -> None:
+    config = atomic.read_json(config_file)
+    if config is not None and any(k in config for k in _LOAD_TIME_KEYS):
+        atomic.write_json(config_file, {k: v for k, v in config.items() if k not in _LOAD_TIME_KEYS})

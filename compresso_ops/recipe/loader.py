@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -54,7 +56,9 @@ class _Problems:
             if loc[:end] in self.locations:
                 file, line = self.locations[loc[:end]]
                 break
-        self.lines.append(f"{file}:{line}: {_dotted(loc) or '(recipe)'}: {message}")
+        # A field set on the command line has no line: its "file" is the override itself (line 0).
+        where = f"{file}:{line}" if line else file
+        self.lines.append(f"{where}: {_dotted(loc) or '(recipe)'}: {message}")
 
 
 def _dotted(loc: Loc) -> str:
@@ -225,6 +229,11 @@ def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...]
     return _merge(base, data)
 
 
+def merged_fields(path: Path) -> dict[str, Any]:
+    """A recipe file's fields with `extends:` applied, unvalidated (for listing recipes, not running them)."""
+    return _load_with_extends(path, {})
+
+
 def _model_at(loc: Loc) -> type[BaseModel] | None:
     """The pydantic model class that validates the mapping at `loc` (for "did you mean" hints)."""
     model: Any = Recipe
@@ -371,6 +380,42 @@ def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) ->
             problems.add(loc, f"{what}{length:,} is above the model's limit of {max_positions:,} positions; lower it")
 
 
+# A bound for when no tokenizer is on disk: no LLaMA-family tokenizer averages more characters per token than
+# this over a sentence (LLaMA's is about 4 on English prose), so chars / 10 tokens is a floor.
+_MAX_CHARS_PER_TOKEN = 10
+
+
+def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
+    """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
+    be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
+    model's tokenizer.json when it is local or cached, else bounded from the character count."""
+    from compresso_ops.method.prompts import resolve_prompt
+    from compresso_ops.training.data import fixed_prefix
+
+    stages = [s for s, on in (("prune", recipe.method == "compresso"), ("finetune", recipe.finetune.enabled)) if on]
+    prefix = max((fixed_prefix(recipe.data.format, resolve_prompt(recipe.prompt, s)) for s in stages),  # type: ignore[arg-type]
+                 key=len, default="")
+    if not prefix:
+        return
+    limit = recipe.data.max_seq_length
+    folder = locate_model(recipe.model).folder
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        count = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prefix, add_special_tokens=False).ids)
+        count += 1 if config.get("bos_token") else 0
+        how = f"{count} tokens with the model's tokenizer"
+    else:
+        count = len(prefix) // _MAX_CHARS_PER_TOKEN
+        how = f"at least {count} tokens by its {len(prefix)} characters (no local tokenizer to count exactly)"
+    if count >= limit:
+        problems.add(("data", "max_seq_length"), f"{limit} leaves no room for text after the prompt and the "
+                                                 f"{recipe.data.format} template ({how}); raise "
+                                                 "data.max_seq_length or shorten prompt.text")
+
+
 def _file_problems(recipe: Recipe, problems: _Problems) -> None:
     location = locate_model(recipe.model)
     if (missing := location.problem(need_weights=True)) is not None:
@@ -378,6 +423,7 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
     elif not location.has_tokenizer:
         problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
                                         "tokenizer_config.json); copy the source model's tokenizer files there")
+    _prompt_room(recipe, problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
@@ -400,11 +446,79 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
                 problems.add(("eval", "local_tasks", i, "data"), str(exc))
 
 
-def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
-    """Load, validate and check a recipe; raise `RecipeError` listing every problem found."""
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*$")
+
+
+def _override_loc(key: str) -> Loc:
+    """`prune.lr.lora` -> ("prune", "lr", "lora"); `eval.local_tasks[0].data` -> (..., "local_tasks", 0, "data")."""
+    return tuple(int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[[0-9]+\]|[^.\[\]]+", key))
+
+
+def _apply_override(data: dict[str, Any], item: str, locations: Locations) -> None:
+    """Set one `--set key.path=value` in the merged recipe. The value is YAML (`0.3`, `null`, `[q_proj, v_proj]`,
+    `{r: 16}`), so it reaches validation typed exactly as if it had been written in the file. Its location is
+    the override itself, so every later problem with the field names it."""
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    label = f"--set {item}"
+    if not eq or not _OVERRIDE_KEY.match(key):
+        raise RecipeError([f"{label}: give it as key.path=value, e.g. --set prune.lr.lora=1e-4"])
+    if key == "extends":
+        raise RecipeError([f"{label}: extends is read before overrides apply; edit the recipe file instead"])
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{label}: the value is not YAML ({str(exc).splitlines()[0]}); quote it"]) from None
+    loc = _override_loc(key)
+    container: Any = data
+    for depth, part in enumerate(loc[:-1]):
+        nxt = loc[depth + 1]
+        if isinstance(part, int):
+            if not (isinstance(container, list) and part < len(container)):
+                raise RecipeError([f"{label}: {_dotted(loc[:depth + 1])}: no such list item in the recipe"])
+            container = container[part]
+            continue
+        if not isinstance(container, dict):
+            raise RecipeError([f"{label}: {_dotted(loc[:depth])}: is not a mapping; set it whole instead"])
+        if container.get(part) is None and not isinstance(nxt, int):
+            container[part] = {}
+        container = container.get(part)
+    last = loc[-1]
+    if isinstance(last, int):
+        if not (isinstance(container, list) and last < len(container)):
+            raise RecipeError([f"{label}: {key}: no such list item in the recipe"])
+    elif not isinstance(container, dict):
+        raise RecipeError([f"{label}: {_dotted(loc[:-1])}: is not a mapping; set it whole instead"])
+    old = container[last] if isinstance(last, int) or last in container else None
+    if isinstance(value, dict) and isinstance(old, dict):  # a mapping merges into the section, as extends: does
+        container[last] = _merge(old, value)
+    else:
+        container[last] = value
+        for known in [k for k in locations if k[:len(loc)] == loc]:
+            del locations[known]  # lines of the file's old value no longer describe it
+    _locate_value(value, loc, label, locations)
+    _resolve_paths(data, Path.cwd(), label, locations)
+
+
+def _locate_value(value: Any, loc: Loc, label: str, locations: Locations) -> None:
+    locations[loc] = (label, 0)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        _locate_value(v, loc + (k,), label, locations)
+
+
+def load_recipe(path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, validate and check a recipe; raise `RecipeError` listing every problem found.
+
+    `overrides` are `key.path=value` strings (the CLI's `--set`), applied after `extends:` and before
+    validation, so they are checked, resolved and hashed like fields written in the file; relative paths
+    they give are relative to the working folder, where they were typed.
+    """
     path = Path(path)
     locations: Locations = {}
     data = _load_with_extends(path, locations)
+    for item in overrides:
+        _apply_override(data, item, locations)
     problems = _Problems(locations, _display(path))
     data.setdefault("name", path.stem)
     try:
@@ -414,6 +528,7 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
         raise RecipeError(problems.lines) from None
     recipe._source_file = path.resolve()
     recipe._locations = locations
+    recipe._overrides = tuple(overrides)
     _semantic_problems(recipe, problems, check_files)
     if problems.lines:
         raise RecipeError(problems.lines)
@@ -421,5 +536,7 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
 
 
 def dump_resolved(recipe: Recipe) -> str:
-    """The fully resolved recipe (extends applied, defaults filled, absolute paths) as YAML."""
-    return yaml.safe_dump(json.loads(json.dumps(recipe.model_dump(mode="json"))), sort_keys=False)
+    """The fully resolved recipe (extends applied, overrides set, defaults filled, absolute paths) as YAML;
+    a comment names the command-line overrides, which the file alone cannot show."""
+    header = "".join(f"# --set {item}\n" for item in recipe.overrides)
+    return header + yaml.safe_dump(json.loads(json.dumps(recipe.model_dump(mode="json"))), sort_keys=False)

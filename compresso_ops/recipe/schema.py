@@ -12,7 +12,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from compresso_ops.infra.fingerprint import digest
 
@@ -63,7 +72,20 @@ def micro_batch_problem(micro_batch_size: int, num_examples: int) -> str | None:
     return None
 
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+def _whole(value: float) -> float | int:
+    """A duration that is a whole number is written as one (`10`, not `10.0`, in recipe.resolved.yaml)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _check_whole_steps(unit: str, **amounts: float) -> None:
+    if unit == "steps":
+        for name, amount in amounts.items():
+            if not float(amount).is_integer():
+                raise ValueError(f"{name} is {amount} but the unit is steps; give a whole number of steps")
+
+
+PARAM_COUNT_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$"
+_SIZE = re.compile(PARAM_COUNT_PATTERN)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
@@ -103,6 +125,12 @@ class TargetSection(Strict):
     params: int | None = Field(
         default=None, gt=0,
         description="Total parameters after pruning, e.g. 5.4B, 500M or an integer.",
+        # The loader parses "5.4B" before validating; the schema editors see must accept what it accepts.
+        json_schema_extra=lambda schema: schema.update(anyOf=[
+            {"type": "integer", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": PARAM_COUNT_PATTERN},
+            {"type": "null"},
+        ]),
     )
     structures: list[Structure] = Field(
         default_factory=lambda: ["heads", "ffn", "hidden"],
@@ -206,7 +234,12 @@ class PruneSchedule(Strict):
     @model_validator(mode="after")
     def _bounded(self) -> PruneSchedule:
         _check_duration(self.lora_only + self.ramp + self.hold, self.unit, "lora_only + ramp + hold =")
+        _check_whole_steps(self.unit, lora_only=self.lora_only, ramp=self.ramp, hold=self.hold)
         return self
+
+    @field_serializer("lora_only", "ramp", "hold")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
 
 
 GROUP_BY_LENGTH_HELP = (
@@ -254,7 +287,12 @@ class FinetuneSection(Strict):
     @model_validator(mode="after")
     def _bounded(self) -> FinetuneSection:
         _check_duration(self.duration, self.unit, "duration")
+        _check_whole_steps(self.unit, duration=self.duration)
         return self
+
+    @field_serializer("duration")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
 
 
 class LocalTask(Strict):
@@ -336,6 +374,26 @@ class ExportSection(Strict):
     max_shard_size: str = Field(default="5GB", description="Shard safetensors above this size.")
 
 
+class Requirements(Strict):
+    """Release thresholds: the report's verdict is PASS when every one given holds (and the export checks
+    passed), FAIL otherwise; `compresso-ops report --check` exits 3 on FAIL."""
+
+    retention: float | None = Field(
+        default=None, gt=0, description="Least mean retention over the evaluated tasks (pruned / source), e.g. 0.95.")
+    ppl_ratio: float | None = Field(
+        default=None, gt=0, description="Largest perplexity ratio (pruned / source), e.g. 1.2.")
+    decode_speedup: float | None = Field(
+        default=None, gt=0, description="Least decode speed-up (pruned / source tokens per second), e.g. 1.1.")
+    memory_ratio: float | None = Field(
+        default=None, gt=0, description="Largest deployed-memory ratio (pruned / source), e.g. 0.85.")
+    sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="Least prunable sparsity the final model must reach, e.g. 0.2.")
+
+
+class ReportSection(Strict):
+    require: Requirements = Field(default_factory=Requirements, description="Thresholds that decide PASS/FAIL.")
+
+
 class HardwareSection(Strict):
     gpu: GpuType = Field(default="cpu", description="GPU type the job runs on.")
     gpus_per_node: int = Field(default=1, ge=1, le=64, description="GPUs (processes) per node.")
@@ -375,6 +433,7 @@ class Recipe(Strict):
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation suite.")
     export: ExportSection = Field(default_factory=ExportSection, description="Checkpoint format.")
     hardware: HardwareSection = Field(default_factory=HardwareSection, description="Where the job runs.")
+    report: ReportSection = Field(default_factory=ReportSection, description="The release review's verdict.")
     run_dir: Path | None = Field(default=None, description="Run folder (default runs/<name>, relative to the working directory).")
 
     @field_validator("name")
@@ -386,10 +445,16 @@ class Recipe(Strict):
     # checks that run after validation still point at a file and line.
     _source_file: Path | None = PrivateAttr(default=None)
     _locations: dict[tuple[str | int, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def source_file(self) -> Path | None:
         return self._source_file
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set key.path=value` items applied on top of the file, in order."""
+        return self._overrides
 
     def location(self, *path: str | int) -> tuple[str, int]:
         """(file, line) of the deepest part of `path` that was written in a recipe file."""
@@ -413,9 +478,38 @@ class Recipe(Strict):
 
 
 def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema editors validate recipes with; it accepts exactly what the loader accepts before its
+    own cross-field checks.
+
+    A recipe with `extends:` is deep-merged over its parent, so it may leave out required fields (a
+    child that only sets `target` has no `model`). The required lists of merged sections therefore apply
+    only when `extends` is absent: they move from the definitions into one `if`/`then` at the top.
+    """
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compresso-ops recipe"
     schema.setdefault("properties", {})["extends"] = {
         "type": "string", "description": "Another recipe (relative path) whose fields this one overrides."}
+    merged: set[str] = set()
+    schema["then"] = _merged_required(schema, schema.get("$defs", {}), merged)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    for node in [schema, *(schema["$defs"][name] for name in merged)]:
+        node.pop("required", None)
     return schema
+
+
+def _merged_required(node: dict[str, Any], defs: dict[str, Any], merged: set[str]) -> dict[str, Any]:
+    """A schema holding only the `required` lists of `node` and of the mappings `extends:` deep-merges into
+    (sections reached through properties; lists are replaced whole, so their items keep theirs). Adds the
+    names of those definitions to `merged`."""
+    out: dict[str, Any] = {"required": node["required"]} if node.get("required") else {}
+    properties: dict[str, Any] = {}
+    for name, prop in node.get("properties", {}).items():
+        for ref in [prop.get("$ref")] + [alt.get("$ref") for alt in prop.get("anyOf", [])]:
+            if ref and ref.startswith("#/$defs/"):
+                merged.add(ref.removeprefix("#/$defs/"))
+                if sub := _merged_required(defs[ref.removeprefix("#/$defs/")], defs, merged):
+                    properties[name] = sub
+    if properties:
+        out["properties"] = properties
+    return out

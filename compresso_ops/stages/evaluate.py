@@ -22,6 +22,8 @@ from compresso_ops.infra import atomic
 from compresso_ops.infra.cache import cache_dir
 from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, resolve_prompt
+from compresso_ops.models.card import write_card
+from compresso_ops.models.export import MANIFEST_FILE
 from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import EvalSection, ModelSection, Recipe
 from compresso_ops.stages.plan import evaluation_gpus
@@ -153,9 +155,10 @@ def final_model_dir(recipe: Recipe, run_dir: Path) -> Path:
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     """The evaluate stage: `evaluate/pruned.json`, and `evaluate/source.json` when the recipe compares."""
-    folder = run_dir / "evaluate"
-    pruned = run_evaluate(recipe, final_model_dir(recipe, run_dir), folder / "pruned.json", label="pruned",
-                          on_event=on_event)
-    if recipe.eval.compare_source:
-        run_source_evaluate(recipe, folder / "source.json", on_event=on_event)
+    folder, model_dir = run_dir / "evaluate", final_model_dir(recipe, run_dir)
+    pruned = run_evaluate(recipe, model_dir, folder / "pruned.json", label="pruned", on_event=on_event)
+    source = run_source_evaluate(recipe, folder / "source.json", on_event=on_event) \
+        if recipe.eval.compare_source else None
+    if (manifest := atomic.read_json(model_dir / MANIFEST_FILE)) is not None:
+        write_card(model_dir, manifest, pruned, source)  # the shipped folder's card gains the evaluation
     return f"{len(pruned.get('tasks', {}))} task(s)"

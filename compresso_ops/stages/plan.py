@@ -14,6 +14,7 @@ from typing import Any
 
 from compresso_ops.evaluation.tasks import longest_request_tokens
 from compresso_ops.infra import atomic
+from compresso_ops.infra.units import human_bytes
 from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import resolve_arch
@@ -511,8 +512,12 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     if recipe.method != "compresso":
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
+    on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
-        entry["suggestion"], entry["suggestion_overrides"] = (None, []) if entry["fits"] else _suggest(recipe, name)
+        if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run, and the planner does not know it: no verdict
+            entry["fits"] = None
+        entry["suggestion"], entry["suggestion_overrides"] = (
+            _suggest(recipe, name) if entry["fits"] is False else (None, []))
     deploy_len = min(arch.max_position_embeddings, 4096)
     deploy_kept = uniform_kept(arch, sparsity, recipe.target.multiple_of)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]
@@ -536,8 +541,16 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
         "steps": _steps(recipe, arch, params["target"]["total"]),
         "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,
                      "nodes": recipe.hardware.nodes, "world_size": world, "strategy": strategy,
-                     "per_gpu_memory_bytes": gpu.memory_bytes},
+                     "per_gpu_memory_bytes": gpu.memory_bytes if on_gpu else None},
     }
+
+
+def misfits(plan: dict[str, Any]) -> list[str]:
+    """One line per stage that does not fit its GPU, with the smallest change that makes it fit."""
+    limit = plan["hardware"]["per_gpu_memory_bytes"]
+    return [f"{name}: needs {human_bytes(entry['per_gpu_bytes'])} per GPU, {human_bytes(limit)} available on "
+            f"{plan['hardware']['gpu']}; {entry['suggestion']}"
+            for name, entry in plan["memory"]["stages"].items() if entry["fits"] is False]
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:

@@ -52,6 +52,14 @@ def build_dataset(data: DataSection, tokenizer: Any, prompt_text: str, max_posit
     return examples
 
 
+def fixed_prefix(data_format: str, prompt: str) -> str:
+    """The text every training example of `data_format` starts with before any text of its own (after BOS):
+    the room the prompt and the template take in every sequence."""
+    if data_format == "alpaca":
+        return with_prompt(prompt, alpaca_prompt("", ""))
+    return prompt + "\n\n" if prompt else ""
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
@@ -137,7 +145,7 @@ def _pieces(path: Path) -> list[tuple[str, bool]]:
 
 
 def _text_examples(path: Path, tokenizer: Any, prompt: str, max_len: int, max_samples: int | None) -> list[Example]:
-    head = _bos(tokenizer) + (_encode(tokenizer, [prompt + "\n\n"])[0] if prompt else [])
+    head = _bos(tokenizer) + (_encode(tokenizer, [fixed_prefix("text", prompt)])[0] if prompt else [])
     room = max_len - len(head)
     if room < 1:
         raise UserError(f"data.max_seq_length {max_len} leaves no room for text after the prompt "

@@ -144,7 +144,7 @@ def test_missing_preset_offers_no_wrong_did_you_mean(tmp_path):
 
 
 def test_params_in_a_child_says_how_to_clear_the_parents_sparsity(tmp_path, model_dir):
-    _write(tmp_path, BASE.format(model=model_dir), "base.yaml")
+    _write(tmp_path, BASE.replace("{model}", str(model_dir)), "base.yaml")
     child = _write(tmp_path, "extends: base.yaml\ntarget:\n  params: 20K\n", "child.yaml")
     result = CliRunner().invoke(main, ["validate", str(child)])
     assert result.exit_code == 2
@@ -163,11 +163,11 @@ def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monk
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     atomic.write_json(task_names_cache(), {"names": ["arc_easy", "hellaswag", "mmlu", "my_task"]})
-    body = BASE.format(model=model_dir) + "eval:\n  tasks: [arc_easy, hellaswg, my_task, zzz]\n"
+    body = BASE.replace("{model}", str(model_dir)) + "eval:\n  tasks: [arc_easy, hellaswg, my_task, zzz]\n"
     result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
     assert result.exit_code == 2
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines[0].endswith("r.yaml:10: eval.tasks[1]: 'hellaswg' is not an lm-eval task, group or tag; "
+    assert lines[0].endswith("r.yaml:11: eval.tasks[1]: 'hellaswg' is not an lm-eval task, group or tag; "
                              "did you mean 'hellaswag'?")
     assert "eval.tasks[3]: 'zzz' is not an lm-eval task" in lines[1] and len(lines) == 2
     assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
@@ -313,6 +313,7 @@ def test_prompt_room_is_bounded_by_characters_without_a_local_tokenizer(tmp_path
     shutil.copytree(model_dir, bare)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bare / name).unlink()
+    (bare / "tokenizer.model").write_bytes(b"")  # a SentencePiece tokenizer: nothing to count with here
     body = BASE.replace("{model}", str(bare)).replace("{text: none}", "{text: " + "word " * 400 + "}")
     result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
     assert result.exit_code == 2

@@ -49,7 +49,8 @@ def _recipe(folder: Path, repo_id: str) -> Path:
     path.write_text(textwrap.dedent(f"""
         model: {{path: {repo_id}}}
         target: {{sparsity: 0.3}}
-        data: {{path: train.jsonl, max_seq_length: 128}}
+        prompt: {{text: none}}
+        data: {{path: train.jsonl, max_seq_length: 200}}
     """))
     return path
 

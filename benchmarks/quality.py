@@ -1,36 +1,43 @@
-"""Quality benchmark: Compresso against one-shot structured pruning at equal size and equal training budget.
+"""Quality benchmark: which pruning method and which recovery give the best small model, at equal budget.
 
-On the real stories260K model (../shared/assets/models/stories260K) with TinyStories text, at prunable
-sparsity 0.2 and 0.35, it runs the whole pipeline for each method through the library's stage functions:
+On the real stories260K model (../shared/assets/models/stories260K) with TinyStories text, it runs the whole
+pipeline through the library's stage functions for a matrix of
 
-- compresso: prune (LoRA + gates + Lagrangian) -> slice -> fine-tune (LoRA)
-- magnitude: one-shot L2 ranking (LLM-Pruner "L2") -> slice -> fine-tune
-- random:    one-shot random ranking (a floor) -> slice -> fine-tune
+- method: compresso (prune stage: LoRA q/v + gates + Lagrangian), magnitude (one-shot L2, LLM-Pruner's
+  criterion), random (one-shot, a floor), and compresso-full (the prune stage trains every weight,
+  prune.train: full; scored with full-weight recovery only);
+- recovery (the fine-tune stage): lora_qv (LoRA r=8 on q_proj, v_proj: the reference recipe), lora_all (LoRA
+  r=8 on all seven projections), full (every weight, finetune.train: full);
+- prunable sparsity 0.20 (seeds 42 and 43) and 0.35 (seed 42);
 
-and scores sliding-window perplexity on tinystories/dev.txt for the source, every sliced model (no
-fine-tune) and every fine-tuned model. Fairness is enforced, not assumed:
+plus the dense reference: the unpruned source trained with each recovery for the same budget (seeds 42 and
+43), since training on this text helps the source too. Every score is sliding-window perplexity on
+tinystories/dev.txt, text none of this training sees.
 
-- budget: compresso's prune steps + fine-tune steps == the one-shot methods' fine-tune steps, with the same
-  examples per step; the benchmark sums the loss-carrying tokens each run actually consumed (from the
-  stages' events.jsonl) and fails unless they match within one example;
-- size: the parameter count of every exported model is read back from disk (sum of tensor sizes of the
-  reloaded model, compared with its manifest) and the methods must agree within one KV group's size (the
-  documented tolerance of the shared budgeted selection); the table prints every count.
+Fairness is enforced, not assumed: every run spends the same number of optimizer steps of the same examples
+(compresso: prune + recovery; the others: recovery alone), and the benchmark sums the loss-carrying tokens each
+run consumed (from the stages' events.jsonl) and fails unless they agree within one example; parameter counts
+are read back from each exported folder and must agree within one KV group per sparsity.
 
-Text-only data, so the prompt is off (`prompt.text: none`) in every stage: perplexity of plain text is
-measured without a prompt, and all methods see identical inputs. Seeds: 42 for data order, gate init and
-noise, LoRA init and the random baseline's ranking.
+The quality numbers do not depend on the machine's load: one torch thread per run, fixed seeds, so a rerun
+writes the same quality.json (timings go to the console and quality.md only).
 
-    .venv/bin/python -m benchmarks.quality [--quick] [--threads 1]
+    .venv/bin/python -m benchmarks.quality [--quick] [--jobs 2] [--out DIR]
+
+Without --out: benchmarks/results/quality.json and quality.md (--quick: quality-quick.json / .md). With
+--out DIR: DIR/quality.json and DIR/quality.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,9 @@ from compresso_ops.evaluation.harness import load_model
 from compresso_ops.evaluation.measures import perplexity
 from compresso_ops.infra import atomic
 from compresso_ops.method.baselines import run_one_shot
+from compresso_ops.method.masks import Masks
+from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.export import export_pruned
 from compresso_ops.recipe.schema import PerplexitySection, Recipe
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.prune import run_prune
@@ -52,21 +62,36 @@ SHARED = ROOT.parent / "shared" / "assets"
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "tinystories"
 RESULTS = Path(__file__).resolve().parent / "results"
-SPARSITIES = (0.2, 0.35)
-SEED = 42
+SEEDS = {0.2: (42, 43), 0.35: (42,)}
+REFERENCE_SEEDS = (42, 43)
 SEQ_LEN = 128
 MICRO_BATCH = 4
 PPL = {"window": 256, "stride": 128, "max_tokens": 16384}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("compresso", "compresso-full", "magnitude", "random")
+# The fine-tune section of each recovery; every method and the dense reference use the same one.
+RECOVERIES: dict[str, dict[str, Any]] = {
+    "lora_qv": {"train": "lora", "lr": 1e-3, "lora": {"r": 8, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "lora_all": {"train": "lora", "lr": 1e-3, "lora": {"r": 8, "alpha": 8, "target_modules": ALL_LINEAR}},
+    "full": {"train": "full", "lr": 3e-4},
+}
+FINETUNE = {"unit": "steps", "schedule": "cosine", "warmup_ratio": 0.03, "micro_batch_size": MICRO_BATCH,
+            "gradient_accumulation": 1, "checkpoint_every": 100_000}
+# The prune stage of compresso (explicit rates: these are what a 200-step ramp needs; see gate_lr.json).
+PRUNE_LR = {"lora": 1e-3, "gates": 0.5, "lagrangian": 0.3}
+FULL_PRUNE_LR = {"lora": 3e-4, "gates": 0.5, "lagrangian": 0.3}
+STRUCTURES = ["heads", "ffn"]
+UNUSED_TARGET = 0.2  # the dense reference prunes nothing, but a recipe names a target
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Optimizer steps of one run; every method spends `total` steps of MICRO_BATCH examples."""
+    """Optimizer steps of one run; every run spends `total` steps of MICRO_BATCH examples."""
 
     lora_only: int
     ramp: int
     hold: int
-    finetune: int  # compresso's post fine-tune
+    recovery: int  # compresso's fine-tune after its prune stage
 
     @property
     def prune(self) -> int:
@@ -74,32 +99,37 @@ class Budget:
 
     @property
     def total(self) -> int:
-        return self.prune + self.finetune
+        return self.prune + self.recovery
 
 
-FULL = Budget(lora_only=20, ramp=200, hold=180, finetune=200)
-QUICK = Budget(lora_only=5, ramp=40, hold=35, finetune=40)
-
-# Shared by every method: the fine-tune settings (only the step count differs, to equalise the budget).
-FINETUNE = {"unit": "steps", "lr": 1e-3, "schedule": "cosine", "warmup_ratio": 0.03,
-            "micro_batch_size": MICRO_BATCH, "gradient_accumulation": 1, "seed": SEED, "checkpoint_every": 10_000}
-PRUNE_LR = {"lora": 1e-3, "gates": 0.5, "lagrangian": 0.3}
-# Heads and FFN channels for every method. The one-shot methods keep all hidden dims anyway (LLM-Pruner style);
-# letting Compresso also gate the 64 hidden dims of this model cost it perplexity (see "What was tried").
-STRUCTURES = ["heads", "ffn"]
+FULL = Budget(lora_only=20, ramp=200, hold=180, recovery=200)
+QUICK = Budget(lora_only=5, ramp=40, hold=35, recovery=40)
 
 
-def recipe(method: str, sparsity: float, budget: Budget, finetune_steps: int) -> Recipe:
+@dataclass(frozen=True)
+class Job:
+    """One pruned model (or the dense source) and the recoveries it is scored with."""
+
+    method: str  # a METHODS entry, or "reference"
+    sparsity: float
+    seed: int
+    recoveries: tuple[str, ...]
+
+
+def recipe(job: Job, budget: Budget, recovery: str | None = None) -> Recipe:
+    trained = job.method in ("compresso", "compresso-full")
+    steps = budget.recovery if trained else budget.total
+    finetune = {**FINETUNE, **RECOVERIES[recovery or "lora_qv"], "duration": steps, "seed": job.seed}
     return Recipe(
-        name=f"quality-{method}-{sparsity}", method=method,
-        model={"path": str(MODEL)}, target={"sparsity": sparsity, "structures": STRUCTURES}, prompt={"text": "none"},
-        data={"path": str(DATA / "train.txt"), "format": "text", "max_seq_length": SEQ_LEN},
-        prune={"schedule": {"unit": "steps", "lora_only": budget.lora_only, "ramp": budget.ramp,
-                            "hold": budget.hold},
-               "micro_batch_size": MICRO_BATCH, "gradient_accumulation": 1, "seed": SEED,
-               "checkpoint_every": 10_000, "lr": PRUNE_LR},
-        finetune={**FINETUNE, "duration": finetune_steps},
-        export={"mode": "native", "dtype": "float32"},
+        name="quality", method="compresso" if trained else ("magnitude" if job.method == "reference" else job.method),
+        model={"path": str(MODEL)}, target={"sparsity": job.sparsity or UNUSED_TARGET, "structures": STRUCTURES},
+        prompt={"text": "none"}, data={"path": str(DATA / "train.txt"), "format": "text", "max_seq_length": SEQ_LEN},
+        prune={"train": "full" if job.method == "compresso-full" else "lora",
+               "schedule": {"unit": "steps", "lora_only": budget.lora_only, "ramp": budget.ramp, "hold": budget.hold},
+               "lr": FULL_PRUNE_LR if job.method == "compresso-full" else PRUNE_LR,
+               "micro_batch_size": MICRO_BATCH, "gradient_accumulation": 1, "seed": job.seed,
+               "checkpoint_every": 100_000},
+        finetune=finetune, export={"mode": "native", "dtype": "float32"},
     )
 
 
@@ -109,144 +139,197 @@ def tokens_used(stage_dir: Path) -> int:
     return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines() if line.strip())
 
 
-def score(model_dir: Path, spec: PerplexitySection) -> tuple[float, int]:
-    """Perplexity of an exported folder and its parameter count read back from disk (checked against
-    the manifest the export wrote)."""
+def score(model_dir: Path) -> tuple[float, int]:
+    """Perplexity of an exported folder and its parameter count read back from disk (checked against the
+    manifest the export wrote)."""
     model, tok = load_model(model_dir, tokenizer_path=MODEL)
     n_params = sum(p.numel() for p in model.parameters())
     manifest = json.loads((model_dir / "compresso_manifest.json").read_text())
     if n_params != manifest["params"]["exported"]["total"]:
-        sys.exit(f"{model_dir}: reloaded {n_params} parameters, manifest says {manifest['params']['exported']['total']}")
+        raise SystemExit(f"{model_dir}: reloaded {n_params} parameters, manifest says "
+                         f"{manifest['params']['exported']['total']}")
     with torch.no_grad():
-        ppl = perplexity(model, tok, spec)["perplexity"]
-    return ppl, n_params
+        ppl = perplexity(model, tok, PerplexitySection(path=DATA / "dev.txt", **PPL))["perplexity"]
+    return round(ppl, 4), n_params
 
 
-def run_method(method: str, sparsity: float, budget: Budget, work: Path, spec: PerplexitySection) -> dict[str, Any]:
+def prune_and_slice(job: Job, budget: Budget, work: Path) -> tuple[Path, int]:
+    """The sliced model of `job` and the tokens its prune stage consumed (0 for one-shot and the source)."""
+    r = recipe(job, budget)
+    if job.method == "reference":  # the source itself, as a native export of all its structures
+        model, tok, _ = load_source(r)
+        export_pruned(model.eval(), tok, Masks.full(ArchSpec.from_hf_config(model.config)), "native",
+                      work / "slice" / "model", source_info={"path": str(MODEL), "revision": None,
+                                                             "dtype": "float32"})
+        return work / "slice" / "model", 0
+    if job.method in ("magnitude", "random"):
+        run_one_shot(r, load_source(r)[0], work / "prune")
+        prune_tokens = 0
+    else:
+        run_prune(r, work / "prune")
+        prune_tokens = tokens_used(work / "prune")
+    run_slice(r, work / "prune", work / "slice")
+    return work / "slice" / "model", prune_tokens
+
+
+def run_job(job: Job, budget: Budget, root: str) -> dict[str, Any]:
+    """Prune (or not), then every recovery of `job`; the rows it contributes. Runs in a worker process."""
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
-    ft_steps = budget.finetune if method == "compresso" else budget.total
-    r = recipe(method, sparsity, budget, ft_steps)
-    prune_dir, slice_dir, ft_dir = work / "prune", work / "slice", work / "finetune"
-    pruned = run_prune(r, prune_dir) if method == "compresso" else run_one_shot(r, load_source(r)[0], prune_dir)
-    manifest = run_slice(r, prune_dir, slice_dir)
-    ppl_sliced, params_sliced = score(slice_dir / "model", spec)
-    run_finetune(r, slice_dir / "model", ft_dir)
-    ppl_ft, params_ft = score(ft_dir / "model", spec)
-    if params_ft != params_sliced:
-        sys.exit(f"{method} {sparsity}: fine-tuning changed the parameter count ({params_sliced} -> {params_ft})")
-    prune_tokens = tokens_used(prune_dir) if method == "compresso" else 0
-    ft_tokens = tokens_used(ft_dir)
-    return {
-        "method": method, "sparsity": sparsity, "achieved_sparsity": manifest["params"]["prunable_sparsity"],
-        "params": params_ft, "prunable_params": manifest["params"]["exported"]["prunable"],
-        "kept": manifest["kept"], "ppl_no_ft": ppl_sliced, "ppl_ft": ppl_ft,
-        "steps": {"prune": budget.prune if method == "compresso" else 0, "finetune": ft_steps},
-        "tokens": {"prune": prune_tokens, "finetune": ft_tokens, "total": prune_tokens + ft_tokens},
-        "prune_summary": {k: pruned.get(k) for k in ("expected_sparsity", "lambda1", "lambda2") if k in pruned},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    work = Path(root) / f"{job.method}-{job.sparsity}-{job.seed}"
+    sliced, prune_tokens = prune_and_slice(job, budget, work)
+    ppl_sliced, params = score(sliced)
+    rows = []
+    for recovery in job.recoveries:
+        run_finetune(recipe(job, budget, recovery), sliced, work / f"finetune-{recovery}")
+        ppl, params_ft = score(work / f"finetune-{recovery}" / "model")
+        if params_ft != params:
+            raise SystemExit(f"{job}: recovery {recovery} changed the parameter count ({params} -> {params_ft})")
+        rows.append({"method": job.method, "sparsity": job.sparsity, "recovery": recovery, "seed": job.seed,
+                     "params": params, "budget_tokens": prune_tokens + tokens_used(work / f"finetune-{recovery}"),
+                     "ppl": ppl, "ppl_before_recovery": ppl_sliced})
+    return {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def jobs() -> list[Job]:
+    out = [Job("reference", 0.0, seed, tuple(RECOVERIES)) for seed in REFERENCE_SEEDS]
+    for sparsity, seeds in SEEDS.items():
+        for seed in seeds:
+            out += [Job(m, sparsity, seed, ("full",) if m == "compresso-full" else tuple(RECOVERIES)) for m in METHODS]
+    return out
 
 
 def check_fair(rows: list[dict[str, Any]], group_cost: int) -> None:
-    """Same budget (within one example's tokens) and same size (within one KV group) per sparsity."""
-    for s in SPARSITIES:
-        same = [r for r in rows if r["sparsity"] == s]
-        tokens = [r["tokens"]["total"] for r in same]
-        if max(tokens) - min(tokens) > MICRO_BATCH * SEQ_LEN:
-            sys.exit(f"sparsity {s}: training budgets differ: {tokens}")
-        params = [r["params"] for r in same]
+    """Same budget (within one example's tokens) everywhere, same size (within one KV group) per sparsity."""
+    tokens = [r["budget_tokens"] for r in rows]
+    if max(tokens) - min(tokens) > MICRO_BATCH * SEQ_LEN:
+        raise SystemExit(f"training budgets differ: {sorted(set(tokens))}")
+    for s in SEEDS:
+        params = [r["params"] for r in rows if r["sparsity"] == s]
         if max(params) - min(params) > group_cost:
-            sys.exit(f"sparsity {s}: parameter counts differ by more than one KV group ({group_cost}): {params}")
+            raise SystemExit(f"sparsity {s}: parameter counts differ by more than one KV group ({group_cost}): {params}")
 
 
-def table(source: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    header = ("| method | target sparsity | achieved | params | ppl, no fine-tune | ppl, fine-tuned | "
-              "budget (steps prune + FT) | budget (tokens) |")
-    lines = [header,
-             "|---|---|---|---|---|---|---|---|",
-             f"| source | 0 | 0 | {source['params']:,} | {source['ppl']:.3f} | — | — | — |"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['sparsity']} | {r['achieved_sparsity']:.3f} | {r['params']:,} | "
-                     f"{r['ppl_no_ft']:.3f} | {r['ppl_ft']:.3f} | {r['steps']['prune']} + {r['steps']['finetune']} | "
-                     f"{r['tokens']['total']:,} |")
+def summarize(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean perplexity over seeds per (sparsity, method, recovery), its ratio to the dense reference trained
+    with the same recovery, and the best combination per sparsity."""
+    ref = {rec: statistics.mean(r["ppl"] for r in reference if r["recovery"] == rec) for rec in RECOVERIES}
+    cells: dict[str, Any] = {}
+    for s in SEEDS:
+        for m in METHODS:
+            for rec in RECOVERIES:
+                ppls = [r["ppl"] for r in rows if (r["sparsity"], r["method"], r["recovery"]) == (s, m, rec)]
+                if ppls:
+                    mean = statistics.mean(ppls)
+                    cells[f"{s}/{m}/{rec}"] = {"ppl": round(mean, 4), "seeds": len(ppls),
+                                               "spread": round(max(ppls) - min(ppls), 4),
+                                               "ratio_to_reference": round(mean / ref[rec], 4)}
+    best = {}
+    for s in SEEDS:
+        key = min((k for k in cells if k.startswith(f"{s}/")), key=lambda k: cells[k]["ppl"])
+        best[str(s)] = {"cell": key, **cells[key]}
+    return {"reference_ppl": {k: round(v, 4) for k, v in ref.items()}, "cells": cells, "best": best}
+
+
+def table(summary: dict[str, Any], source_ppl: float) -> str:
+    lines = [f"Dense reference (the source, {source_ppl:.3f} untrained), after each recovery: "
+             + ", ".join(f"{rec} {ppl:.3f}" for rec, ppl in summary["reference_ppl"].items()) + ".", "",
+             "| sparsity | method | " + " | ".join(f"{rec}: ppl (x ref)" for rec in RECOVERIES) + " |",
+             "|---|---|" + "---|" * len(RECOVERIES)]
+    for s in SEEDS:
+        for m in METHODS:
+            cells = [summary["cells"].get(f"{s}/{m}/{rec}") for rec in RECOVERIES]
+            if not any(cells):
+                continue
+            text = [f"{c['ppl']:.3f} ({c['ratio_to_reference']:.2f}x)" + (f" ±{c['spread'] / 2:.3f}" if c["seeds"] > 1 else "")
+                    if c else "—" for c in cells]
+            lines.append(f"| {s} | {m} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short schedules (under 5 minutes)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1 is fastest)")
-    parser.add_argument("--methods", default="compresso,magnitude,random", help="comma-separated subset")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.md / quality.json")
+    parser.add_argument("--quick", action="store_true", help="short schedules (a fifth of the budget)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for quality.json / quality.md")
     args = parser.parse_args()
     if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
         sys.exit(f"{MODEL} or {DATA} is absent: this benchmark needs the shared assets folder (../shared)")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     budget = QUICK if args.quick else FULL
-    methods = args.methods.split(",")
-    spec = PerplexitySection(path=DATA / "dev.txt", **PPL)
+    name = "quality" if args.out or not args.quick else "quality-quick"
+    out = args.out or RESULTS
     t0 = time.perf_counter()
-
-    src_model, tok = load_model(MODEL)
-    with torch.no_grad():
-        source = {"ppl": perplexity(src_model, tok, spec)["perplexity"],
-                  "params": sum(p.numel() for p in src_model.parameters())}
-    cfg = src_model.config
-    group_cost = cfg.hidden_size * cfg.head_dim * 2 * (cfg.num_attention_heads // cfg.num_key_value_heads + 1)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for s in SPARSITIES:
-            for m in methods:
-                row = run_method(m, s, budget, Path(tmp) / f"{m}-{s}", spec)
-                rows.append(row)
-                print(f"{m:9s} sparsity {s}: params {row['params']:,}  ppl {row['ppl_no_ft']:.3f} -> "
-                      f"{row['ppl_ft']:.3f}  ({row['seconds']}s)", flush=True)
-    check_fair(rows, group_cost)
+    source_ppl, source_params = score_source()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, job, budget, tmp): job for job in jobs()}
+        for future, job in futures.items():
+            result = future.result()
+            results.append(result)
+            for r in result["rows"]:
+                print(f"{r['method']:14s} {r['sparsity']:<4} seed {r['seed']} {r['recovery']:8s}: params "
+                      f"{r['params']:,}  ppl {r['ppl_before_recovery']:.3f} -> {r['ppl']:.3f}", flush=True)
+            print(f"  ({job.method} {job.sparsity} seed {job.seed}: {result['seconds']} s)", flush=True)
+    all_rows = [r for result in results for r in result["rows"]]
+    reference = [{"recovery": r["recovery"], "seed": r["seed"], "ppl": r["ppl"], "budget_tokens": r["budget_tokens"]}
+                 for r in all_rows if r["method"] == "reference"]
+    rows = [r for r in all_rows if r["method"] != "reference"]
+    arch = ArchSpec.from_pretrained_dir(MODEL)
+    check_fair(all_rows, arch.hidden_size * arch.head_dim * 2 * (arch.group_size + 1))
+    summary = summarize(rows, reference)
+    settings = {"mode": "quick" if args.quick else "full", "budget_steps": budget.total, "seq_len": SEQ_LEN,
+                "micro_batch": MICRO_BATCH, "prune_schedule": {"lora_only": budget.lora_only, "ramp": budget.ramp,
+                                                               "hold": budget.hold, "recovery": budget.recovery},
+                "prune_lr": PRUNE_LR, "full_prune_lr": FULL_PRUNE_LR, "recoveries": RECOVERIES,
+                "structures": STRUCTURES, "perplexity": {**PPL, "file": "tinystories/dev.txt"}, "prompt": "none"}
+    data = {"settings": settings, "source": {"params": source_params, "ppl": source_ppl}, "rows": rows,
+            "reference": reference, "summary": summary}
+    atomic.write_json(out / f"{name}.json", data)
     elapsed = time.perf_counter() - t0
-    text = table(source, rows)
+    text = table(summary, source_ppl)
     print(text)
-    settings = {
-        "mode": "quick" if args.quick else "full", "seed": SEED, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
-        "budget_steps": budget.total, "prune_schedule": {"lora_only": budget.lora_only, "ramp": budget.ramp,
-                                                         "hold": budget.hold},
-        "compresso_finetune_steps": budget.finetune, "prune_lr": PRUNE_LR, "structures": STRUCTURES, "finetune": FINETUNE,
-        "perplexity": {**PPL, "file": "tinystories/dev.txt"}, "prompt": "none", "threads": args.threads,
-        "seconds": round(elapsed, 1),
-    }
-    suffix = "" if not args.quick else "_quick"
-    atomic.write_json(args.out / f"quality{suffix}.json", {"settings": settings, "source": source, "rows": rows})
-    write_markdown(args.out / f"quality{suffix}.md", text, settings, budget)
-    print(f"{elapsed:.0f}s -> {args.out}")
+    write_markdown(out / f"{name}.md", text, summary, settings, elapsed, args.jobs)
+    print(f"{elapsed:.0f} s -> {out / name}.json")
 
 
-def write_markdown(path: Path, text: str, settings: dict[str, Any], budget: Budget) -> None:
-    """The table plus how it was made; keeps a hand-written "What was tried" section if the file has one."""
-    tried = ""
-    if path.is_file():
+def score_source() -> tuple[float, int]:
+    model, tok = load_model(MODEL)
+    with torch.no_grad():
+        ppl = perplexity(model, tok, PerplexitySection(path=DATA / "dev.txt", **PPL))["perplexity"]
+    return round(ppl, 4), sum(p.numel() for p in model.parameters())
+
+
+def write_markdown(path: Path, text: str, summary: dict[str, Any], settings: dict[str, Any], seconds: float,
+                   jobs: int) -> None:
+    """The matrix plus how it was made; keeps a hand-written section from "## What it shows" on if the file
+    has one."""
+    kept = ""
+    if path.is_file() and "## What it shows" in path.read_text():
         old = path.read_text()
-        marker = "## What was tried"
-        if marker in old:
-            tried = old[old.index(marker):]
-    tokens_nominal = budget.total * MICRO_BATCH * (SEQ_LEN - 1)
+        kept = old[old.index("## What it shows"):]
+    quick = settings["mode"] == "quick"
+    best = "; ".join(f"at {s}: {b['cell'].split('/', 1)[1]} ({b['ppl']:.3f}, {b['ratio_to_reference']:.2f}x the "
+                     f"reference)" for s, b in summary["best"].items())
     body = (
-        f"# Quality: Compresso vs one-shot pruning on stories260K ({settings['mode']} run)\n\n"
-        f"Produced by `benchmarks/quality.py{' --quick' if settings['mode'] == 'quick' else ''}` in "
-        f"{settings['seconds']:.0f} s ({settings['threads']} torch thread(s)).\n\n"
+        f"# Quality: method x recovery at equal budget on stories260K ({settings['mode']} run)\n\n"
+        f"Produced by `python -m benchmarks.quality{' --quick' if quick else ''}` in {seconds:.0f} s ({jobs} runs "
+        "in parallel, one torch thread each).\n\n"
         f"{text}\n\n"
+        f"Best: {best}.\n\n"
         "- Perplexity: `tinystories/dev.txt`, sliding window {window} tokens, stride {stride}, first {max_tokens} "
-        "tokens (BOS first), no prompt.\n".format(**PPL)
-        + f"- Budget: every method trains {budget.total} optimizer steps of {MICRO_BATCH} x {SEQ_LEN}-token "
-        f"examples (about {tokens_nominal:,} loss-carrying tokens; the table shows the measured sum). Compresso spends "
-        f"{budget.prune} of them pruning (LoRA-only {budget.lora_only}, ramp {budget.ramp}, hold {budget.hold}) "
-        f"and {budget.finetune} fine-tuning; magnitude and random spend all {budget.total} fine-tuning.\n"
-        f"- Same fine-tune for all: LoRA r=8 on q_proj/v_proj, lr {FINETUNE['lr']} cosine, warm-up 3%. "
-        f"Compresso prune learning rates: LoRA {PRUNE_LR['lora']}, gates {PRUNE_LR['gates']}, lambdas "
-        f"{PRUNE_LR['lagrangian']}. Structures pruned: {', '.join(STRUCTURES)} (every method).\n"
-        f"- Params are read back from each exported folder (reloaded model, equal to its manifest); per sparsity "
-        "they must agree within one KV group, and budgets within one example, or the script fails.\n"
-        f"- Seed {SEED} everywhere (data order, gate init/noise, LoRA init, random ranking). Export: native, fp32.\n\n"
+        "tokens, no prompt. Rows with two seeds show the mean and ± half the spread.\n".format(**PPL)
+        + f"- Budget: every run trains {settings['budget_steps']} optimizer steps of {MICRO_BATCH} x {SEQ_LEN}-token "
+        f"examples (checked from the events). Compresso spends {settings['budget_steps'] - settings['prune_schedule']['recovery']} "
+        f"of them pruning and {settings['prune_schedule']['recovery']} recovering; magnitude, random and the dense "
+        "reference spend all of them recovering.\n"
+        "- Recoveries: lora_qv = LoRA r=8 on q_proj/v_proj (lr 1e-3), lora_all = LoRA r=8 on all seven projections "
+        "(lr 1e-3), full = every weight (lr 3e-4); cosine, 3% warm-up. Prune rates: LoRA 1e-3 (compresso-full: "
+        "3e-4), gates 0.5, multipliers 0.3. Structures: heads and FFN channels for every method.\n"
+        "- `x ref` is the ratio to the dense source trained with the same recovery and budget (mean of its seeds).\n\n"
     )
-    atomic.write_text(path, body + tried)
+    atomic.write_text(path, body + kept)
 
 
 if __name__ == "__main__":

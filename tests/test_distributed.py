@@ -92,6 +92,21 @@ def _kill_job(proc: subprocess.Popen, out: Path) -> None:
     proc.wait()
 
 
+def _kill_after_first_checkpoint(jobs: list[dict], out: Path) -> None:
+    """Launch `jobs`, wait until rank 0 has written its first checkpoint, then SIGKILL the whole job."""
+    proc = _launch({"jobs": jobs, "pause_after_checkpoint": True}, out)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "paused").exists():
+            assert proc.poll() is None, (out / "torchrun.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
+            time.sleep(0.2)
+        while len(list(out.glob("rank*.pid"))) < 2:
+            time.sleep(0.1)
+    finally:
+        _kill_job(proc, out)
+
+
 def _run(jobs: list[dict], out: Path, timeout: float = 180) -> list[list[dict]]:
     """Run the jobs to their end in one launch; per job, every rank's return value."""
     proc = _launch({"jobs": jobs}, out)
@@ -175,17 +190,7 @@ def test_two_processes_prune_like_one_with_the_same_global_batch(work, single_pr
 def test_killed_two_process_run_resumes_to_the_same_result(work, single_prune, tmp_path, strategy):
     config = {"stage": "prune", "recipe": _recipe(work, strategy=strategy).model_dump(mode="json"),
               "stage_dir": str(tmp_path / "prune")}
-    proc = _launch({"jobs": [config], "pause_after_checkpoint": True}, tmp_path / "killed")
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "killed" / "paused").exists():
-            assert proc.poll() is None, (tmp_path / "killed" / "torchrun.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
-            time.sleep(0.2)
-        while len(list((tmp_path / "killed").glob("rank*.pid"))) < 2:
-            time.sleep(0.1)
-    finally:
-        _kill_job(proc, tmp_path / "killed")
+    _kill_after_first_checkpoint([config], tmp_path / "killed")
     meta = json.loads((tmp_path / "prune" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["step"] == 2 and not (tmp_path / "prune" / "masks.safetensors").exists()
     _run([config], tmp_path / "resumed")
@@ -301,17 +306,7 @@ def test_full_weight_training_on_two_processes_equals_one(work, single_full, tmp
 def test_killed_fsdp_full_weight_run_resumes_to_the_same_result(work, single_full, tmp_path):
     """The sharded checkpoint path: gathered onto rank 0 when saved, broadcast into the shards on resume."""
     jobs = _full_jobs(work, tmp_path, "fsdp")[:1]
-    proc = _launch({"jobs": jobs, "pause_after_checkpoint": True}, tmp_path / "killed")
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "killed" / "paused").exists():
-            assert proc.poll() is None, (tmp_path / "killed" / "torchrun.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
-            time.sleep(0.2)
-        while len(list((tmp_path / "killed").glob("rank*.pid"))) < 2:
-            time.sleep(0.1)
-    finally:
-        _kill_job(proc, tmp_path / "killed")
+    _kill_after_first_checkpoint(jobs, tmp_path / "killed")
     assert json.loads((tmp_path / "prune" / "checkpoints" / "last" / "meta.json").read_text())["step"] == 2
     _run(jobs, tmp_path / "resumed")
     for name in ("gates.safetensors", "masks.safetensors", "model/model.safetensors"):

@@ -29,6 +29,11 @@ class ModelLocation:
     def has_weights(self) -> bool:
         return self.folder is not None and any(any(self.folder.glob(p)) for p in WEIGHT_PATTERNS)
 
+    @property
+    def has_safetensors(self) -> bool:
+        """The weights are safetensors files, which the slice stage and sharded loading read tensor by tensor."""
+        return self.folder is not None and any(self.folder.glob("*.safetensors"))
+
     def problem(self, need_weights: bool) -> str | None:
         """One line saying what is missing and what to do, or None when the model is there."""
         if self.folder is None:

@@ -45,9 +45,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     dep = plan["memory"]["deploy"]
     console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
                   f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")
-    host = plan["memory"]["host"]
-    console.print(f"Host memory: {human_bytes(host['load_per_node_bytes'])} per node while {hw['gpus_per_node']} "
-                  f"process(es) load the source; {human_bytes(host['slice_bytes'])} for the slice stage (fp32)")
+    render_host(plan["memory"]["host"], console)
 
     steps = plan["steps"]
     st = Table(title=f"Steps ({steps['examples'] if steps['examples'] is not None else '?'} examples; "
@@ -61,3 +59,19 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
                    str(s["total"] if s["total"] is not None else "?"), human_seconds(s["est_seconds"]))
     console.print(st)
     console.print(f"[dim]Time assumption: {steps['assumption']}[/]")
+
+
+def render_host(host: dict[str, Any], console: Console) -> None:
+    """Host RAM per node at loading, slice and evaluate, against the node's RAM."""
+    ram = host["node_ram_bytes"]
+    table = Table(title=f"Host memory per node ({human_bytes(ram)} RAM, {host['node_ram_from']})",
+                  title_justify="left")
+    for col in ("peak", "per node", "fits"):
+        table.add_column(col)
+    for peak, key in (("loading", "load_per_node_bytes"), ("slice" + (" (streamed)" if host["slice_streams"]
+                                                                     else " (in memory)"), "slice_bytes"),
+                      ("evaluate", "evaluate_bytes")):
+        fits = host["fits"][peak.split()[0].replace("loading", "load")]
+        table.add_row(peak, human_bytes(host[key]), "?" if ram is None else "[green]yes[/]" if fits else "[red]no[/]")
+    console.print(table)
+    console.print(f"[dim]Host assumption: {host['note']}[/]")

@@ -1,5 +1,6 @@
 """The slice stage: the source model with the prune stage's LoRA merged and its masks applied, exported as
-a smaller model folder (`models/export.py` builds, writes and checks it)."""
+a smaller model folder: streamed tensor by tensor from safetensors (`models/streaming_slice.py`), or loaded
+whole when the source is not safetensors (`models/export.py` builds, writes and checks it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from compresso_ops.errors import StageError
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.export import _emit, export_pruned
+from compresso_ops.models.resolve import locate_model
 from compresso_ops.models.slicing import merge_lora
+from compresso_ops.models.streaming_slice import stream_export, streamable
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.ui.progress import EventFn
 
@@ -19,7 +22,11 @@ from compresso_ops.ui.progress import EventFn
 def run_slice(
     recipe: Recipe, prune_dir: str | Path, stage_dir: str | Path, *, on_event: EventFn | None = None
 ) -> dict[str, Any]:
-    """The slice stage: source model (fp32, CPU) + prune/lora merged + prune/masks -> stage_dir/model."""
+    """The slice stage: source model (fp32, CPU) + prune/lora merged + prune/masks -> stage_dir/model.
+
+    A source in safetensors on disk is streamed (`models/streaming_slice.py`: about one layer in memory);
+    otherwise (`.bin` weights, an adapter peft alone can merge) the model is loaded whole and exported by
+    `models/export.py`, as `manifest["in_memory_because"]` says. Both write the same folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     prune_dir, stage_dir = Path(prune_dir), Path(stage_dir)
@@ -28,32 +35,38 @@ def run_slice(
     src = recipe.model
     load_kw = {"revision": src.revision, "trust_remote_code": src.trust_remote_code}
     _emit(on_event, "load", model=src.path)
-    source_dtype = AutoConfig.from_pretrained(src.path, **load_kw).dtype
+    source_config = AutoConfig.from_pretrained(src.path, **load_kw)
     tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
-    model: Any = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **load_kw)
     lora_dir = prune_dir / "lora"
+    masks = Masks.load(prune_dir)
+    source_info = {"path": src.path, "revision": src.revision, "dtype": source_config.dtype}
+    export_kw = {"recipe": recipe, "dtype": recipe.export.dtype, "max_shard_size": recipe.export.max_shard_size,
+                 "on_event": on_event}
+    folder = locate_model(src).folder
+    why_not = streamable(folder, lora_dir)
+    if why_not is None and folder is not None:
+        if lora_dir.is_dir():
+            _emit(on_event, "merge_lora", adapter=str(lora_dir), streamed=True)
+        _emit(on_event, "slice", streamed=True)
+        return stream_export(folder, lora_dir if lora_dir.is_dir() else None, masks, recipe.export.mode,
+                             stage_dir / "model", source_config=source_config, tokenizer=tokenizer,
+                             source_info=source_info, **export_kw)
+    model: Any = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **load_kw)
     if lora_dir.is_dir():
         from peft import PeftModel
 
         _emit(on_event, "merge_lora", adapter=str(lora_dir))
         model = merge_lora(PeftModel.from_pretrained(model, lora_dir))
-    masks = Masks.load(prune_dir)
-    return export_pruned(
-        model,
-        tokenizer,
-        masks,
-        recipe.export.mode,
-        stage_dir / "model",
-        source_info={"path": src.path, "revision": src.revision, "dtype": source_dtype},
-        recipe=recipe,
-        dtype=recipe.export.dtype,
-        max_shard_size=recipe.export.max_shard_size,
-        on_event=on_event,
+    manifest = export_pruned(
+        model, tokenizer, masks, recipe.export.mode, stage_dir / "model", source_info=source_info,
         release_source=True,  # loaded here for this export alone
+        **export_kw,
     )
+    return {**manifest, "streamed": False, "in_memory_because": why_not}
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     """The slice stage: `prune/` (masks, LoRA) applied to the source, exported to `slice/model`."""
     manifest = run_slice(recipe, run_dir / "prune", run_dir / "slice", on_event=on_event)
-    return f"{manifest['params']['exported']['total']:,} params ({manifest['mode']})"
+    how = "streamed layer by layer" if manifest.get("streamed") else f"in memory: {manifest['in_memory_because']}"
+    return f"{manifest['params']['exported']['total']:,} params ({manifest['mode']}; {how})"

@@ -245,14 +245,14 @@ def stream_export(
     return manifest
 
 
-def meta_model(config: Any) -> nn.Module:
+def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model class of `config` with its weights on the meta device (no memory) and its buffers (rotary
-    frequencies) real, in fp32, eval mode."""
+    frequencies) real, eval mode."""
     from transformers import AutoModelForCausalLM
 
     import compresso_ops.models.modeling_compresso  # noqa: F401  (registers the native class)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config)
     if any(b.is_meta for b in model.buffers()):

@@ -112,14 +112,14 @@ def test_a_corrupt_slice_fails_the_check_and_writes_nothing(tmp_path, monkeypatc
 
     source = _source(tmp_path / "src", "llama")
     masks = random_masks(ArchSpec.from_hf_config(AutoConfig.from_pretrained(source)), 3)
-    real = streaming.save_file
+    real = streaming.write_tensor
+    written = []
 
-    def corrupt(tensors, path, metadata):
-        name = next(iter(tensors))
-        tensors[name] = tensors[name] + 1.0
-        real(tensors, path, metadata=metadata)
+    def corrupt(fh, tensor):
+        written.append(tensor)
+        real(fh, tensor + 1.0 if len(written) == 5 else tensor)
 
-    monkeypatch.setattr(streaming, "save_file", corrupt)
+    monkeypatch.setattr(streaming, "write_tensor", corrupt)
     with pytest.raises(StageError, match="export check failed: .*written tensors differ"):
         _streamed(source, None, masks, "native", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -98,15 +98,19 @@ def slice_shape(arch: ArchSpec, masks: Masks) -> SliceShape:
 def slice_outer(weights: Mapping[str, torch.Tensor], arch: ArchSpec, masks: Masks,
                 tied: bool) -> dict[str, torch.Tensor]:
     """The embeddings, final norm and LM head, sliced to the kept hidden dims. `weights` maps stock HF names
-    to the merged tensors; with `tied`, `lm_head.weight` is the sliced embedding itself."""
-    embed_w = weights["model.embed_tokens.weight"]
-    hidden = _kept(masks.hidden).to(embed_w.device)
-    embed = _cols(embed_w, hidden)
-    return {
-        "model.embed_tokens.weight": embed,
-        "lm_head.weight": embed if tied else _cols(weights["lm_head.weight"], hidden),
-        "model.norm.weight": weights["model.norm.weight"].index_select(0, hidden) * _norm_scale(arch, len(hidden)),
-    }
+    to the merged tensors; only those present are sliced (the streamed export reads them one at a time).
+    With `tied`, `lm_head.weight` is the sliced embedding itself."""
+    hidden = _kept(masks.hidden).to(next(iter(weights.values())).device)
+    sd: dict[str, torch.Tensor] = {}
+    if (embed := weights.get("model.embed_tokens.weight")) is not None:
+        sd["model.embed_tokens.weight"] = _cols(embed, hidden)
+        if tied:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    if not tied and (head := weights.get("lm_head.weight")) is not None:
+        sd["lm_head.weight"] = _cols(head, hidden)
+    if (norm := weights.get("model.norm.weight")) is not None:
+        sd["model.norm.weight"] = norm.index_select(0, hidden) * _norm_scale(arch, len(hidden))
+    return sd
 
 
 @torch.no_grad()

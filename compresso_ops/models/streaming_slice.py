@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from compresso_ops.errors import StageError
@@ -52,15 +52,18 @@ from compresso_ops.models.slicing import drop_empty_blocks, pad_state_dict, slic
 from compresso_ops.ui.progress import EventFn
 
 INDEX_FILE = "model.safetensors.index.json"
-OUTER = -1  # the group of the embeddings, final norm and LM head; decoder layers are groups 0..L-1
+EMBED, HEAD = "model.embed_tokens", "lm_head"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 Tensors = dict[str, torch.Tensor]
+Group = int | str  # a decoder layer's index, or the module path of the embeddings, final norm or LM head
 
 
-def group_of(name: str) -> int:
+def group_of(name: str) -> Group:
+    """The piece a tensor belongs to: what is read, merged and sliced together."""
     match = _LAYER.match(name)
-    return int(match.group(1)) if match else OUTER
+    return int(match.group(1)) if match else name.rsplit(".", 1)[0]
 
 
 class SafetensorsSource:
@@ -80,7 +83,7 @@ class SafetensorsSource:
         if not self.files:
             raise StageError(f"{folder}: no safetensors weights to stream")
 
-    def group(self, group: int) -> Tensors:
+    def group(self, group: Group) -> Tensors:
         """Every tensor of `group`, in fp32."""
         names = [n for n in self.files if group_of(n) == group]
         out: Tensors = {}
@@ -145,34 +148,34 @@ class SlicedSource:
                  mode: str, tied: bool) -> None:
         self.source, self.lora, self.arch, self.masks, self.mode, self.tied = source, lora, arch, masks, mode, tied
         self.shape = slice_shape(arch, masks)
-        self._cached: tuple[str, int, Tensors] | None = None
+        self._cached: tuple[str, Group, Tensors] | None = None
 
-    def merged(self, group: int) -> Tensors:
-        """The source tensors of `group` in fp32 with the LoRA folded in (`lm_head.weight` filled in when tied)."""
+    def merged(self, group: Group) -> Tensors:
+        """The source tensors of `group` in fp32 with the LoRA folded in (a tied LM head: the embedding)."""
         return self._cache("merged", group, self._merge)
 
-    def sliced(self, group: int) -> Tensors:
+    def sliced(self, group: Group) -> Tensors:
         """`group` sliced and laid out for the export mode, in fp32."""
         return self._cache("sliced", group, self._slice)
 
-    def _cache(self, kind: str, group: int, make: Callable[[int], Tensors]) -> Tensors:
+    def _cache(self, kind: str, group: Group, make: Callable[[Group], Tensors]) -> Tensors:
         if self._cached is None or self._cached[:2] != (kind, group):
             self._cached = None  # free the previous group before reading the next
             self._cached = (kind, group, make(group))
         return self._cached[2]
 
-    def _merge(self, group: int) -> Tensors:
+    def _merge(self, group: Group) -> Tensors:
+        if group == HEAD and self.tied:
+            return {f"{HEAD}.weight": self.source.group(EMBED)[f"{EMBED}.weight"]}
         weights = self.source.group(group)
         if self.lora is not None:
             self.lora.merge_(weights)
-        if group == OUTER and self.tied:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         return weights
 
-    def _slice(self, group: int) -> Tensors:
+    def _slice(self, group: Group) -> Tensors:
         weights = self._merge(group)
-        if group == OUTER:
-            sd = slice_outer(weights, self.arch, self.masks, self.tied)
+        if isinstance(group, str):  # one piece at a time: a tied head is sliced as the embedding is
+            sd = slice_outer(weights, self.arch, self.masks, tied=False)
         else:
             sd = slice_layer(weights, group, self.arch, self.masks)
         del weights
@@ -282,26 +285,55 @@ def _planned(skeleton: nn.Module, dt: torch.dtype) -> Tensors:
 
 def _write_weights(skeleton: nn.Module, sliced: SlicedSource, dt: torch.dtype, folder: Path,
                    max_shard_size: str) -> None:
-    """Write the shards one at a time, split and named as `save_pretrained` splits them, and the index."""
+    """Write the shards, split and named as `save_pretrained` splits them, and the index."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     planned = _planned(skeleton, dt)
     split = split_torch_state_dict_into_shards(planned, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for file, names in split.filename_to_tensors.items():
-        shard = {}
-        for name in names:
-            tensor = sliced.sliced(group_of(name))[name].to(dt).contiguous()
-            if tensor.shape != planned[name].shape:
-                raise StageError(f"{name}: sliced to {tuple(tensor.shape)}, the export config expects "
-                                 f"{tuple(planned[name].shape)}")
-            shard[name] = tensor
-        save_file(shard, folder / file, metadata={"format": "pt"})
-        del shard
+        _write_shard(folder / file, {n: planned[n] for n in names}, lambda n: sliced.sliced(group_of(n))[n].to(dt))
     if split.is_sharded:
         index = {"metadata": {"total_parameters": skeleton.num_parameters(), **split.metadata},
                  "weight_map": split.tensor_to_filename}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_shard(path: Path, planned: Tensors, produce: Callable[[str], torch.Tensor]) -> None:
+    """One safetensors file, written tensor by tensor as `produce` slices them, so no shard is ever held.
+
+    The header comes first and needs every offset, which the planned (meta) tensors give; the layout is the
+    one `safetensors.torch.save_file` writes (tensors by name within their dtype, compact JSON with the
+    `format: pt` metadata first, padded with spaces to 8 bytes), so the files are byte for byte the same.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(planned):
+        t = planned[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if len({t.dtype for t in planned.values()}) > 1:
+        raise StageError(f"{path.name}: an export has one dtype, this shard has several")
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        start = fh.tell()
+        for name, want in planned.items():  # in the producer's order: one group read per layer
+            tensor = produce(name).contiguous()
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise StageError(f"{name}: sliced to {tuple(tensor.shape)} {tensor.dtype}, the export config "
+                                 f"expects {tuple(want.shape)} {want.dtype}")
+            fh.seek(start + header[name]["data_offsets"][0])
+            write_tensor(fh, tensor)
+
+
+def write_tensor(fh: Any, tensor: torch.Tensor) -> None:
+    """The tensor's bytes, little-endian as in memory, without a copy."""
+    if tensor.numel():
+        fh.write(memoryview(tensor.view(torch.uint8).numpy()))
 
 
 def _write_config(skeleton: nn.Module, dt: torch.dtype, folder: Path, generation: Any) -> None:
@@ -342,10 +374,10 @@ def _piecewise(model: nn.Module, load: Callable[[str, list[str]], Tensors]) -> I
             handle.remove()
 
 
-def _from(tensors: Callable[[int], Tensors]) -> Callable[[str, list[str]], Tensors]:
+def _from(tensors: Callable[[Group], Tensors]) -> Callable[[str, list[str]], Tensors]:
     """A piece loader over a group-wise tensor source."""
     def load(prefix: str, names: list[str]) -> Tensors:
-        group = tensors(group_of(prefix + "."))
+        group = tensors(group_of(f"{prefix}.weight"))
         return {n: group[f"{prefix}.{n}"] for n in names}
     return load
 
@@ -356,23 +388,22 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _written(folder: Path, sliced: SlicedSource, dt: torch.dtype, tied: bool,
-             mismatches: list[str]) -> Callable[[int], Tensors]:
+             mismatches: list[str]) -> Callable[[Group], Tensors]:
     """The export's tensors of a group read back from its files in fp32; each must equal the slice at `dt`
     bit for bit (a difference is recorded in `mismatches`)."""
     reader = SafetensorsSource(folder)
 
-    def group(g: int) -> Tensors:
+    def group(g: Group) -> Tensors:
+        if g == HEAD and tied:  # not written: the embedding, checked with its own group
+            return {f"{HEAD}.weight": reader.group(EMBED)[f"{EMBED}.weight"]}
         expected = sliced.sliced(g)
-        with_files = {n: f for n, f in reader.files.items() if group_of(n) == g}
         out: Tensors = {}
-        for name, file in with_files.items():
-            with safe_open(file, "pt") as handle:
+        for name in [n for n in reader.files if group_of(n) == g]:
+            with safe_open(reader.files[name], "pt") as handle:
                 stored = handle.get_tensor(name)
             if name not in expected or not torch.equal(stored, expected[name].to(dt)):
                 mismatches.append(name)
             out[name] = stored.float()
-        if g == OUTER and tied:
-            out["lm_head.weight"] = out["model.embed_tokens.weight"]
         mismatches.extend(sorted(set(expected) - set(out)))
         return out
     return group

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compresso_ops.infra import atomic
-from compresso_ops.infra.units import human_bytes, parse_bytes
+from compresso_ops.infra.units import human_bytes
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import (
@@ -364,7 +364,7 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
     (`training/sharded_load.py`), so a node holds its processes' shards plus one tensor each in flight;
     under DDP on GPUs the processes of a node load one after another, each moving its copy to its GPU before
     the next reads; a CPU run keeps every replica in RAM. Slice (rank 0): streamed from safetensors, one
-    decoder layer (or the embedding matrix) in fp32 and its slice, plus one output shard
+    decoder layer (or the embedding matrix) in fp32 and its slice, written tensor by tensor
     (`models/streaming_slice.py`); from `.bin` weights, the fp32 source and the sliced model together.
     Evaluate (rank 0): one model at a time in the compute dtype.
     """
@@ -382,8 +382,7 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
         load, how = hw.gpus_per_node * source * nbytes, "every process keeps its replica in RAM"
     streams = slice_streams(recipe)
     if streams:
-        shard = min(parse_bytes(recipe.export.max_shard_size), params["export"]["native"]["checkpoint_bytes"])
-        slice_bytes = 2 * widest * 4 + shard
+        slice_bytes = 2 * widest * 4
     else:
         slice_bytes = (source + target) * 4
     ram, ram_from = node_ram(recipe)
@@ -391,8 +390,8 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
     return {"load_per_node_bytes": load, "slice_bytes": slice_bytes, "evaluate_bytes": peaks["evaluate"],
             "slice_streams": streams, "node_ram_bytes": ram, "node_ram_from": ram_from,
             "fits": {k: ram is None or v <= ram for k, v in peaks.items()},
-            "note": f"loading: {how}; slice: " + ("streamed from safetensors, one layer in fp32 plus one output "
-                                                  "shard" if streams else "fp32 source + sliced model (.bin source)")
+            "note": f"loading: {how}; slice: " + ("streamed from safetensors, one layer in fp32 and its slice"
+                                                  if streams else "fp32 source + sliced model (.bin source)")
                     + "; evaluate: one model in the compute dtype"}
 
 

@@ -17,6 +17,7 @@ tolerance (fp32 exports; otherwise the fp32 slice is run and compared, as the in
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import re
 import struct
@@ -54,6 +55,7 @@ from compresso_ops.ui.progress import EventFn
 INDEX_FILE = "model.safetensors.index.json"
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 Tensors = dict[str, torch.Tensor]
@@ -214,6 +216,7 @@ def stream_export(
     without loading the model; checked as the module docstring says. Returns the manifest."""
     arch = ArchSpec.from_hf_config(source_config)
     check_export_request(mode, arch, masks)
+    return_freed_memory_to_os()
     tied = bool(getattr(source_config, "tie_word_embeddings", False))
     lora = LoraMerge.load(lora_dir) if lora_dir is not None else None
     sliced = SlicedSource(SafetensorsSource(source_dir), lora, arch, masks, mode, tied)
@@ -246,6 +249,19 @@ def stream_export(
                     "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         atomic.write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
+
+
+def return_freed_memory_to_os() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping, so a freed tensor leaves the process.
+
+    glibc keeps freed blocks under its mmap threshold in the heap, and the threshold grows (to 32 MB) as
+    large blocks are freed; a stream of 10-50 MB tensors then ratchets the resident set up by hundreds of MB
+    of freed memory (measured on the 1B benchmark model: 1,057 MiB peak instead of 661). A no-op where libc
+    is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -340,9 +340,10 @@ def node_ram(recipe: Recipe) -> tuple[int | None, str]:
     return None, "unknown: set hardware.host_memory"
 
 
-def slice_streams(recipe: Recipe) -> bool:
-    """Whether the slice stage streams the source tensor by tensor (safetensors on disk) or loads it whole
-    (`.bin` weights). A source that is not on disk yet is assumed to be safetensors, as hub models are."""
+def reads_safetensors(recipe: Recipe) -> bool:
+    """Whether the source is read tensor by tensor (safetensors: the slice stage streams it, FSDP ranks read
+    their own rows) or whole (`.bin` weights). A source not on disk yet is assumed to be safetensors, as hub
+    models are."""
     location = locate_model(recipe.model)
     return location.folder is None or location.has_safetensors or not location.has_weights
 
@@ -373,16 +374,16 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
     nbytes = DTYPE_BYTES[compute_dtype(recipe)]
     source, target = params["source"]["total"], params["target"]["total"]
     widest = max(_layer_params(arch), arch.vocab_size * arch.hidden_size)
-    if strategy == "fsdp":
+    streams = reads_safetensors(recipe)
+    if strategy == "fsdp" and streams:
         load = hw.gpus_per_node * (math.ceil(source / hw.world_size) + _largest_tensor_params(arch)) * nbytes
         how = "each process reads its own shards from the safetensors files"
-    elif on_gpu:
+    elif on_gpu and strategy != "fsdp":
         load, how = source * nbytes, "the node's processes load one after another"
     else:
-        load, how = hw.gpus_per_node * source * nbytes, "every process keeps its replica in RAM"
-    streams = slice_streams(recipe)
-    if streams:
-        slice_bytes = 2 * widest * 4
+        load, how = hw.gpus_per_node * source * nbytes, "every process reads the whole source"
+    if streams:  # the merged piece, its slice, and transient copies (measured: 2.8x the piece on 1B params)
+        slice_bytes = 3 * widest * 4
     else:
         slice_bytes = (source + target) * 4
     ram, ram_from = node_ram(recipe)

@@ -35,13 +35,15 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, 
             model = placeholder_model(folder, AutoConfig.from_pretrained(m.path, **kw), precision.base_dtype)
             freeze_for_training(model, precision)
             return model, tokenizer, precision
-        for turn in range(_loading_turns(recipe, precision)):
+        turns = _loading_turns(recipe, precision)
+        for turn in range(turns):
             # A replica per GPU: the processes of a node load one after another, each moving its copy to
             # its GPU before the next reads, so the node's RAM holds one copy at a time.
-            if turn == dist.local_rank:
+            if turn == dist.local_rank % turns:
                 model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
                 freeze_for_training(model, precision)
-            dist.barrier()
+            if turns > 1:
+                dist.barrier()
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"model.path: cannot load '{m.path}': {first}") from None

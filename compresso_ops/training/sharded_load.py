@@ -73,7 +73,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 def _placeholder_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
     for module in unwrap(model).modules():
         for name, param in module._parameters.items():
-            if param is not None and not param.requires_grad and param.dim() and 0 in param.stride():
+            if param is not None and param.numel() > 1 and not any(param.stride()):  # all strides 0
                 yield module, name, param
 
 

@@ -278,3 +278,16 @@ def test_fsdp_loading_reads_only_own_shards_and_gives_todays_base(tmp_path):
     assert got.keys() == want.keys() and any("lora_A" in k for k in got)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_replicas_on_gpus_load_one_process_at_a_time(work):
+    """Under DDP on GPUs the processes of a node take turns (one copy in RAM at a time); on CPU, or when
+    FSDP reads shards, they load together."""
+    from compresso_ops.training.setup import _loading_turns
+
+    recipe = _recipe(work, gpus=2)
+    on_gpu = Precision(torch.device("cuda", 0), torch.float16, dist=DistContext(0, 2, 0))
+    assert _loading_turns(recipe, on_gpu) == 2
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, shard_base=True)) == 1
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, device=torch.device("cpu"))) == 1
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, dist=DistContext())) == 1

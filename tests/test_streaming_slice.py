@@ -150,3 +150,16 @@ def test_slice_stage_streams_safetensors_and_loads_bin(tmp_path):
     small = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
     batch = check_batch(model.config)
     assert (logits(small, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= 1e-4
+
+
+def test_a_source_missing_a_tensor_is_a_stage_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = _source(tmp_path / "src", "llama")
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    masks = random_masks(ArchSpec.from_hf_config(AutoConfig.from_pretrained(source)), 5)
+    with pytest.raises(StageError, match="no tensor 'model.layers.1.mlp.up_proj.weight'; its weights do not match"):
+        _streamed(source, None, masks, "native", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -176,10 +176,14 @@ class SlicedSource:
 
     def _slice(self, group: Group) -> Tensors:
         weights = self._merge(group)
-        if isinstance(group, str):  # one piece at a time: a tied head is sliced as the embedding is
-            sd = slice_outer(weights, self.arch, self.masks, tied=False)
-        else:
-            sd = slice_layer(weights, group, self.arch, self.masks)
+        try:
+            if isinstance(group, str):  # one piece at a time: a tied head is sliced as the embedding is
+                sd = slice_outer(weights, self.arch, self.masks, tied=False)
+            else:
+                sd = slice_layer(weights, group, self.arch, self.masks)
+        except (KeyError, StopIteration) as exc:
+            raise StageError(f"the source has no tensor {exc.args[0] if exc.args else group!r}; its weights do "
+                             "not match its config.json") from None
         del weights
         if self.mode == "native":
             return drop_empty_blocks(sd, self.shape)

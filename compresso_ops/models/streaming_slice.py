@@ -223,7 +223,11 @@ def stream_export(
     return_freed_memory_to_os()
     tied = bool(getattr(source_config, "tie_word_embeddings", False))
     lora = LoraMerge.load(lora_dir) if lora_dir is not None else None
-    sliced = SlicedSource(SafetensorsSource(source_dir), lora, arch, masks, mode, tied)
+    source = SafetensorsSource(source_dir)
+    if lora is not None and (unknown := sorted(set(lora.pairs) - set(source.files))):
+        raise StageError(f"{lora_dir}: the adapter targets {unknown[0]}, which the source does not have; "
+                         "the adapter belongs to another model")
+    sliced = SlicedSource(source, lora, arch, masks, mode, tied)
     shape = pad_state_dict({}, sliced.shape)[1] if mode == "pad" else sliced.shape
     config = native_config(source_config, shape) if mode == "native" else stock_config(source_config, shape)
     skeleton = meta_model(config)

@@ -12,7 +12,7 @@ from compresso_ops.cli import main
 from compresso_ops.models.architecture import PRESETS
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
-from compresso_ops.stages.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
+from compresso_ops.stages.plan import evaluation_gpus, host_fix, make_plan, training_strategy, uniform_kept
 from tests.tiny import REPO_ROOT
 
 
@@ -44,11 +44,11 @@ def test_llama7b_54b_plan_matches_the_paper():
     # slice stage streams (the hub model is assumed safetensors): the widest piece (a layer, 0.81 GB, or the
     # embedding matrix) in fp32, its slice and transient copies, counted as three; evaluate holds one fp16 model.
     host = plan["memory"]["host"]
-    assert host["load_per_node_bytes"] == 6_738_415_616 * 2
+    assert host["peaks"]["load"] == 6_738_415_616 * 2
     assert host["slice_streams"]
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
-    assert host["slice_bytes"] == 3 * layer * 4
-    assert host["evaluate_bytes"] == 6_738_415_616 * 2
+    assert host["peaks"]["slice"] == 3 * layer * 4
+    assert host["peaks"]["evaluate"] == 6_738_415_616 * 2
     assert plan["steps"]["prune"]["total"] == 8 * plan["steps"]["prune"]["steps_per_epoch"]
 
 
@@ -164,10 +164,17 @@ def test_llama2_70b_on_two_v100_nodes_fits_the_host(tmp_path):
     assert 68.9e9 < plan["params"]["source"]["total"] < 69.1e9  # the published 70B count
     host = plan["memory"]["host"]
     assert host["node_ram_bytes"] == 512 * 10**9 and host["node_ram_from"] == "hardware.host_memory"
-    assert host["load_per_node_bytes"] <= 1.3 * fp16
-    assert host["load_per_node_bytes"] < 0.6 * fp16  # half the model a node, plus one tensor per process
-    assert host["slice_bytes"] <= 32 * 2**30
+    assert host["peaks"]["load"] <= 1.3 * fp16
+    assert host["peaks"]["load"] < 0.6 * fp16  # half the model a node, plus one tensor per process
+    assert host["peaks"]["slice"] <= 32 * 2**30
     assert all(host["fits"].values())
+    # On 64 GB nodes the shards do not fit two nodes; a third makes each node's share small enough.
+    small = recipe.model_copy(update={"hardware": recipe.hardware.model_copy(update={"host_memory": 64 * 10**9})})
+    plan = make_plan(small)
+    assert not plan["memory"]["host"]["fits"]["load"]
+    assert host_fix(small, plan, "load") == "raise hardware.nodes to 3 (each node then holds a smaller share)"
+    three = small.model_copy(update={"hardware": small.hardware.model_copy(update={"nodes": 3})})
+    assert make_plan(three)["memory"]["host"]["fits"]["load"]
 
 
 def test_preflight_refuses_a_node_too_small_with_the_smallest_fix(tmp_path):
@@ -192,8 +199,6 @@ def test_preflight_refuses_a_node_too_small_with_the_smallest_fix(tmp_path):
 
 
 def test_the_loading_fix_under_ddp_is_fsdp(tmp_path):
-    from compresso_ops.stages.plan import host_fix
-
     recipe = _recipe(tmp_path, """
         model: {path: org/llama-13b, architecture: llama-13b, dtype: float16}
         target: {sparsity: 0.2}

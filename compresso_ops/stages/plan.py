@@ -359,7 +359,8 @@ def _largest_tensor_params(arch: ArchSpec) -> int:
 
 
 def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strategy: str) -> dict[str, Any]:
-    """Host RAM per node at the run's three peaks, next to the node's RAM (GPU memory is `stages`).
+    """Host RAM per node at the run's three peaks (`peaks`: load, slice, evaluate), next to the node's RAM
+    (GPU memory is `stages`).
 
     Loading: under FSDP each process reads only its 1/world of every tensor from the safetensors files
     (`training/sharded_load.py`), so a node holds its processes' shards plus one tensor each in flight;
@@ -388,7 +389,7 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
         slice_bytes = (source + target) * 4
     ram, ram_from = node_ram(recipe)
     peaks = {"load": load, "slice": slice_bytes, "evaluate": max(source, target) * nbytes}
-    return {"load_per_node_bytes": load, "slice_bytes": slice_bytes, "evaluate_bytes": peaks["evaluate"],
+    return {"peaks": peaks, "model_bytes": source * nbytes, "load_in_flight_bytes": hw.gpus_per_node * _largest_tensor_params(arch) * nbytes,
             "slice_streams": streams, "node_ram_bytes": ram, "node_ram_from": ram_from,
             "fits": {k: ram is None or v <= ram for k, v in peaks.items()},
             "note": f"loading: {how}; slice: " + ("streamed from safetensors, one layer in fp32 and its slice"
@@ -400,18 +401,17 @@ def host_fix(recipe: Recipe, plan: dict[str, Any], peak: str) -> str:
     """The smallest change that makes the host peak `peak` (load, slice, evaluate) fit the node's RAM."""
     host, hw = plan["memory"]["host"], recipe.hardware
     ram = host["node_ram_bytes"]
-    if peak == "load" and plan["hardware"]["strategy"] == "fsdp":
-        per_node = host["load_per_node_bytes"] * hw.nodes  # the shards of a node shrink with more nodes
-        nodes = math.ceil(per_node / ram) if ram else hw.nodes + 1
-        if nodes > hw.nodes:
+    if peak == "load" and plan["hardware"]["strategy"] == "fsdp" and host["slice_streams"]:
+        # A node holds 1/nodes of the model plus one tensor in flight per process.
+        room = (ram or 0) - host["load_in_flight_bytes"]
+        if room > 0 and (nodes := math.ceil(host["model_bytes"] / room)) > hw.nodes:
             return f"raise hardware.nodes to {nodes} (each node then holds a smaller share)"
     if peak == "load" and hw.world_size > 1 and plan["hardware"]["strategy"] != "fsdp" and hw.gpu != "cpu":
         return "set hardware.strategy: fsdp (each process reads only its own shards)"
     if peak == "slice" and not host["slice_streams"]:
         return ("save the source as safetensors (save_pretrained) so the slice stage streams it layer by "
                 "layer")
-    need = host[{"load": "load_per_node_bytes", "slice": "slice_bytes", "evaluate": "evaluate_bytes"}[peak]]
-    return f"run on nodes with at least {human_bytes(need)} of RAM"
+    return f"run on nodes with at least {human_bytes(host['peaks'][peak])} of RAM"
 
 
 def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:

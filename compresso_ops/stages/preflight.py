@@ -56,11 +56,11 @@ def _host_problems(recipe: Recipe, plan: dict, stages: list[str]) -> list[str]:
     """One line per host peak of the stages to run that does not fit the node's RAM, with the smallest fix."""
     host = plan["memory"]["host"]
     ram = host["node_ram_bytes"]
-    key = {"load": "load_per_node_bytes", "slice": "slice_bytes", "evaluate": "evaluate_bytes"}
     out = []
     for peak in dict.fromkeys(HOST_PEAKS[s] for s in stages if s in HOST_PEAKS):
         if not host["fits"][peak]:
-            out.append(f"hardware.host_memory: the {peak} peak needs about {human_bytes(host[key[peak]])} per node, "
+            need = human_bytes(host["peaks"][peak])
+            out.append(f"hardware.host_memory: the {peak} peak needs about {need} per node, "
                        f"the node has {human_bytes(ram)} ({host['node_ram_from']}); {host_fix(recipe, plan, peak)}")
     return out
 

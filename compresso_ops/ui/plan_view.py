@@ -68,10 +68,9 @@ def render_host(host: dict[str, Any], console: Console) -> None:
                   title_justify="left")
     for col in ("peak", "per node", "fits"):
         table.add_column(col)
-    for peak, key in (("loading", "load_per_node_bytes"), ("slice" + (" (streamed)" if host["slice_streams"]
-                                                                     else " (in memory)"), "slice_bytes"),
-                      ("evaluate", "evaluate_bytes")):
-        fits = host["fits"][peak.split()[0].replace("loading", "load")]
-        table.add_row(peak, human_bytes(host[key]), "?" if ram is None else "[green]yes[/]" if fits else "[red]no[/]")
+    label = {"load": "loading", "slice": "slice (streamed)" if host["slice_streams"] else "slice (in memory)"}
+    for peak, need in host["peaks"].items():
+        fits = "?" if ram is None else "[green]yes[/]" if host["fits"][peak] else "[red]no[/]"
+        table.add_row(label.get(peak, peak), human_bytes(need), fits)
     console.print(table)
     console.print(f"[dim]Host assumption: {host['note']}[/]")

@@ -220,7 +220,15 @@ def stream_export(
     without loading the model; checked as the module docstring says. Returns the manifest."""
     arch = ArchSpec.from_hf_config(source_config)
     check_export_request(mode, arch, masks)
-    return_freed_memory_to_os()
+    with freed_memory_returned():
+        return _stream_export(source_dir, lora_dir, masks, mode, out_dir, arch, source_config=source_config,
+                              tokenizer=tokenizer, source_info=source_info, recipe=recipe, dtype=dtype,
+                              max_shard_size=max_shard_size, on_event=on_event)
+
+
+def _stream_export(source_dir: Path, lora_dir: Path | None, masks: Masks, mode: str, out_dir: Path,
+                   arch: ArchSpec, *, source_config: Any, tokenizer: Any, source_info: dict[str, Any],
+                   recipe: Any, dtype: str, max_shard_size: str, on_event: EventFn | None) -> dict[str, Any]:
     tied = bool(getattr(source_config, "tie_word_embeddings", False))
     lora = LoraMerge.load(lora_dir) if lora_dir is not None else None
     source = SafetensorsSource(source_dir)
@@ -259,17 +267,26 @@ def stream_export(
     return manifest
 
 
-def return_freed_memory_to_os() -> None:
-    """Serve every allocation of 1 MiB or more from its own mapping, so a freed tensor leaves the process.
+@contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Within the block, serve every allocation of 1 MiB or more from its own mapping, so a freed tensor
+    leaves the process.
 
-    glibc keeps freed blocks under its mmap threshold in the heap, and the threshold grows (to 32 MB) as
+    glibc keeps freed blocks under its mmap threshold in the heap, and the threshold grows (to 32 MiB) as
     large blocks are freed; a stream of 10-50 MB tensors then ratchets the resident set up by hundreds of MB
-    of freed memory (measured on the 1B benchmark model: 1,057 MiB peak instead of 661). A no-op where libc
-    is not glibc."""
+    of freed memory (measured on the 1B benchmark model: 1,057 MiB peak instead of 661). Afterwards the
+    threshold is left at 32 MiB, where glibc's own adjustment ends up in a long-running process. A no-op where
+    libc is not glibc."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        pass
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
 
 
 def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:

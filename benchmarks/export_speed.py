@@ -9,6 +9,11 @@ Batch-1 decode also pays a fixed cost per token that no pruning removes; a probe
 count and vocabulary but almost no weights measures it, and decode_fraction_of_ideal_net_of_fixed_overhead
 leaves it out.
 
+Aligned against unaligned widths (`target.multiple_of`): at each sparsity the production final-mask selection
+runs twice on the same scores (those of the learned-like masks), once keeping FFN channels and hidden dims in
+multiples of 64 and once unaligned, both at the learned-like masks' sparsity, so the two native exports hold
+the same parameter count within one aligned unit; `aligned_vs_unaligned` compares their speed.
+
 The CPU this runs on may be shared with other jobs, which makes wall-clock time unreliable. So every timing is
 taken on both clocks: process CPU time (primary: on one torch thread, the default, it counts the work done and
 hardly the waiting) and wall time; models are timed in interleaved rounds and the best round is kept.
@@ -36,7 +41,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compresso_ops.method.masks import Masks
+from compresso_ops.method.masks import Masks, select_final_masks_from_scores
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.export import export_pruned
 from compresso_ops.models.sizes import prunable_sparsity
@@ -64,6 +69,7 @@ SIZES = {
 SPARSITIES = (0.2, 0.35)
 PROBE = "overhead_probe"
 MODES = ("native", "uniform", "pad")
+ALIGNMENTS = {"native-aligned": 64, "native-unaligned": 1}  # export name -> target.multiple_of
 
 
 def learned_like_masks(arch: ArchSpec, sparsity: float, *, uniform: bool, seed: int = 0) -> Masks:
@@ -91,6 +97,18 @@ def learned_like_masks(arch: ArchSpec, sparsity: float, *, uniform: bool, seed: 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if prunable_sparsity(arch, build(mid).kept()) > sparsity else (lo, mid)
     return build(hi)
+
+
+def selected_masks(arch: ArchSpec, learned: Masks, multiple_of: int) -> Masks:
+    """The prune stage's final-mask selection on scores that rank the structures `learned` keeps first (ties
+    broken by fixed noise), at `learned`'s sparsity and hidden count, with FFN channels and hidden dims in
+    multiples of `multiple_of`."""
+    g = torch.Generator().manual_seed(1)
+    scores = {name: getattr(learned, name) + 0.5 * torch.rand(getattr(learned, name).shape, generator=g)
+              for name in ("heads", "ffn", "hidden")}
+    return select_final_masks_from_scores(scores, arch, prunable_sparsity(arch, learned.kept()), "native",
+                                          ("heads", "ffn", "hidden"), hidden_kept=learned.kept().hidden,
+                                          multiple_of=multiple_of)
 
 
 class PeakRss:
@@ -210,31 +228,33 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
             "matmul_params": matmul_params(source),
         }
     }
+    exports = []
     for s in SPARSITIES:
-        for mode in MODES:
-            masks = learned_like_masks(arch, s, uniform=mode == "uniform")
-            name = f"{mode}@{s}"
-            t0 = time.perf_counter()
-            manifest = export_pruned(source, None, masks, mode, work / name, source_info={"path": "random"})
-            export_s = time.perf_counter() - t0
-            model = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()
-            models[name] = model
-            meta[name] = {
-                "mode": mode,
-                "target_sparsity": s,
-                "prunable_sparsity": manifest["params"]["prunable_sparsity"],
-                "params": manifest["params"]["exported"]["total"],
-                "matmul_params": matmul_params(model),
-                "class": manifest["model_class"],
-                "export_and_check_s": export_s,
-                "checks_passed": manifest["checks"]["passed"],
-                "max_abs_diff_vs_masked": manifest["checks"]["reloaded_vs_masked_max_abs_diff"],
-                "kept_query_heads_per_layer": manifest["kept"]["query_heads_per_layer"],
-                "kept_ffn_channels_per_layer": manifest["kept"]["ffn_channels_per_layer"],
-                "kept_hidden": manifest["kept"]["hidden_dims"],
-            }
-            print(f"exported {name}: {meta[name]['params']:,} params in {export_s:.1f}s", flush=True)
-            gc.collect()
+        exports += [(f"{mode}@{s}", mode, s, learned_like_masks(arch, s, uniform=mode == "uniform")) for mode in MODES]
+        exports += [(f"{name}@{s}", "native", s, selected_masks(arch, learned_like_masks(arch, s, uniform=False), n))
+                    for name, n in ALIGNMENTS.items()]
+    for name, mode, s, masks in exports:
+        t0 = time.perf_counter()
+        manifest = export_pruned(source, None, masks, mode, work / name, source_info={"path": "random"})
+        export_s = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float32).eval()
+        models[name] = model
+        meta[name] = {
+            "mode": mode,
+            "target_sparsity": s,
+            "prunable_sparsity": manifest["params"]["prunable_sparsity"],
+            "params": manifest["params"]["exported"]["total"],
+            "matmul_params": matmul_params(model),
+            "class": manifest["model_class"],
+            "export_and_check_s": export_s,
+            "checks_passed": manifest["checks"]["passed"],
+            "max_abs_diff_vs_masked": manifest["checks"]["reloaded_vs_masked_max_abs_diff"],
+            "kept_query_heads_per_layer": manifest["kept"]["query_heads_per_layer"],
+            "kept_ffn_channels_per_layer": manifest["kept"]["ffn_channels_per_layer"],
+            "kept_hidden": manifest["kept"]["hidden_dims"],
+        }
+        print(f"exported {name}: {meta[name]['params']:,} params in {export_s:.1f}s", flush=True)
+        gc.collect()
 
     # Same layer count and vocabulary, almost no weights: its decode time per token is the framework's fixed
     # cost (module calls, cache bookkeeping, generate's loop), which pruning cannot shrink.
@@ -311,8 +331,19 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
     summary = {
         f"{mode}@{s}": {k: round(results[f"{mode}@{s}"][k], 3) for k in keys}
         for s in SPARSITIES
-        for mode in MODES
+        for mode in (*MODES, *ALIGNMENTS)
     }
+    aligned_vs_unaligned = {}
+    for s in SPARSITIES:
+        a, u = results[f"native-aligned@{s}"], results[f"native-unaligned@{s}"]
+        aligned_vs_unaligned[str(s)] = {
+            "params": {"aligned": a["params"], "unaligned": u["params"]},
+            "kept_ffn_channels_per_layer": {"aligned": a["kept_ffn_channels_per_layer"],
+                                            "unaligned": u["kept_ffn_channels_per_layer"]},
+            "kept_hidden": {"aligned": a["kept_hidden"], "unaligned": u["kept_hidden"]},
+            "prefill_speedup_aligned_over_unaligned": u["prefill_s_cpu_best"] / a["prefill_s_cpu_best"],
+            "decode_speedup_aligned_over_unaligned": a["decode_tokens_per_s_cpu_best"] / u["decode_tokens_per_s_cpu_best"],
+        }
     return {
         "benchmark": "export_speed",
         "size": size,
@@ -332,6 +363,7 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
         },
         "decode_fixed_overhead_ms_per_token": 1000 * overhead,
         "summary": summary,
+        "aligned_vs_unaligned": aligned_vs_unaligned,
         "results": results,
     }
 

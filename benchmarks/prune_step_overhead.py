@@ -41,10 +41,11 @@ from compresso_ops.training.setup import add_lora, seed_all
 RESULT = Path(__file__).resolve().parent / "results" / "prune_step_overhead.json"
 
 
-def build_model(seed: int) -> LlamaForCausalLM:
+def build_model(seed: int, max_positions: int = 512) -> LlamaForCausalLM:
+    """The random 58.5M-parameter LLaMA of the CPU benchmarks, frozen (LoRA goes on top)."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                         intermediate_size=1408, vocab_size=32000, max_position_embeddings=512,
+                         intermediate_size=1408, vocab_size=32000, max_position_embeddings=max_positions,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).train()
     model.config.use_cache = False

@@ -1,11 +1,13 @@
 """The `compresso-ops` command line. Thin: every command parses options and calls the package's API.
 
 Exit codes: 0 success, 1 an internal error, 2 bad input (one line per problem, never a traceback),
-130 interrupted (the run checkpoints first and resumes on the next `apply`).
+3 a `--check` failed (plan: a stage does not fit; report: a verdict is FAIL), 130 interrupted (the run
+checkpoints first and resumes on the next `apply`).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -37,14 +39,23 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as exc:  # an internal error: one line unless debugging
-            if os.environ.get("COMPRESSO_OPS_DEBUG"):
-                raise
-            click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)",
-                       err=True)
-            _exit(1)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                _internal_error(exc)
+            click.echo(f"{exc.filename or 'the run folder'}: no space left on the device; free space and rerun "
+                       "(`apply` resumes from the last checkpoint)", err=True)
+            _exit(2)
+        except Exception as exc:  # noqa: BLE001 (an internal error: one line unless debugging)
+            _internal_error(exc)
 
     return wrapper
+
+
+def _internal_error(exc: Exception) -> None:
+    if os.environ.get("COMPRESSO_OPS_DEBUG"):
+        raise exc
+    click.echo(f"internal error: {type(exc).__name__}: {exc} (set COMPRESSO_OPS_DEBUG=1 for the traceback)", err=True)
+    _exit(1)
 
 
 EXIT_FILE_ENV = "COMPRESSO_OPS_EXIT_FILE"
@@ -92,8 +103,13 @@ def _launch_torchrun(nproc: int) -> int:
         exit_file.unlink(missing_ok=True)
 
 
+CHECK_FAILED = 3  # `plan --check`: a stage does not fit its GPU; `report --check`: a verdict is FAIL
+
 STAGE_CHOICES = ("plan", "prune", "slice", "finetune", "evaluate", "report")
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override one recipe field, e.g. --set prune.lr.lora=1e-4 (a YAML value; repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,8 +120,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@set_option
 @_handle_errors
-def validate(recipes: tuple[Path, ...]) -> None:
+def validate(recipes: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check RECIPES: schema, cross-field rules and that their files exist.
 
     Prints one `FILE:LINE: field: message` line per problem and exits 2 if any recipe is invalid.
@@ -116,12 +133,47 @@ def validate(recipes: tuple[Path, ...]) -> None:
     problems: list[str] = []
     for path in recipes:
         try:
-            load_recipe(path, check_files=True)
+            load_recipe(path, check_files=True, overrides=overrides)
             click.echo(f"{path}: ok")
         except RecipeError as exc:
             problems.extend(exc.lines)
     if problems:
         raise UserError(problems[0], lines=problems)
+
+
+@main.group()
+def recipes() -> None:
+    """The recipes shipped with compresso-ops: list them, copy one to edit."""
+
+
+@recipes.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, description, path}.")
+@_handle_errors
+def recipes_ls(as_json: bool) -> None:
+    """List the shipped recipes with their descriptions."""
+    from compresso_ops.recipe.catalogue import catalogue, describe
+
+    rows = describe()
+    if as_json:
+        paths = catalogue()
+        click.echo(json.dumps([{"name": n, "description": d, "path": str(paths[n])} for n, d in rows], indent=2))
+        return
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, description in rows:
+        click.echo(f"{name:<{width}}  {description}".rstrip())
+
+
+@recipes.command("cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+@_handle_errors
+def recipes_cp(name: str, dest: Path, force: bool) -> None:
+    """Copy recipe NAME to DEST (a file or a folder), with the recipes it extends and its files folder."""
+    from compresso_ops.recipe.catalogue import copy
+
+    for path in copy(name, dest, force=force):
+        click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -135,15 +187,27 @@ def schema() -> None:
 
 @main.command()
 @recipe_arg
+@set_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--check", is_flag=True, help="Exit 3 when a stage does not fit its GPU (for scripts and CI).")
 @_handle_errors
-def plan(recipe: Path, as_json: bool) -> None:
-    """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything."""
-    _print_plan(recipe, as_json)
+def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool, check: bool) -> None:
+    """Plan sizes, trainable parameters, GPU memory and steps for RECIPE without running anything.
+
+    With --check, exits 3 and names each stage that does not fit (exit 2 stays "the recipe is invalid").
+    """
+    from compresso_ops.stages.plan import misfits
+
+    problems = misfits(_print_plan(recipe, overrides, as_json))
+    if check and problems:
+        for line in problems:
+            click.echo(f"{recipe}: does not fit: {line}", err=True)
+        _exit(CHECK_FAILED)
 
 
 @main.command()
 @recipe_arg
+@set_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and run nothing (same as `plan`).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON; otherwise the final "
               "run state as JSON.")
@@ -154,7 +218,7 @@ def plan(recipe: Path, as_json: bool) -> None:
 @click.option("--plain", is_flag=True, help="Timestamped lines instead of the live view (automatic off a terminal).")
 @click.option("--break-stale-lock", is_flag=True, help="Take over a run folder whose lock's process is gone.")
 @_handle_errors
-def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, until: str | None, force: bool,
+def apply(recipe: Path, overrides: tuple[str, ...], dry_run: bool, as_json: bool, from_stage: str | None, until: str | None, force: bool,
           run_dir: Path | None, plain: bool, break_stale_lock: bool) -> None:
     """Run plan -> prune -> slice -> finetune -> evaluate -> report for RECIPE.
 
@@ -162,22 +226,23 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
     checkpoint; a changed recipe re-runs only the stages whose inputs changed.
     """
     if dry_run:
-        _print_plan(recipe, as_json)
+        _print_plan(recipe, overrides, as_json)
         return
     from compresso_ops.executor import Executor
     from compresso_ops.recipe.loader import load_recipe
     from compresso_ops.ui.progress import make_reporter, quiet_libraries
 
-    loaded = load_recipe(recipe, check_files=True)
+    loaded = load_recipe(recipe, check_files=True, overrides=overrides)
+    executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
+                        until=until, force=force, break_stale_lock=break_stale_lock)
     hw = loaded.hardware
     if hw.world_size > 1 and "LOCAL_RANK" not in os.environ:
         if hw.nodes > 1:
             raise UserError(f"{recipe}: hardware.nodes is {hw.nodes}; start multi-node runs with torchrun on every "
                             "node (see the README's 'Several GPUs and nodes')")
+        executor.check_before_launch()
         _exit(_launch_torchrun(hw.gpus_per_node))
     quiet_libraries()
-    executor = Executor(loaded, make_reporter(force_plain=plain or as_json), run_dir=run_dir, from_stage=from_stage,
-                        until=until, force=force, break_stale_lock=break_stale_lock)
     state = executor.run()
     if os.environ.get("RANK", "0") != "0":
         return
@@ -192,19 +257,22 @@ def apply(recipe: Path, dry_run: bool, as_json: bool, from_stage: str | None, un
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Markdown file to write (default: print to stdout).")
+              help="Markdown file to write, with its charts in OUTPUT_assets/ beside it (default: print to stdout, "
+                   "without charts).")
 @click.option("--json", "as_json", is_flag=True, help="Write the report's content as JSON instead of markdown.")
+@click.option("--check", is_flag=True, help="Exit 3 when a run's verdict is FAIL against its report.require "
+              "thresholds (for CI gates).")
 @_handle_errors
-def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> None:
+def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool, check: bool) -> None:
     """Write the release-review report for one or more RUN_DIRS (several give a side-by-side table)."""
-    from compresso_ops.stages.report import build_report, render_markdown
+    from compresso_ops.stages.report import build_report, failures, render_markdown
 
     content = build_report(list(run_dirs))
     if as_json:
         text = json.dumps(content, indent=2)
     else:
-        assets = (output.parent if output else Path.cwd()) / ((output.stem if output else "report") + "_assets")
-        text = render_markdown(content, assets)
+        # Charts are files: they go beside the report file, never into the working folder of a stdout report.
+        text = render_markdown(content, output.parent / f"{output.stem}_assets" if output else None)
     if output:
         from compresso_ops.infra import atomic
 
@@ -212,13 +280,17 @@ def report(run_dirs: tuple[Path, ...], output: Path | None, as_json: bool) -> No
         click.echo(f"wrote {output}")
     else:
         click.echo(text)
+    if check and (failed := failures(content)):
+        for line in failed:
+            click.echo(line, err=True)
+        _exit(CHECK_FAILED)
 
 
-def _print_plan(recipe_path: Path, as_json: bool) -> None:
+def _print_plan(recipe_path: Path, overrides: tuple[str, ...], as_json: bool) -> dict[str, Any]:
     from compresso_ops.recipe.loader import load_recipe
     from compresso_ops.stages.plan import make_plan
 
-    recipe = load_recipe(recipe_path, check_files=False)
+    recipe = load_recipe(recipe_path, check_files=False, overrides=overrides)
     result = make_plan(recipe)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -226,6 +298,7 @@ def _print_plan(recipe_path: Path, as_json: bool) -> None:
         from compresso_ops.ui.plan_view import render_plan
 
         render_plan(result, Console(highlight=False))
+    return result
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    # compresso-ops' own cache (lm-eval's task names, source evaluations): one per test session
+    monkeypatch.setenv("COMPRESSO_OPS_CACHE", str(tmp_path_factory.getbasetemp() / "compresso_ops_cache"))
 
 
 @pytest.fixture(autouse=True)

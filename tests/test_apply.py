@@ -112,7 +112,16 @@ def test_second_apply_does_no_work(finished_run):
     for name, entry in after["stages"].items():
         assert entry["started"] == before["stages"][name]["started"], name
     assert result.output.count("skipped") == 6
+    assert "skipped in" not in result.output and "ran earlier in" in result.output  # a skip takes no time
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_the_shipped_folder_has_a_model_card_with_the_evaluation(finished_run):
+    folder, _ = finished_run
+    card = (folder / "run" / "finetune" / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "## Evaluation" in card and "| quiz |" in card and "Not evaluated yet" not in card
+    assert "Not evaluated yet" in (folder / "run" / "slice" / "model" / "README.md").read_text()
 
 
 def test_editing_finetune_reruns_only_finetune_evaluate_report(finished_run, tmp_path):
@@ -282,3 +291,17 @@ def test_one_shot_baseline_runs_the_same_pipeline(tmp_path, method):
     assert not (tmp_path / "run" / "prune" / "lora").exists()  # nothing was trained
     manifest = json.loads((tmp_path / "run" / "slice" / "model" / "compresso_manifest.json").read_text())
     assert manifest["checks"]["passed"]
+
+
+def test_a_bad_input_for_a_multi_gpu_run_is_one_line_before_torchrun_starts(tmp_path):
+    """Preflight runs in the launching process: no torchrun banner, no error from every rank."""
+    recipe = _setup(tmp_path, run_dir="gpus")
+    recipe.write_text(recipe.read_text().replace("run_dir:", "hardware: {gpu: V100-32GB, gpus_per_node: 2}\nrun_dir:"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # no GPU, whatever the machine has
+    proc = subprocess.run([sys.executable, "-m", "compresso_ops.cli", "apply", str(recipe), "--plain"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    expected = ("hardware.gpu: the recipe asks for V100-32GB but no CUDA GPU is visible; set hardware.gpu: cpu or "
+                "run on a GPU machine")
+    assert proc.stderr.strip().splitlines() == [expected], proc.stderr
+    assert proc.stdout == ""  # not even the stage list: nothing was launched

@@ -132,7 +132,7 @@ def _assert_prune_matches(got: Path, want: Path) -> None:
 
 def _assert_one_copy(stage_dir: Path, outputs: set[str], steps: int) -> None:
     assert {p.name for p in stage_dir.iterdir()} == outputs  # no leftover temporary folders
-    assert [p.name for p in (stage_dir / "checkpoints").iterdir()] == ["last"]
+    assert {p.name for p in (stage_dir / "checkpoints").iterdir()} <= {"last", "previous"}  # no temporaries
     assert [e["step"] for e in _events(stage_dir)] == list(range(1, steps + 1))  # one line per step
 
 
@@ -291,3 +291,69 @@ def test_replicas_on_gpus_load_one_process_at_a_time(work):
     assert _loading_turns(recipe, dataclasses.replace(on_gpu, shard_base=True)) == 1
     assert _loading_turns(recipe, dataclasses.replace(on_gpu, device=torch.device("cpu"))) == 1
     assert _loading_turns(recipe, dataclasses.replace(on_gpu, dist=DistContext())) == 1
+
+
+FULL_PRUNE_OUTPUTS = {"events.jsonl", "checkpoints", "model", "masks.safetensors", "masks.json", "gates.safetensors"}
+
+
+def _full(recipe: Recipe) -> Recipe:
+    """The same recipe with every weight trained in both stages (train: full)."""
+    return recipe.model_copy(update={"prune": recipe.prune.model_copy(update={"train": "full"}),
+                                     "finetune": recipe.finetune.model_copy(update={"train": "full"})})
+
+
+@pytest.fixture(scope="module")
+def single_full(work):
+    """References in one process: full-weight prune, and full-weight fine-tune of the stand-in slice."""
+    out = work / "single_full"
+    run_prune(_full(_recipe(work)), out / "prune")
+    run_finetune(_full(_recipe(work)), work / "sliced", out / "finetune")
+    return out
+
+
+def _full_jobs(work: Path, out: Path, strategy: str) -> list[dict]:
+    recipe = _full(_recipe(work, strategy=strategy, checkpointing=strategy == "fsdp")).model_dump(mode="json")
+    return [{"stage": "prune", "recipe": recipe, "stage_dir": str(out / "prune")},
+            {"stage": "finetune", "recipe": recipe, "sliced_dir": str(work / "sliced"),
+             "stage_dir": str(out / "finetune")}]
+
+
+def _assert_full_matches(got: Path, want: Path) -> None:
+    for name in ("prune/gates.safetensors", "prune/masks.safetensors", "prune/model/model.safetensors",
+                 "finetune/model/model.safetensors"):
+        _assert_close(got / name, want / name)
+    for stage in ("prune", "finetune"):
+        _assert_same_events(_events(got / stage), _events(want / stage))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_full_weight_training_on_two_processes_equals_one(work, single_full, tmp_path, strategy):
+    """train: full, replicated (DDP) or with weights, gradients and optimizer state sharded (FSDP): the
+    prune and fine-tune stages end where one process ends."""
+    prune, finetune = _run(_full_jobs(work, tmp_path, strategy), tmp_path / "job")
+    assert prune[0] == prune[1] and finetune[0] == finetune[1] and finetune[0]["completed"]
+    assert finetune[0]["weights"]["sharded"] == (strategy == "fsdp")
+    assert finetune[0]["weights"]["frozen_bytes_per_process"] == 0
+    _assert_full_matches(tmp_path, single_full)
+    _assert_one_copy(tmp_path / "prune", FULL_PRUNE_OUTPUTS, steps=6)
+
+
+def test_killed_fsdp_full_weight_run_resumes_to_the_same_result(work, single_full, tmp_path):
+    """The sharded checkpoint path: gathered onto rank 0 when saved, broadcast into the shards on resume."""
+    jobs = _full_jobs(work, tmp_path, "fsdp")[:1]
+    proc = _launch({"jobs": jobs, "pause_after_checkpoint": True}, tmp_path / "killed")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "killed" / "paused").exists():
+            assert proc.poll() is None, (tmp_path / "killed" / "torchrun.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
+            time.sleep(0.2)
+        while len(list((tmp_path / "killed").glob("rank*.pid"))) < 2:
+            time.sleep(0.1)
+    finally:
+        _kill_job(proc, tmp_path / "killed")
+    assert json.loads((tmp_path / "prune" / "checkpoints" / "last" / "meta.json").read_text())["step"] == 2
+    _run(jobs, tmp_path / "resumed")
+    for name in ("gates.safetensors", "masks.safetensors", "model/model.safetensors"):
+        _assert_close(tmp_path / "prune" / name, single_full / "prune" / name)
+    _assert_same_events(_events(tmp_path / "prune"), _events(single_full / "prune"))

@@ -14,6 +14,7 @@ import torch
 from compresso_ops.errors import UserError
 from compresso_ops.evaluation import harness, measures
 from compresso_ops.evaluation.tasks import local_task_config
+from compresso_ops.infra.cache import CACHE_ENV
 from compresso_ops.method.prompts import COLLABORATIVE_EVAL
 from compresso_ops.recipe.schema import LocalTask, PerplexitySection, Recipe, SpeedSection
 from compresso_ops.stages import evaluate
@@ -44,7 +45,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip("../shared is absent (only developer machines and CI have it)")
     root = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(evaluate.CACHE_ENV, str(root / "cache"))
+        mp.setenv(CACHE_ENV, str(root / "cache"))
         recipe = _recipe()
         run = root / "run"
         first = evaluate.run_source_evaluate(recipe, run / "evaluate" / "source.json", prompt_text=COLLABORATIVE_EVAL)
@@ -91,8 +92,8 @@ def test_report_states_the_real_results(shared: Path, evaluated: dict[str, Any],
     for task, entry in evaluated["bare"]["tasks"].items():
         row = next(line for line in md.splitlines() if line.startswith(f"| {task} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[3]) == round(evaluated["first"]["tasks"][task]["value"] * 100, 2)
-        assert float(cells[4]) == round(entry["value"] * 100, 2)
+        assert float(cells[3].split(" ± ")[0]) == round(evaluated["first"]["tasks"][task]["value"] * 100, 2)
+        assert float(cells[4].split(" ± ")[0]) == round(entry["value"] * 100, 2)
     assert "Limited to 20 examples per task" in md
 
 
@@ -170,8 +171,23 @@ def test_perplexity_scores_each_token_once(tmp_path: Path) -> None:
     assert one["nll_per_token"] == pytest.approx(loss, rel=1e-5)
     many = measures.perplexity(model, tok, PerplexitySection(path=text, window=32, stride=8))
     assert many["tokens_scored"] == len(ids) - 1 and many["windows"] == 1 + math.ceil((len(ids) - 32) / 8)
-    with pytest.raises(UserError, match="stride"):
-        measures.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
+    # stride == window: non-overlapping windows, each token still scored once, the first of each window by
+    # the previous window's last position (its context is the previous window)
+    text.write_text(text.read_text()[:127])  # with BOS, 8 windows of exactly 16 tokens
+    ids = ids[:128]
+    apart = measures.perplexity(model, tok, PerplexitySection(path=text, window=16, stride=16))
+    assert apart["tokens_scored"] == len(ids) - 1 and apart["windows"] == 8
+    expected = 0.0
+    with torch.no_grad():
+        for begin in range(0, len(ids), 16):
+            x = torch.tensor([ids[begin:begin + 16]])
+            expected += model(x, labels=x).loss.item() * (x.shape[1] - 1)
+            if begin:  # the window's first token, predicted from the 16 tokens before it
+                prev = torch.tensor([ids[begin - 16:begin]])
+                expected -= torch.log_softmax(model(prev).logits[0, -1], -1)[ids[begin]].item()
+    assert apart["nll_per_token"] == pytest.approx(expected / (len(ids) - 1), rel=1e-5)
+    with pytest.raises(ValueError, match="larger than window"):
+        PerplexitySection(path=text, window=16, stride=17)
 
 
 def test_speed_reports_the_documented_cpu_memory_measure() -> None:
@@ -208,3 +224,21 @@ def test_summary_of_stock_groups_and_tags() -> None:
     assert groups["commonsense"]["tasks"] == ["arc_easy", "arc_challenge"]
     assert groups["commonsense"]["average"] == pytest.approx(0.55)
     assert groups["knowledge"]["average"] == 0.35 and len(groups["commonsense"]["paper_tasks"]) == 7
+
+
+@pytest.mark.slow
+def test_task_names_come_from_lm_evals_registry_offline_and_are_cached(tmp_path: Path, monkeypatch) -> None:
+    """Indexes lm-eval's real task folder once (10-25 s), then answers from the cache without lm-eval."""
+    import lm_eval.tasks
+
+    from compresso_ops.evaluation import tasks
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    names = tasks.lm_eval_task_names()
+    assert tasks.task_names_cache().is_file()
+    built_in = set(tasks.LONGEST_REQUEST_TOKENS) | tasks.ROLLING_TASKS
+    assert built_in | {t for group in tasks.PAPER_GROUPS.values() for t in group} <= names
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", None)  # a second look-up must not index again
+    assert tasks.lm_eval_task_names() == names
+    assert tasks.unknown_task_problems(["boolq", "hellaswg"]) == [
+        (1, "'hellaswg' is not an lm-eval task, group or tag; did you mean 'hellaswag'?")]

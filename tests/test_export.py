@@ -21,7 +21,7 @@ from compresso_ops.models.export import MANIFEST_FILE, check_batch, export_prune
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.slice import run_slice
-from tests.test_slice import VARIANTS, random_masks, uniform_masks, zeroed_reference
+from tests.test_slice import STOCK_CLASS, VARIANTS, random_masks, uniform_masks, zeroed_reference
 from tests.tiny import STORIES260K, byte_tokenizer, save_tiny, tiny_model
 
 TOL = 1e-4
@@ -60,9 +60,7 @@ def test_export_reloads_exact_with_predicted_size(tmp_path, variant, mode):
     assert sum(p.numel() for p in reloaded.parameters()) == expected
     batch = check_batch(model.config)
     assert (logits(reloaded, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
-    expected_class = {"native": "CompressoLlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-        "native" if mode == "native" else model_type, "MistralForCausalLM"
-    )
+    expected_class = "CompressoLlamaForCausalLM" if mode == "native" else STOCK_CLASS[model_type]
     assert type(reloaded).__name__ == expected_class
     assert (out / "modeling_compresso.py").is_file() == (mode == "native")
     assert AutoTokenizer.from_pretrained(out).encode("hi") == byte_tokenizer().encode("hi")
@@ -260,11 +258,36 @@ def test_run_slice_merges_lora_and_exports(tmp_path):
         "revision": None,
         "model_type": "llama",
         "dtype": "float32",
+        "shape": {"layers": 3, "hidden_dims": arch.hidden_size, "query_heads_per_layer": arch.num_heads,
+                  "kv_heads_per_layer": arch.num_kv_heads, "ffn_channels_per_layer": arch.intermediate_size},
     }
     assert {e["phase"] for e in events} >= {"load", "merge_lora", "slice", "write"}
     batch = check_batch(merged.config)
     small = _reload(tmp_path / "run" / "slice" / "model")
     assert (logits(small, batch) - logits(zeroed_reference(merged, masks), batch)).abs().max() <= TOL
+    _check_card(tmp_path / "run" / "slice" / "model", manifest)
+
+
+def _check_card(folder: Path, manifest: dict) -> None:
+    """The folder tells whoever receives it what it is and how to load it, and carries no load-time flags."""
+    import yaml
+
+    card = (folder / "README.md").read_text()
+    _, header, body = card.split("---\n", 2)
+    meta = yaml.safe_load(header)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert set(meta["tags"]) >= {"compresso-ops", "pruned", "structured-pruning"}
+    assert "base_model" not in meta  # a local source folder is not a Hub id
+    assert f"{manifest['params']['exported']['total']:,}" in body
+    assert f"{manifest['params']['source']['total']:,}" in body
+    assert manifest["recipe_hash"] in body
+    if manifest["mode"] == "native":
+        assert "import compresso_ops.models.modeling_compresso" in body and "trust_remote_code=True" in body
+    else:
+        assert "trust_remote_code" not in body
+    assert "Not evaluated yet" in body
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tok_config and "is_local" not in tok_config
 
 
 def test_run_slice_without_masks_is_a_stage_error(tmp_path):
@@ -296,3 +319,48 @@ def test_stories260k_exports_at_30_percent(tmp_path, shared, mode):
     batch = check_batch(model.config)
     assert (logits(small, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
     assert sum(p.numel() for p in small.parameters()) == count_params(arch, masks.kept(), mode).total
+
+
+@pytest.mark.parametrize("mode", ["native", "uniform", "pad"])
+def test_aligned_masks_export_and_reload_exact_in_every_mode(tmp_path, mode):
+    from compresso_ops.method.masks import select_final_masks_from_scores
+
+    model = tiny_model("llama", layers=3, hidden=64, ffn=172)
+    arch = ArchSpec.from_hf_config(model.config)
+    gen = torch.Generator().manual_seed(3)
+    scores = {"heads": torch.rand(3, arch.num_kv_heads, generator=gen), "ffn": torch.rand(3, 172, generator=gen),
+              "hidden": torch.rand(64, generator=gen)}
+    masks = select_final_masks_from_scores(scores, arch, 0.4, mode, ("heads", "ffn", "hidden"), hidden_kept=50,
+                                           multiple_of=16)
+    recipe = Recipe(model={"path": "tiny"}, target={"sparsity": 0.4, "multiple_of": 16})
+    manifest = export_pruned(model, byte_tokenizer(), masks, mode, tmp_path / "m", source_info=SOURCE, recipe=recipe)
+    kept = manifest["kept"]
+    assert manifest["checks"]["passed"] and kept["multiple_of"] == {"ffn_channels": 16, "hidden_dims": 16}
+    assert kept["hidden_dims"] == 48 and all(c % 16 == 0 for c in kept["ffn_channels_per_layer"])
+    assert all(c % 16 == 0 for c in kept["stored_ffn_channels_per_layer"])
+    batch = check_batch(model.config)
+    assert (logits(_reload(tmp_path / "m"), batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
+
+
+def _result(value: float, stderr: float, ppl: float, decode: float, peak: int) -> dict:
+    return {"prompt": {"text": "Keep the   answer short."},
+            "tasks": {"quiz": {"metric": "acc", "value": value, "stderr": stderr, "n": 300}},
+            "perplexity": {"perplexity": ppl}, "speed": {"decode_tokens_per_s": decode,
+                                                         "memory": {"peak_bytes": peak, "method": "weights_plus_kv_cache"}}}
+
+
+def test_model_card_states_the_load_path_per_mode_and_the_evaluation():
+    from compresso_ops.models.card import base_model, render_card
+
+    manifest = {"mode": "pad", "model_class": "MistralForCausalLM", "dtype": "float16", "recipe_hash": "abc123",
+                "source": {"path": "huggyllama/llama-7b"}, "params": {"source": {"total": 10}, "exported": {"total": 7}},
+                "checks": {"passed": True}}
+    card = render_card(manifest, _result(0.50, 0.029, 2.5, 300.0, 2**30), _result(0.5133, 0.029, 2.0, 200.0, 2**31))
+    header = card.split("---\n")[1]
+    assert "base_model: huggyllama/llama-7b" in header
+    assert "MistralForCausalLM" in card and "trust_remote_code" not in card
+    assert "-1.33 ± 4.10 (within noise)" in card  # 1.33 points against sqrt(2) x 2.9 points of noise
+    assert "> Keep the answer short." in card
+    assert "×1.25" in card and "decode speed-up ×1.50" in card and "1.00 GiB" in card
+    assert "Not evaluated yet" not in card
+    assert base_model("/abs/folder") is None and base_model("not a hub id") is None

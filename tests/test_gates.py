@@ -201,3 +201,64 @@ def test_final_masks_from_trained_gates_use_expected_hidden_count():
     masks = select_final_masks(gates, arch, 0.4)
     assert masks.kept().hidden == arch.hidden_size - 8 and masks.hidden[:8].sum() == 0
     assert prunable_sparsity(arch, masks.kept()) >= 0.4
+
+
+def _random_scores(arch: ArchSpec, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"heads": torch.rand(arch.num_layers, arch.num_kv_heads, generator=gen),
+            "ffn": torch.rand(arch.num_layers, arch.intermediate_size, generator=gen),
+            "hidden": torch.rand(arch.hidden_size, generator=gen)}
+
+
+@pytest.mark.parametrize("mode", ["native", "uniform", "pad"])
+@pytest.mark.parametrize("target", [0.2, 0.35, 0.6])
+def test_7b_masks_are_aligned_to_64_by_default_and_meet_the_target_within_one_aligned_unit(mode, target):
+    arch = PRESETS["llama-7b"]
+    scores = _random_scores(arch, 5)
+    masks = select_final_masks_from_scores(scores, arch, target, mode, ("heads", "ffn", "hidden"), hidden_kept=3001)
+    kept = masks.kept()
+    assert kept.hidden % 64 == 0 and kept.hidden < arch.hidden_size
+    assert all(c % 64 == 0 for c in kept.channels) and len(set(kept.channels)) > (mode != "uniform")
+    layers = arch.num_layers if mode == "uniform" else 1  # a uniform unit spans every layer
+    group, channel = _unit_sizes(arch, kept.hidden)
+    slack = layers * max(group, 64 * channel) / count_params(arch).prunable
+    assert target <= prunable_sparsity(arch, kept) < target + slack
+    # A layer keeps its best channels, and no dropped aligned unit outranks a kept one.
+    for row, mask in zip(scores["ffn"], masks.ffn, strict=True):
+        n = int(mask.sum())
+        assert torch.equal(mask, (row >= row.sort(descending=True).values[n - 1]).float())
+
+
+def test_explicit_multiple_of_aligns_a_tiny_model_and_1_turns_alignment_off():
+    arch = ArchSpec.from_hf_config(tiny_config("llama", hidden=64, ffn=172, layers=3))  # stories260K's widths
+    scores = _random_scores(arch, 6)
+    default = select_final_masks_from_scores(scores, arch, 0.3, "native", ("heads", "ffn", "hidden"), hidden_kept=53)
+    assert default.kept().hidden == 53  # below 1,024 dims the default leaves counts as they are
+    off = select_final_masks_from_scores(scores, arch, 0.3, "native", ("heads", "ffn", "hidden"), hidden_kept=53,
+                                         multiple_of=1)
+    assert off.kept() == default.kept()
+    eight = select_final_masks_from_scores(scores, arch, 0.3, "native", ("heads", "ffn", "hidden"), hidden_kept=53,
+                                           multiple_of=8)
+    kept = eight.kept()
+    assert kept.hidden == 56 and all(c % 8 == 0 or c == 172 for c in kept.channels)
+    group, channel = _unit_sizes(arch, kept.hidden)
+    assert 0.3 <= prunable_sparsity(arch, kept) < 0.3 + max(group, 8 * channel) / count_params(arch).prunable
+    with pytest.raises(UserError, match="target.multiple_of 128"):  # no hidden width below 64 is a multiple
+        select_final_masks_from_scores({"hidden": scores["hidden"]}, arch, 0.3, "native", ("hidden",),
+                                       multiple_of=128)
+
+
+def test_auto_gate_rates_are_the_papers_on_long_ramps_and_give_short_ramps_the_same_travel():
+    from compresso_ops.method.gates import GATE_TRAVEL, LAMBDA_TRAVEL, REFERENCE_LR, gate_learning_rates
+
+    assert gate_learning_rates("auto", "auto", 1628) == (REFERENCE_LR, REFERENCE_LR)  # the paper's schedule
+    gates, lam = gate_learning_rates("auto", "auto", 40)
+    assert gates * 40 == pytest.approx(GATE_TRAVEL) and lam * 40 == pytest.approx(LAMBDA_TRAVEL)
+    assert gate_learning_rates(0.3, 0.2, 40) == (0.3, 0.2)  # numbers in the recipe are taken as given
+
+
+def test_a_ramp_that_ends_far_from_the_target_is_named():
+    from compresso_ops.method.gates import ramp_lag
+
+    assert ramp_lag(0.19, 0.2) is None and ramp_lag(None, 0.2) is None
+    assert "ended the ramp at 0.006 for a target of 0.200" in ramp_lag(0.006, 0.2)

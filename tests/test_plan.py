@@ -12,8 +12,9 @@ from compresso_ops.cli import main
 from compresso_ops.models.architecture import PRESETS
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
+from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.plan import evaluation_gpus, host_fix, make_plan, training_strategy, uniform_kept
-from tests.tiny import REPO_ROOT
+from tests.tiny import REPO_ROOT, save_tiny
 
 
 def _plan_json(args: list[str]) -> dict:
@@ -65,13 +66,22 @@ def test_smaller_recipes_land_on_their_names(name, size):
     assert abs(plan["params"]["export"]["uniform"]["params"] - size) <= 0.05e9
 
 
-def test_uniform_split_meets_the_target_within_one_channel_per_layer():
+@pytest.mark.parametrize(("multiple_of", "unit"), [(None, 64), (1, 1), (128, 128)])
+def test_uniform_split_meets_the_target_within_half_an_aligned_unit_per_layer(multiple_of, unit):
     arch = PRESETS["llama-7b"]
     for sparsity in (0.2, 0.27, 0.35):
-        kept = uniform_kept(arch, sparsity)
+        kept = uniform_kept(arch, sparsity, multiple_of)
+        assert all(c % unit == 0 for c in kept.channels)
         got = count_params(arch, kept, "uniform").prunable
         want = (1 - sparsity) * count_params(arch).prunable
-        assert abs(got - want) <= arch.num_layers * 3 * arch.hidden_size
+        assert abs(got - want) <= arch.num_layers * 3 * arch.hidden_size * unit / 2
+
+
+def test_plan_states_the_alignment_the_default_gives_7b_and_tiny_models(tmp_path):
+    big = make_plan(Recipe(model={"path": "unused", "architecture": "llama-7b"}, target={"sparsity": 0.2}))
+    assert big["params"]["alignment"] == {"ffn_channels": 64, "hidden_dims": 64}
+    tiny = make_plan(Recipe(model={"path": str(save_tiny(tmp_path / "m"))}, target={"sparsity": 0.2}))
+    assert tiny["params"]["alignment"] == {"ffn_channels": 1, "hidden_dims": 1}
 
 
 def _recipe(tmp_path, body: str):
@@ -127,8 +137,11 @@ def test_a_model_too_big_for_any_setting_says_so(tmp_path):
         target: {sparsity: 0.2}
         hardware: {gpu: V100-16GB, gpus_per_node: 1}
     """))
-    assert not plan["memory"]["stages"]["prune"]["fits"]
-    assert "larger GPU" in plan["memory"]["stages"]["prune"]["suggestion"]
+    prune = plan["memory"]["stages"]["prune"]
+    assert not prune["fits"]
+    # no setting fits 16 GB; of the larger GPUs only those that fit as the recipe stands are named
+    assert prune["suggestion"] == "set hardware.gpu: A100-80GB (or H100-80GB, H200)"
+    assert [o["hardware.gpu"] for o in prune["suggestion_overrides"]] == ["A100-80GB", "H100-80GB", "H200"]
 
 
 def test_steps_come_from_the_local_data_file(tmp_path):
@@ -180,7 +193,6 @@ def test_llama2_70b_on_two_v100_nodes_fits_the_host(tmp_path):
 def test_preflight_refuses_a_node_too_small_with_the_smallest_fix(tmp_path):
     from compresso_ops.errors import UserError
     from compresso_ops.stages.preflight import run_preflight
-    from tests.tiny import save_tiny
 
     save_tiny(tmp_path / "m")
     recipe = _recipe(tmp_path, f"""
@@ -207,3 +219,144 @@ def test_the_loading_fix_under_ddp_is_fsdp(tmp_path):
     plan = make_plan(recipe)
     assert not plan["memory"]["host"]["fits"]["load"]
     assert host_fix(recipe, plan, "load") == "set hardware.strategy: fsdp (each process reads only its own shards)"
+
+
+# --------------------------------------------------------------------------- today's models
+
+STANDARD_SUITE = "[boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, race]"
+TODAYS_MODELS = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"]
+
+
+def _todays_recipe(tmp_path, preset: str, evaluation: str = f"{{tasks: {STANDARD_SUITE}}}",
+                   prompt: str = "collaborative"):
+    return _recipe(tmp_path, f"""
+        model: {{path: org/{preset}, architecture: {preset}}}
+        target: {{sparsity: 0.2}}
+        prompt: {{text: {prompt}}}
+        data: {{num_examples: 50000}}
+        prune: {{gradient_checkpointing: true}}
+        finetune: {{gradient_checkpointing: true}}
+        eval: {evaluation}
+        hardware: {{gpu: V100-32GB, gpus_per_node: 4}}
+    """)
+
+
+@pytest.mark.parametrize("preset", TODAYS_MODELS)
+def test_todays_models_plan_their_published_size_and_fit_four_v100s(tmp_path, preset):
+    """GQA, 32k-131k contexts, tied embeddings, Qwen biases and q/k norms: the issue's setting (fp16, 4 x
+    V100-32GB, gradient checkpointing, the standard suite) fits every stage, evaluation on one GPU."""
+    plan = make_plan(_todays_recipe(tmp_path, preset))
+    assert plan["params"]["source"]["total"] == count_params(PRESETS[preset]).total
+    stages = plan["memory"]["stages"]
+    assert all(entry["fits"] for entry in stages.values()), {k: v["per_gpu_bytes"] for k, v in stages.items()}
+    assert stages["evaluate"]["gpus"] == 1
+    # the longest request of the suite (RACE) plus the evaluation prompt, not the 32k-131k context
+    assert 2048 < stages["evaluate"]["sequence_tokens"] < 4096 < PRESETS[preset].max_position_embeddings
+
+
+def test_evaluation_is_planned_at_the_longest_request_capped_by_max_length(tmp_path):
+    def evaluate(evaluation: str, prompt: str = "collaborative") -> dict:
+        recipe = _todays_recipe(tmp_path, "llama-3.1-8b", evaluation, prompt)
+        return make_plan(recipe)["memory"]["stages"]["evaluate"]
+
+    suite = evaluate(f"{{tasks: {STANDARD_SUITE}}}")
+    short = evaluate("{tasks: [winogrande], speed: {enabled: false}}", prompt="none")
+    assert short["sequence_tokens"] == 128 and short["per_gpu_bytes"] < suite["per_gpu_bytes"]
+    capped = evaluate("{tasks: [race], max_length: 1024}")
+    assert capped["sequence_tokens"] == 1024 and "truncated to max_length 1,024" in capped["assumption"]
+    rolling = evaluate("{tasks: [wikitext], batch_size: 1}")  # windows of the whole 131k context
+    assert rolling["sequence_tokens"] == 131072 and rolling["gpus"] == 4
+    doubled = evaluate("{tasks: [race], batch_size: 16}")
+    assert doubled["breakdown"]["logits"] == 2 * evaluate("{tasks: [race]}")["breakdown"]["logits"]
+
+
+@pytest.mark.parametrize("batch_size", ["auto", "auto:4"])
+def test_lm_eval_auto_batch_size_is_accepted_and_planned_at_batch_one(tmp_path, batch_size):
+    recipe = _todays_recipe(tmp_path, "qwen2.5-7b", f"{{tasks: [boolq], batch_size: '{batch_size}'}}")
+    assert recipe.eval.batch_size == batch_size and recipe.eval.fixed_batch_size is None
+    evaluate = make_plan(recipe)["memory"]["stages"]["evaluate"]
+    one = make_plan(_todays_recipe(tmp_path, "qwen2.5-7b", "{tasks: [boolq], batch_size: 1}"))
+    assert evaluate["breakdown"] == one["memory"]["stages"]["evaluate"]["breakdown"]
+    assert "largest batch that fits" in evaluate["assumption"]
+
+
+@pytest.mark.parametrize("bad", ["0", "automatic", "'auto:0'", "'auto:x'"])
+def test_a_bad_eval_batch_size_is_a_located_error(tmp_path, bad):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: org/m, architecture: llama-3.2-1b}}\ntarget: {{sparsity: 0.2}}\n"
+                    f"eval:\n  batch_size: {bad}\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:4: eval.batch_size:" in result.output and "auto:N" in result.output
+
+
+def test_a_local_task_is_planned_at_its_longest_row(tmp_path):
+    rows = [{"question": "q" * n, "choices": ["a", "b"], "answer": 0} for n in (10, 900, 40)]
+    (tmp_path / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(tmp_path, """
+        model: {path: org/m, architecture: qwen3-8b}
+        target: {sparsity: 0.2}
+        prompt: {text: none}
+        eval: {local_tasks: [{name: quiz, data: quiz.jsonl, format: multiple_choice}], speed: {enabled: false}}
+    """)
+    longest = max(len(line.encode()) for line in (tmp_path / "quiz.jsonl").read_text().splitlines())
+    assert make_plan(recipe)["memory"]["stages"]["evaluate"]["sequence_tokens"] == longest
+
+
+# --------------------------------------------------------------------------- suggestions that work
+
+FAMILIES = ["llama-7b", "llama-3.1-8b", "mistral-7b-v0.3", "qwen2.5-7b", "qwen3-8b"]
+HARDWARE = {"V100-16GB": 8, "V100-32GB": 4, "A100-80GB": 1}
+HEAVY = """
+    model: {{path: org/{preset}, architecture: {preset}}}
+    target: {{sparsity: 0.2}}
+    data: {{num_examples: 50000, max_seq_length: {seq}}}
+    prune: {{micro_batch_size: 8, gradient_accumulation: 2}}
+    finetune: {{micro_batch_size: 8, gradient_accumulation: 2}}
+    eval: {{tasks: [race], batch_size: 64}}
+    hardware: {{gpu: {gpu}, gpus_per_node: {n}}}
+"""
+
+
+@pytest.mark.parametrize("gpu", list(HARDWARE))
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_every_suggestion_makes_its_stage_fit_when_applied(tmp_path, preset, gpu):
+    """Recipes that do not fit (no checkpointing, large micro-batches, long sequences, a large eval batch):
+    each alternative a suggestion names, applied to the recipe, re-plans to a stage that fits, and the line
+    shown to the user names every field the alternative changes."""
+    from compresso_ops.stages.plan import with_overrides
+
+    misfits = 0
+    for seq in (512, 2048):
+        recipe = _recipe(tmp_path, HEAVY.format(preset=preset, seq=seq, gpu=gpu, n=HARDWARE[gpu]))
+        for stage, entry in make_plan(recipe)["memory"]["stages"].items():
+            if entry["fits"]:
+                continue
+            misfits += 1
+            assert entry["suggestion_overrides"], entry["suggestion"]
+            for overrides in entry["suggestion_overrides"]:
+                fixed = make_plan(with_overrides(recipe, overrides))["memory"]["stages"][stage]
+                assert fixed["fits"], (stage, overrides)
+            for field, value in entry["suggestion_overrides"][0].items():
+                shown = str(value).lower() if isinstance(value, bool) else str(value)
+                assert f"{field}: {shown}" in entry["suggestion"]
+    assert misfits  # the heavy recipes do not fit somewhere, so the suggestions were exercised
+
+
+def test_plan_check_exits_3_naming_the_stage_that_does_not_fit():
+    recipe = str(REPO_ROOT / "recipes" / "llama7b-5.4b.yaml")
+    small = CliRunner().invoke(main, ["plan", recipe, "--check", "--json", "--set", "hardware.gpu=V100-16GB",
+                                      "--set", "hardware.gpus_per_node=1"])
+    assert small.exit_code == 3, small.output
+    assert "does not fit: prune: needs" in small.output and "V100-16GB" in small.output
+    assert CliRunner().invoke(main, ["plan", recipe, "--check"]).exit_code == 0
+
+
+def test_cpu_plan_states_no_gpu_limit():
+    recipe = str(REPO_ROOT / "recipes" / "demo.yaml")
+    plan = _plan_json(["plan", recipe, "--json"])
+    assert plan["hardware"]["per_gpu_memory_bytes"] is None
+    assert all(entry["fits"] is None for entry in plan["memory"]["stages"].values())
+    text = CliRunner().invoke(main, ["plan", recipe], terminal_width=200).output
+    assert "available" not in text and "per GPU" not in text and "host RAM" in text
+    assert "GiB float32" not in text  # sizes have their own column, not the sparsity one

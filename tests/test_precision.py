@@ -24,7 +24,7 @@ from tests.tiny import save_tiny
 @pytest.fixture
 def half_on_cpu(monkeypatch):
     """What `choose_precision` returns on a V100, with the CPU standing in for the GPU."""
-    def choose(recipe, dist=SINGLE):
+    def choose(recipe, dist=SINGLE, full=False):
         return Precision(torch.device("cpu"), torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**10), dist)
     monkeypatch.setattr(setup, "choose_precision", choose)
 
@@ -63,3 +63,32 @@ def test_fp16_base_fp32_trainables_and_a_scaled_step(tmp_path, half_on_cpu):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     # the state a checkpoint holds carries the scaler, so a resumed fp16 run continues with the same scale
     assert trainer.state_dict(2, "f")["scaler"]["scale"] == precision.scaler.get_scale()
+
+
+def test_full_training_keeps_fp32_master_weights_under_fp16_autocast(tmp_path, monkeypatch):
+    """train: full on a V100: the weights stay fp32 (the masters), the math runs in fp16 under autocast, and
+    a scaled step moves every weight."""
+    def choose(recipe, dist=SINGLE, full=False):
+        assert full
+        return Precision(torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", init_scale=2.0**10), dist,
+                         compute_dtype=torch.float16)
+    monkeypatch.setattr(setup, "choose_precision", choose)
+    save_tiny(tmp_path / "model", "llama", gqa=True)
+    (tmp_path / "train.txt").write_text("\n\n".join("the cat sat on the mat " * 4 for _ in range(8)))
+    recipe = Recipe(name="t", model={"path": str(tmp_path / "model")}, target={"sparsity": 0.3},
+                    prompt={"text": "none"},
+                    data={"path": str(tmp_path / "train.txt"), "format": "text", "max_seq_length": 24},
+                    prune={"train": "full", "micro_batch_size": 2, "gradient_accumulation": 1,
+                           "schedule": {"unit": "steps", "lora_only": 0, "ramp": 2, "hold": 0},
+                           "lr": {"lora": 1e-2, "gates": 0.5, "lagrangian": 0.3}})
+    model, tokenizer, precision = load_source(recipe, full=True)
+    model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
+    assert precision.autocast_dtype == torch.float16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples = build_dataset(recipe.data, tokenizer, "", 64)
+    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision,
+                           CheckpointStore(tmp_path / "prune"))
+    trainer.step(0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())

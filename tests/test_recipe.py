@@ -39,19 +39,20 @@ target:
   sparsity: 0.3
 data:
   path: train.jsonl
-  max_seq_length: 128
+  max_seq_length: 200
+prompt: {text: none}
 """
 
 
 def test_valid_recipe_loads_and_resolves_paths(tmp_path, model_dir):
-    recipe = load_recipe(_write(tmp_path, BASE.format(model=model_dir)))
+    recipe = load_recipe(_write(tmp_path, BASE.replace("{model}", str(model_dir))))
     assert recipe.data.path == tmp_path / "train.jsonl"
     assert recipe.prune.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.resolved_run_dir() == Path("runs/t")
 
 
 def test_extends_overrides_fields_and_keeps_the_rest(tmp_path, model_dir):
-    _write(tmp_path, BASE.format(model=model_dir), "base.yaml")
+    _write(tmp_path, BASE.replace("{model}", str(model_dir)), "base.yaml")
     child = _write(tmp_path, "extends: base.yaml\nname: child\ntarget:\n  sparsity: 0.5\n", "child.yaml")
     recipe = load_recipe(child)
     assert (recipe.name, recipe.target.sparsity) == ("child", 0.5)
@@ -73,15 +74,19 @@ def test_sizes_parse(value, expected):
 # Each case: a recipe body (with {model} for the tiny model folder), the field the error names, the line it
 # points at, and a fragment of the message.
 MALFORMED = {
-    "unknown top-level key": (BASE + "tragets: 1\n", "tragets", 9, "did you mean 'target'"),
-    "unknown nested key": (BASE + "prune:\n  lora:\n    rank: 8\n", "prune.lora.rank", 11, "valid keys: alpha, dropout, r,"),
-    "wrong type": (BASE + "prune:\n  micro_batch_size: four\n", "prune.micro_batch_size", 10, "integer"),
-    "out of range sparsity": (BASE.replace("0.3", "1.5"), "target.sparsity", 5, "less than 1"),
-    "host memory not a size": (BASE + "hardware:\n  host_memory: lots\n", "hardware.host_memory", 10,
+    "unknown top-level key": (BASE + "tragets: 1\n", "tragets", 10, "did you mean 'target'"),
+    "unknown nested key": (BASE + "prune:\n  lora:\n    rank: 8\n", "prune.lora.rank", 12, "valid keys: alpha, dropout, r,"),
+    "wrong type": (BASE + "prune:\n  micro_batch_size: four\n", "prune.micro_batch_size", 11, "integer"),
+    "out of range sparsity": (BASE.replace("0.3", "1.5"), "target.sparsity", 5, "between 0 and 1"),
+    "sparsity as a percentage": (BASE.replace("0.3", "20"), "target.sparsity", 5, "write 0.20 for 20%"),
+    "finetune: false": (BASE + "finetune: false\n", "finetune", 10, "write finetune: {enabled: false}"),
+    "float16 without a hardware section": (BASE.replace("  path: {model}", "  path: {model}\n  dtype: float16"),
+                                           "model.dtype", 4, "the default is hardware.gpu: cpu"),
+    "host memory not a size": (BASE + "hardware:\n  host_memory: lots\n", "hardware.host_memory", 11,
                                "write it as 512GB, 768GiB"),
-    "negative learning rate": (BASE + "prune:\n  lr:\n    gates: -0.1\n", "prune.lr.gates", 11, "greater than 0"),
+    "negative learning rate": (BASE + "prune:\n  lr:\n    gates: -0.1\n", "prune.lr.gates", 12, "greater than 0"),
     "both sparsity and params": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  params: 10K"), "target", 4,
-                                 "exactly one"),
+                                 "not both"),
     "neither sparsity nor params": (BASE.replace("  sparsity: 0.3\n", "  structures: [heads]\n"), "target", 4,
                                     "exactly one"),
     "empty structures": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: []"), "target", 4, "empty"),
@@ -94,28 +99,32 @@ MALFORMED = {
         BASE.replace("sparsity: 0.3", "params: 100\n  structures: [heads, ffn]"), "target.params", 5, "embeddings"),
     "missing file": (BASE.replace("train.jsonl", "nope.jsonl"), "data.path", 7, "file not found"),
     "missing model folder": (BASE.replace("{model}", "./no-such-model"), "model.path", 3, "no local config.json"),
-    "bad yaml": (BASE + "prune: [unclosed\n", "yaml", 10, "fix the YAML"),
-    "bf16 export dtype on V100": (BASE + "hardware:\n  gpu: V100-32GB\nexport:\n  dtype: bfloat16\n", "export.dtype", 12,
+    "bad yaml": (BASE + "prune: [unclosed\n", "yaml", 11, "fix the YAML"),
+    "bf16 export dtype on V100": (BASE + "hardware:\n  gpu: V100-32GB\nexport:\n  dtype: bfloat16\n", "export.dtype", 13,
                                   "use float16"),
     "bf16 model dtype on V100": (BASE.replace("  path: {model}", "  path: {model}\n  dtype: bfloat16")
                                  + "hardware:\n  gpu: V100-16GB\n", "model.dtype", 4, "use float16"),
-    "unknown gpu": (BASE + "hardware:\n  gpu: V100\n", "hardware.gpu", 10, "V100-32GB"),
-    "fsdp on one GPU": (BASE + "hardware:\n  gpu: V100-16GB\n  strategy: fsdp\n", "hardware", 9, "use auto or ddp"),
+    "unknown gpu": (BASE + "hardware:\n  gpu: V100\n", "hardware.gpu", 11, "V100-32GB"),
+    "fsdp on one GPU": (BASE + "hardware:\n  gpu: V100-16GB\n  strategy: fsdp\n", "hardware", 10, "use auto or ddp"),
     "lora target module that does not exist": (BASE + "prune:\n  lora:\n    target_modules: [q_proj, qkv]\n",
-                                               "prune.lora.target_modules[1]", 11, "not a projection"),
-    "sequence above the model's limit": (BASE.replace("max_seq_length: 128", "max_seq_length: 4096"),
+                                               "prune.lora.target_modules[1]", 12, "not a projection"),
+    "sequence above the model's limit": (BASE.replace("max_seq_length: 200", "max_seq_length: 4096"),
                                          "data.max_seq_length", 8,
                                          "above the model's limit"),
-    "wrong export mode": (BASE + "export:\n  mode: sharded\n", "export.mode", 10, "native"),
-    "section given as a scalar": (BASE + "prune: fast\n", "prune", 9, "dictionary"),
+    "wrong export mode": (BASE + "export:\n  mode: sharded\n", "export.mode", 11, "native"),
+    "section given as a scalar": (BASE + "prune: fast\n", "prune", 10, "dictionary"),
     "missing model": ("name: t\ntarget:\n  sparsity: 0.3\n", "model", 1, "required"),
-    "unknown preset": ("name: t\nmodel:\n  path: org/m\n  architecture: llama-8b\ntarget:\n  sparsity: 0.3\n",
-                       "model.architecture", 4, "did you mean"),
+    "misspelt preset": ("name: t\nmodel:\n  path: org/m\n  architecture: lama-2-7b\ntarget:\n  sparsity: 0.3\n",
+                        "model.architecture", 4, "did you mean 'llama-2-7b'?"),
+    "missing preset": ("name: t\nmodel:\n  path: org/m\n  architecture: llama-3.1-70b\ntarget:\n  sparsity: 0.3\n",
+                       "model.architecture", 4, "there is no preset 'llama-3.1-70b'; the presets are llama-7b"),
     "hub id without preset": ("name: t\nmodel:\n  path: org/m\ntarget:\n  sparsity: 0.3\n", "model.path", 3,
                               "model.architecture"),
-    "duplicate key": (BASE + "name: u\n", "name", 9, "twice"),
+    "duplicate key": (BASE + "name: u\n", "name", 10, "twice"),
     "not a mapping": ("- just\n- a list\n", "(recipe)", 1, "mapping"),
     "empty file": ("", "(recipe)", 1, "empty"),
+    "prompt leaves no room at max_seq_length": (BASE.replace("{text: none}", "{text: " + "word " * 40 + "}"),
+                                                "data.max_seq_length", 8, "with the model's tokenizer"),
 }
 
 
@@ -136,6 +145,43 @@ def test_malformed_recipe_gives_exit_2_and_a_located_line(case, tmp_path, model_
     assert fragment in match["msg"], lines[0]
 
 
+def test_missing_preset_offers_no_wrong_did_you_mean(tmp_path):
+    path = _write(tmp_path, "model: {path: org/m, architecture: qwen3-32b}\ntarget: {sparsity: 0.3}\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "there is no preset 'qwen3-32b'" in result.output
+    assert "did you mean" not in result.output
+
+
+def test_params_in_a_child_says_how_to_clear_the_parents_sparsity(tmp_path, model_dir):
+    _write(tmp_path, BASE.replace("{model}", str(model_dir)), "base.yaml")
+    child = _write(tmp_path, "extends: base.yaml\ntarget:\n  params: 20K\n", "child.yaml")
+    result = CliRunner().invoke(main, ["validate", str(child)])
+    assert result.exit_code == 2
+    assert "child.yaml:2: target: target.sparsity and target.params are both set (target.sparsity comes from " \
+           in result.output
+    assert "base.yaml:5 through extends); add 'sparsity: null' under target" in result.output
+    fixed = _write(tmp_path, "extends: base.yaml\ntarget:\n  params: 20K\n  sparsity: null\n", "fixed.yaml")
+    assert load_recipe(fixed).target.params == 20_000
+
+
+def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monkeypatch):
+    """The names come from the cached registry index (tests/test_evaluate.py builds the real one)."""
+    from compresso_ops.evaluation.tasks import task_names_cache
+    from compresso_ops.infra import atomic
+    from compresso_ops.infra.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    atomic.write_json(task_names_cache(), {"names": ["arc_easy", "hellaswag", "mmlu", "my_task"]})
+    body = BASE.replace("{model}", str(model_dir)) + "eval:\n  tasks: [arc_easy, hellaswg, my_task, zzz]\n"
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines[0].endswith("r.yaml:11: eval.tasks[1]: 'hellaswg' is not an lm-eval task, group or tag; "
+                             "did you mean 'hellaswag'?")
+    assert "eval.tasks[3]: 'zzz' is not an lm-eval task" in lines[1] and len(lines) == 2
+    assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
+
+
 def test_bad_extends_is_located(tmp_path):
     path = _write(tmp_path, "extends: missing.yaml\nname: x\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
@@ -151,7 +197,7 @@ def test_extends_cycle_is_refused(tmp_path):
 
 
 def test_every_problem_is_reported_in_one_pass(tmp_path, model_dir):
-    path = _write(tmp_path, BASE.format(model=model_dir) + "prune:\n  seed: x\n  micro_batch_size: 0\n")
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)) + "prune:\n  seed: x\n  micro_batch_size: 0\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 2
@@ -172,3 +218,127 @@ def test_shipped_recipes_start_with_the_schema_comment_and_load():
     for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
         assert path.read_text().startswith("# yaml-language-server: $schema=../schemas/recipe.schema.json"), path
         load_recipe(path, check_files=False)
+
+
+def _schema_errors(document: dict) -> list[str]:
+    import jsonschema  # the dev extra installs it: a missing validator must fail, not skip
+
+    schema = json.loads((REPO_ROOT / "schemas" / "recipe.schema.json").read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(document)]
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_against_the_editor_schema(path):
+    """Editors validate with schemas/recipe.schema.json: a recipe the loader accepts must not show as invalid."""
+    import yaml
+
+    assert _schema_errors(yaml.safe_load(path.read_text())) == []
+
+
+@pytest.mark.parametrize("document,valid", [
+    ({"model": {"path": "m"}, "target": {"params": "5.4B"}}, True),
+    ({"model": {"path": "m"}, "target": {"params": 5_400_000_000}}, True),
+    ({"model": {"path": "m"}, "target": {"params": "lots"}}, False),
+    ({"model": {"path": "m"}, "target": {"params": 0}}, False),
+    ({"target": {"sparsity": 0.3}}, False),                        # no model and nothing to inherit it from
+    ({"model": {"dtype": "float16"}, "target": {"sparsity": 0.3}}, False),
+    ({"extends": "base.yaml", "target": {"sparsity": 0.3}}, True),
+    ({"extends": "base.yaml", "model": {"dtype": "float16"}, "eval": {"perplexity": {"window": 64}}}, True),
+    ({"extends": "base.yaml", "model": {"dtype": "float99"}}, False),  # types still apply under extends
+])
+def test_editor_schema_accepts_what_the_loader_accepts(document, valid):
+    assert (_schema_errors(document) == []) == valid
+
+
+# --set: one field overridden on the command line, checked like a field in the file and named in errors.
+OVERRIDE_ERRORS = {
+    "out of range": ("prune.lr.lora=-1", "--set prune.lr.lora=-1: prune.lr.lora: ", "greater than 0"),
+    "misspelt key": ("prune.lr.lroa=1", "--set prune.lr.lroa=1: prune.lr.lroa: ", "did you mean 'lora'"),
+    "flow list item": ("prune.lora.target_modules=[q_proj, qkv]",
+                       "--set prune.lora.target_modules=[q_proj, qkv]: prune.lora.target_modules[1]: ",
+                       "not a projection"),
+    "no equals sign": ("prune.lr.lora", "--set prune.lr.lora: ", "key.path=value"),
+    "missing list item": ("eval.local_tasks[0].data=x.jsonl", "--set eval.local_tasks[0].data=x.jsonl: ", "no such"),
+    "into a scalar": ("name.first=x", "--set name.first=x: name: ", "not a mapping"),
+    "bad yaml": ("prune.seed=[1", "--set prune.seed=[1: ", "not YAML"),
+    "missing file, relative to the working folder": ("data.path=nope.jsonl", "--set data.path=nope.jsonl: data.path: ",
+                                                     "nope.jsonl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERRIDE_ERRORS))
+def test_bad_override_names_itself_and_exits_2(case, tmp_path, model_dir):
+    item, prefix, fragment = OVERRIDE_ERRORS[case]
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)))
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", item])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith(prefix) and fragment in first, first
+
+
+def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_path, model_dir):
+    from compresso_ops.executor import stage_hashes
+    from compresso_ops.recipe.loader import dump_resolved
+
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)) + "prune:\n  lora: {target_modules: [q_proj, k_proj]}\n")
+    sets = ["target.sparsity=0.5", "prune.lora={r: 4, alpha: 8}", "finetune.enabled=false"]
+    edited = _write(tmp_path, BASE.replace("{model}", str(model_dir)).replace("sparsity: 0.3", "sparsity: 0.5")
+                    + "prune:\n  lora: {r: 4, alpha: 8, target_modules: [q_proj, k_proj]}\nfinetune:\n  enabled: false\n",
+                    "edited.yaml")
+
+    def plan(recipe: Path, *args: str) -> dict:
+        result = CliRunner().invoke(main, ["plan", str(recipe), "--json", *args])
+        assert result.exit_code == 0, result.output
+        return {k: v for k, v in json.loads(result.output).items() if k != "recipe"}  # "recipe" names the file
+
+    assert plan(path, *[arg for item in sets for arg in ("--set", item)]) == plan(edited) != plan(path)
+
+    plain, overridden = load_recipe(path), load_recipe(path, overrides=sets)
+    assert (overridden.target.sparsity, overridden.prune.lora.r, overridden.finetune.enabled) == (0.5, 4, False)
+    assert overridden.prune.lora.target_modules == ["q_proj", "k_proj"]  # a mapping merges, not replaces
+    assert stage_hashes(overridden)["prune"] != stage_hashes(plain)["prune"]
+    resolved = dump_resolved(overridden)
+    assert resolved.startswith("# --set target.sparsity=0.5\n")
+    import yaml
+
+    assert yaml.safe_load(resolved)["prune"]["lora"]["r"] == 4
+
+
+def test_override_path_is_relative_to_the_working_folder(tmp_path, model_dir, monkeypatch):
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "other.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(path, overrides=["data.path=other.jsonl"])
+    assert recipe.data.path == elsewhere / "other.jsonl"
+
+
+def test_prompt_room_is_bounded_by_characters_without_a_local_tokenizer(tmp_path, model_dir):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    # validate requires tokenizer files (model.path: ... has no tokenizer); a tokenizer_config.json without its
+    # vocabulary is one that cannot load, so the prompt is counted by characters
+    (bare / "tokenizer.json").unlink()
+    body = BASE.replace("{model}", str(bare)).replace("{text: none}", "{text: " + "word " * 400 + "}")
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 2
+    assert "data.max_seq_length: 200 leaves no room" in result.output and "characters" in result.output
+    short = BASE.replace("{model}", str(bare)).replace("{text: none}", "{text: " + "word " * 100 + "}")  # 500 chars: may fit
+    assert CliRunner().invoke(main, ["validate", str(_write(tmp_path, short))]).exit_code == 0
+
+
+def test_step_counts_are_whole_numbers_in_the_resolved_recipe(tmp_path, model_dir):
+    import yaml
+
+    from compresso_ops.recipe.loader import dump_resolved
+
+    body = BASE.replace("{model}", str(model_dir)) + "prune:\n  schedule: {unit: steps, lora_only: 10.0, ramp: 60, hold: 0}\n"
+    resolved = yaml.safe_load(dump_resolved(load_recipe(_write(tmp_path, body))))
+    assert [type(v) for v in resolved["prune"]["schedule"].values()] == [str, int, int, int]
+    assert type(resolved["finetune"]["duration"]) is int
+    half = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body.replace("ramp: 60", "ramp: 60.5")))])
+    assert half.exit_code == 2 and "whole number of steps" in half.output

@@ -96,6 +96,9 @@ def make_run(root: Path, name: str, *, finetune: bool = True, source: bool = Tru
                    "reloaded_vs_masked_max_abs_diff": 3.2e-06,
                    "param_count": {"expected": 181234, "reloaded": 181234}, "passed": True},
         "weights_bytes": 4000}
+    if finetune:  # as the fine-tune stage adds it
+        manifest["finetune"] = {"steps": 10, "recovery": {"mode": "lora", "target_modules": ["q_proj", "v_proj"],
+                                                          "r": 8, "trained_params": 12288, "tokens": 40960}}
     (model / "compresso_manifest.json").write_text(json.dumps(manifest))
     if finetune:
         with open(run / "finetune" / "events.jsonl", "w") as fh:
@@ -120,7 +123,10 @@ def _row(md: str, first_cell: str) -> list[str]:
 
 
 def _float(cell: str) -> float:
-    return float(re.sub(r"[^0-9.eE+-]", "", cell.replace(",", "")))
+    """The first number in a cell ("61.23 ± 1.10" -> 61.23, "1,838" -> 1838)."""
+    match = re.search(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", cell)
+    assert match, cell
+    return float(match.group().replace(",", ""))
 
 
 @pytest.fixture
@@ -132,12 +138,14 @@ def test_report_has_every_section_and_valid_charts(run_dir: Path, tmp_path: Path
     md_path = tmp_path / "out" / "report.md"
     write_report([run_dir], md_path, json_path=tmp_path / "out" / "report.json")
     md = md_path.read_text()
-    for title in ("Summary", "Tasks", "Perplexity", "Speed and memory", "Kept structures per layer",
+    for title in ("Decision", "Summary", "Tasks", "Perplexity", "Speed and memory", "Kept structures per layer",
                   "Training curves", "Reproducibility"):
         assert f"## {title}" in md
+    assert md.index("## Decision") < md.index("## Summary")  # the verdict comes first
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert {Path(link).name for link in links} == {"layers_heads.svg", "layers_ffn.svg", "prune_loss.svg",
-                                                   "prune_sparsity.svg", "finetune_loss.svg"}
+    assert {Path(link).name for link in links} == {"kept_shares.svg", "layers_heads.svg", "layers_ffn.svg",
+                                                   "prune_loss.svg", "prune_lagrangian.svg", "prune_sparsity.svg",
+                                                   "finetune_loss.svg"}
     for link in links:  # links resolve from the markdown's folder, and each chart is well-formed SVG
         assert ET.parse(md_path.parent / link).getroot().tag.endswith("svg")
     assert "not run" not in md
@@ -181,7 +189,9 @@ def test_report_numbers_equal_the_run_files(run_dir: Path, tmp_path: Path) -> No
 
     kept = manifest["kept"]
     assert _row(md, "1")[1:] == [f"{kept['query_heads_per_layer'][1]} / 8", f"{kept['ffn_channels_per_layer'][1]} / 172"]
-    assert "Pruning: 40 steps; final loss 2.2000, expected sparsity 0.2850 vs target 0.3000" in md
+    assert "final LM loss 2.1000, Lagrangian term 0.1000; expected sparsity 0.2850 vs target 0.3000" in md
+    assert ("Fine-tuning: 10 steps of LoRA r=8 on q_proj, v_proj: 12,288 trained parameters, 40,960 loss-carrying "
+            "tokens; final LM loss 2.0000.") in md
     assert _float(_row(md, "prune")[2]) == 812.5
     assert "recipe hash `abc123def4567890`" in md and "seeds: prune 42, finetune 7" in md
 
@@ -196,6 +206,7 @@ def test_missing_stages_give_not_run_lines(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "state.json").write_text('{"stages": {}}')  # a run that has not got far
     md = render_markdown(build_report([empty]), tmp_path / "assets")
     for title in ("Summary", "Tasks", "Perplexity", "Speed and memory", "Kept structures per layer",
                   "Training curves", "Reproducibility"):
@@ -204,18 +215,18 @@ def test_missing_stages_give_not_run_lines(tmp_path: Path) -> None:
 
 
 def test_several_runs_give_a_side_by_side_table(tmp_path: Path) -> None:
-    a, b = make_run(tmp_path, "run-a"), make_run(tmp_path, "run-b", sparsity=0.5)
+    a, b = make_run(tmp_path / "x", "demo"), make_run(tmp_path / "y", "demo", sparsity=0.5)  # one recipe, twice
     (b / "evaluate" / "pruned.json").write_text(json.dumps(_results("pruned", 0.8, ppl=15.0, decode=120.0,
                                                                     peak=600_000)))
     md = render_markdown(build_report([a, b]), tmp_path / "assets")
-    header = _row(md, "")
-    assert header[1:] == ["run-a", "run-b"]
-    piqa = _row(md, "piqa (%)")
-    assert [_float(c) for c in piqa[1:]] == [round(0.6123 * 0.9 * 100, 2), round(0.6123 * 0.8 * 100, 2)]
-    assert [_float(c) for c in _row(md, "perplexity")[1:]] == [12.346, 15.0]
-    assert "## Run 1: run-a" in md and "## Run 2: run-b" in md
-    charts = sorted(p.name for p in (tmp_path / "assets").iterdir())
-    assert "1-run-a-layers_heads.svg" in charts and "2-run-b-layers_heads.svg" in charts
+    assert _row(md, "")[1:] == ["source", "x/demo", "y/demo"]  # columns named by run folder, made unique
+    piqa = _row(md, "piqa (%, retention)")
+    assert [_float(c) for c in piqa[1:]] == [61.23, round(0.6123 * 0.9 * 100, 2), round(0.6123 * 0.8 * 100, 2)]
+    assert piqa[2].endswith("(90.0%)") and piqa[3].endswith("(80.0%)")
+    assert [_float(c) for c in _row(md, "perplexity")[1:]] == [10.5, 12.346, 15.0]
+    assert _row(md, "mean retention")[2].startswith("90.0% ±")
+    assert md.count("## Summary") == 0 and md.count("Decision") == 0  # no run's full report repeated
+    assert not (tmp_path / "assets").exists()
 
 
 def test_pad_export_shows_stored_structures(tmp_path: Path) -> None:
@@ -231,3 +242,64 @@ def test_pad_export_shows_stored_structures(tmp_path: Path) -> None:
                                      "FFN channels stored"]
     assert _row(md, "2")[1:] == ["4 / 8", "90 / 172", "8", "172"]
     assert _row(md, "export mode")[2] == "pad"
+
+
+def _require(run: Path, **thresholds: float) -> None:
+    recipe = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    recipe["report"] = {"require": thresholds}
+    recipe["target"] = {"sparsity": 0.3}
+    (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
+
+
+def test_decision_states_target_achieved_and_the_verdict(run_dir: Path, tmp_path: Path) -> None:
+    _require(run_dir, retention=0.85, ppl_ratio=1.2)
+    md = render_markdown(build_report([run_dir]), None)
+    decision = md.split("## Decision", 1)[1].split("\n## ", 1)[0]
+    assert "**Verdict: PASS**" in decision
+    assert _row(decision, "parameters")[1:] == ["—", "181,234"]  # no plan.json here: the recipe's target only
+    assert _row(decision, "prunable sparsity %")[1:] == ["30.00", "30.00"]
+    retention = _row(decision, "mean retention (3 task(s))")
+    assert retention[1].startswith("90.0% ± ") and retention[2:] == ["≥ 90.00 %".replace("90.00", "85.00"), "pass"]
+    assert _row(decision, "perplexity ratio")[1].startswith(f"{12.3456 / 10.5:.2f}×")
+    assert _row(decision, "deployed memory")[1].startswith("781.25 KiB vs 1.05 MiB")
+    assert "weights_plus_kv_cache" not in md and "weights + KV cache" in md
+
+    _require(run_dir, retention=0.95)
+    report = build_report([run_dir])
+    assert report["runs"][0]["decision"]["verdict"] == "FAIL"
+    assert "**Verdict: FAIL** (failed: mean retention)" in render_markdown(report, None)
+
+
+def test_report_check_exits_3_on_fail_and_stdout_writes_no_files(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from compresso_ops.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    assert CliRunner().invoke(main, ["report", str(run_dir), "--check"]).exit_code == 0  # no thresholds: unchecked
+    _require(run_dir, ppl_ratio=1.1)
+    failed = CliRunner().invoke(main, ["report", str(run_dir), "--check"])
+    assert failed.exit_code == 3
+    assert f"{run_dir}: FAIL: ppl_ratio" in failed.output
+    assert "Charts are written only next to a report file" in failed.output
+    assert set(tmp_path.iterdir()) == before  # nothing written into the working folder
+    out = tmp_path / "review" / "r.md"
+    assert CliRunner().invoke(main, ["report", str(run_dir), "-o", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.md", "r_assets"]
+
+
+def test_task_deltas_within_noise_are_marked_and_internals_hidden(run_dir: Path) -> None:
+    pruned_file = run_dir / "evaluate" / "pruned.json"
+    pruned = json.loads(pruned_file.read_text())
+    pruned["tasks"]["copa"]["value"] = 0.70  # 1 point below the source's 0.71, with stderr 0.045: noise
+    pruned["prompt"]["text"] = "Note to the assistant: a pruning procedure has compressed you by deleting parameters."
+    pruned_file.write_text(json.dumps(pruned))
+    source = json.loads((run_dir / "evaluate" / "source.json").read_text())
+    source["cache"] = {"hit": True, "key": "0123456789abcdef0123", "file": "/cache/x.json"}
+    (run_dir / "evaluate" / "source.json").write_text(json.dumps(source))
+    md = render_markdown(build_report([run_dir]), None)
+    assert _row(md, "copa")[5] == "-1.00 ± 6.36 ≈"
+    assert not _row(md, "piqa")[5].endswith("≈")  # 6 points on 1838 examples is not noise
+    assert "0123456789abcdef0123" not in md and "reused from an earlier run" in md
+    assert '("Note to the assistant: a pruning procedure has compressed…")' in md  # cut between words

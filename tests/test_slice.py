@@ -22,13 +22,20 @@ from tests.tiny import tiny_config, tiny_model
 
 TOL = 1e-4
 
-# (model_type, tiny_model kwargs): MHA and GQA, tied and untied, Qwen2 q/k/v biases, Mistral
+# (model_type, tiny_model kwargs): MHA and GQA, tied and untied, the Llama-3 layout (llama3 RoPE scaling, tied
+# like Llama-3.2-1B/3B), Qwen2 q/k/v biases, Qwen3 per-head q/k norms with head_dim != hidden/heads, Mistral
 VARIANTS = {
     "llama-gqa-untied": ("llama", {"gqa": True, "tied": False}),
     "llama-mha-tied": ("llama", {"gqa": False, "tied": True}),
+    "llama3-rope-tied": ("llama", {"gqa": True, "tied": True, "llama3_rope": True}),
     "qwen2-bias-tied": ("qwen2", {"gqa": True, "tied": True}),
+    "qwen3-qknorm-tied": ("qwen3", {"gqa": True, "tied": True}),
     "mistral-mha": ("mistral", {"gqa": False}),
 }
+
+# The stock class a uniform or pad export of each source type reloads as.
+STOCK_CLASS = {"llama": "MistralForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def random_masks(
@@ -182,7 +189,7 @@ def test_norm_rescale_is_what_makes_pruned_hidden_exact():
     assert (logits(wrong, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa-untied", "qwen2-bias-tied"])
+@pytest.mark.parametrize("variant", ["llama-gqa-untied", "qwen2-bias-tied", "qwen3-qknorm-tied"])
 def test_pad_slice_is_exact_stock_and_padded_to_largest_layer(variant):
     model_type, kw = VARIANTS[variant]
     model = tiny_model(model_type, layers=3, **kw)
@@ -191,13 +198,64 @@ def test_pad_slice_is_exact_stock_and_padded_to_largest_layer(variant):
     sd, shape = slice_state_dict(model, masks)
     sd, padded = pad_state_dict(sd, shape)
     small = build_model(stock_config(model.config, padded), sd)
-    assert type(small).__name__ == {"llama": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    assert type(small).__name__ == STOCK_CLASS[model_type]
     batch = check_batch(model.config)
     assert (logits(small, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
     kept = masks.kept()
     assert small.config.num_key_value_heads == max(kept.groups)
     assert small.config.intermediate_size == max(kept.channels)
     assert sum(p.numel() for p in small.parameters()) == count_params(arch, kept, "pad").total
+
+
+@pytest.mark.parametrize("mode", ["native", "pad"])
+def test_qwen3_with_biases_on_all_four_projections_slices_exactly(mode):
+    """Qwen3's optional attention_bias (q, k, v and o). Every layer keeps a head: an o_proj bias of a layer with
+    no head still reaches the residual stream in the masked model, which no dropped block can reproduce."""
+    model = tiny_model("qwen3", layers=3, gqa=False, attention_bias=True)
+    arch = ArchSpec.from_hf_config(model.config)
+    masks = random_masks(arch, no_heads_layer=None)
+    sd, shape = slice_state_dict(model, masks)
+    if mode == "native":
+        small = build_model(native_config(model.config, shape), drop_empty_blocks(sd, shape))
+    else:
+        sd, shape = pad_state_dict(sd, shape)
+        small = build_model(stock_config(model.config, shape), sd)
+    batch = check_batch(model.config)
+    assert (logits(small, batch) - logits(zeroed_reference(model, masks), batch)).abs().max() <= TOL
+    assert sum(p.numel() for p in small.parameters()) == count_params(arch, masks.kept(), mode).total
+    assert small.model.layers[1].self_attn.o_proj.bias is not None
+
+
+def test_qwen3_qk_projections_are_rescaled_with_pruned_hidden_dims():
+    """q_norm / k_norm read the sliced config's eps (eps * d/|D|); scaling q and k by sqrt(d/|D|) is what keeps
+    them exact. Without it the logits drift."""
+    model = tiny_model("qwen3", layers=2)
+    arch = ArchSpec.from_hf_config(model.config)
+    masks = random_masks(arch, no_heads_layer=None, no_ffn_layer=None)
+    masks.hidden[arch.hidden_size // 4:] = 0.0  # keep a quarter: eps grows fourfold in the sliced config
+    sd, shape = slice_state_dict(model, masks)
+    factor = (arch.hidden_size / masks.kept().hidden) ** 0.5
+    torch.testing.assert_close(sd["model.layers.0.self_attn.q_norm.weight"],
+                               model.model.layers[0].self_attn.q_norm.weight)
+    model.config.rms_norm_eps = 0.05  # large enough that an unscaled eps is visible in the logits
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 0.05
+        for layer in model.model.layers:  # q, k, v and o of unit scale: attention is far from uniform and counts
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+            layer.self_attn.v_proj.weight.mul_(10)
+            layer.self_attn.o_proj.weight.mul_(10)
+    sd, shape = slice_state_dict(model, masks)
+    exact = build_model(native_config(model.config, shape), drop_empty_blocks(sd, shape))
+    unscaled = {k: (v / factor if "q_proj" in k or "k_proj" in k else v) for k, v in sd.items()}
+    wrong = build_model(native_config(model.config, shape), drop_empty_blocks(unscaled, shape))
+    batch = check_batch(model.config)
+    reference = logits(zeroed_reference(model, masks), batch)
+    exact_diff = (logits(exact, batch) - reference).abs().max()
+    wrong_diff = (logits(wrong, batch) - reference).abs().max()
+    assert exact_diff <= TOL and wrong_diff > 1e-3
 
 
 def test_uniform_slice_of_llama_is_a_mistral_with_explicit_head_dim():

@@ -22,7 +22,7 @@ from tests.test_slice import random_masks, uniform_masks, zeroed_reference
 from tests.tiny import byte_tokenizer, tiny_model
 
 SOURCE_KW = {"llama": {"gqa": True, "tied": False}, "qwen2": {"gqa": True, "tied": True},
-             "mistral": {"gqa": False}}
+             "mistral": {"gqa": False}, "qwen3": {"gqa": True, "tied": False}}
 
 
 def _source(folder: Path, model_type: str, shard: str | None = None) -> Path:
@@ -60,20 +60,36 @@ def _streamed(source: Path, lora: Path | None, masks: Masks, mode: str, out: Pat
                          tokenizer=byte_tokenizer(), source_info={"path": str(source), "dtype": "float32"}, **kw)
 
 
+# The checks both paths record (the streamed check has its own numbers: it compares the written tensors
+# with the slice bit for bit and runs the masked model piece by piece).
+SHARED_CHECKS = ("tolerance", "batch", "param_count", "passed")
+
+
+def _same_manifest(a: dict, b: dict) -> None:
+    """The manifests agree on every field but the check numbers (and the streamed flag)."""
+    def comparable(m: dict) -> dict:
+        return {**{k: v for k, v in m.items() if k not in ("checks", "streamed")},
+                "checks": {k: m["checks"][k] for k in SHARED_CHECKS}}
+    assert comparable(a) == comparable(b)
+
+
 def _assert_same_folder(a: Path, b: Path) -> None:
+    """The same files with the same contents: weights, configs, tokenizer and model card (README.md) byte for
+    byte, JSON by value, the manifest except its check numbers."""
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())
+    assert "README.md" in files and MANIFEST_FILE in files
     for name in files:
         if name == MANIFEST_FILE:
-            continue
-        if name.endswith(".json"):
+            _same_manifest(json.loads((a / name).read_text()), json.loads((b / name).read_text()))
+        elif name.endswith(".json"):
             assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("mode", ["native", "uniform", "pad"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
 def test_streamed_export_is_bit_identical_to_the_in_memory_one(tmp_path, model_type, mode):
     source = _source(tmp_path / "src", model_type)
     lora = _lora(source, tmp_path / "lora", ["q_proj", "v_proj", "down_proj"])
@@ -163,3 +179,23 @@ def test_a_source_missing_a_tensor_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="no tensor 'model.layers.1.mlp.up_proj.weight'; its weights do not match"):
         _streamed(source, None, masks, "native", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_slice_stage_streams_the_trained_model_of_train_full(tmp_path):
+    """After prune.train: full the stage streams prune/model (the trained weights, no LoRA) instead of the
+    source, and writes the folder the in-memory export of that model writes."""
+    source = _source(tmp_path / "src", "llama")
+    run = tmp_path / "run"
+    trained = tiny_model("llama", seed=1, layers=3, **SOURCE_KW["llama"])  # other weights than the source's
+    trained.save_pretrained(run / "prune" / "model")
+    arch = ArchSpec.from_hf_config(trained.config)
+    masks = random_masks(arch, 6)
+    masks.save(run / "prune", arch)
+    recipe = Recipe(name="t", model={"path": str(source)}, target={"sparsity": 0.3})
+    got = run_slice(recipe, run / "prune", run / "slice")
+    assert got["streamed"] and got["checks"]["passed"]
+    model = AutoModelForCausalLM.from_pretrained(run / "prune" / "model", dtype=torch.float32)
+    export_pruned(model, byte_tokenizer(), masks, "native", tmp_path / "a", recipe=recipe, release_source=True,
+                  source_info={"path": str(source), "revision": None,
+                               "dtype": AutoConfig.from_pretrained(source).dtype})
+    _assert_same_folder(tmp_path / "a", run / "slice" / "model")

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from compresso_ops.errors import StageError, UserError
+from compresso_ops.errors import StageError
 from compresso_ops.evaluation.tasks import PAPER_GROUPS, primary_metric, task_specs
+from compresso_ops.models.resolve import readable_model
 from compresso_ops.recipe.schema import EvalSection
 
 
@@ -52,11 +53,9 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
     if device.type == "cpu":
         torch_dtype = torch.float32
     placement = _placement(device, gpus)
-    try:
+    with readable_model(path, "evaluate"):
         model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code, **placement)
-    except OSError as exc:
-        raise UserError(f"cannot load model '{path}' for evaluation: {str(exc).splitlines()[0]}") from exc
     tok_source = path
     if tokenizer_path is not None and Path(path).is_dir() and not any(Path(path).glob("tokenizer*")):
         tok_source = tokenizer_path

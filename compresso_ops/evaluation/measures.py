@@ -15,6 +15,7 @@ import torch
 
 from compresso_ops.errors import StageError, UserError
 from compresso_ops.recipe.schema import PerplexitySection, SpeedSection
+from compresso_ops.training.data import read_text
 
 
 @torch.inference_mode()
@@ -23,15 +24,14 @@ def perplexity(model: Any, tok: Any, spec: PerplexitySection) -> dict[str, Any]:
 
     The first window scores all its tokens (but the first); each later window ends `stride` tokens further
     and scores those `stride` new tokens with `window - stride` tokens of context, so every token is scored
-    exactly once. A BOS token (when the tokenizer has one) starts the text, as in training.
+    exactly once. With `stride` equal to `window` the windows do not overlap: a window's first token is
+    scored by the previous window's last position. A BOS token (when the tokenizer has one) starts the text,
+    as in training.
     """
-    if spec.stride >= spec.window:
-        raise UserError(f"eval.perplexity.stride ({spec.stride}) must be smaller than window ({spec.window}): "
-                        "each window scores its last `stride` tokens and uses the rest as context")
     path = Path(spec.path)
     if not path.is_file():
         raise UserError(f"eval.perplexity.path: {path} does not exist; point it at a plain text file")
-    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tok(read_text(path), add_special_tokens=False)["input_ids"]
     has_bos = tok.bos_token_id is not None
     if has_bos:
         ids = [tok.bos_token_id, *ids]
@@ -42,13 +42,19 @@ def perplexity(model: Any, tok: Any, spec: PerplexitySection) -> dict[str, Any]:
     device = next(model.parameters()).device
     all_ids = torch.tensor(ids, device=device)
     nll, scored, end, windows = 0.0, 1, 0, 0
+    carried = None  # log-probabilities the previous window's last position gives the token after it
     while scored < len(ids):
         end = min(len(ids), spec.window if windows == 0 else end + spec.stride)
         begin = max(0, end - spec.window)
         x = all_ids[begin:end]
-        logp = torch.log_softmax(model(x[None]).logits[0, :-1].float(), dim=-1)
-        first = scored - begin - 1  # local index of the logit that predicts the first new token
-        nll -= logp[first:].gather(-1, x[first + 1:, None]).sum().item()
+        logp = torch.log_softmax(model(x[None]).logits[0].float(), dim=-1)
+        if scored == begin:  # non-overlapping windows: the previous window predicted this one's first token
+            nll -= carried[x[0]].item()
+            first = 0
+        else:
+            first = scored - begin - 1  # local index of the logit that predicts the first new token
+        nll -= logp[first:-1].gather(-1, x[first + 1:, None]).sum().item()
+        carried = logp[-1]
         scored, windows = end, windows + 1
     tokens = len(ids) - 1
     return {"file": str(path), "window": spec.window, "stride": spec.stride, "tokens_scored": tokens,

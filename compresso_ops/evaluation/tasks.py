@@ -8,12 +8,19 @@ Stock task names (`recipe.eval.tasks`) are passed through untouched for lm-eval'
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from compresso_ops.errors import UserError
+from compresso_ops.infra import atomic
+from compresso_ops.infra.cache import cache_dir
+from compresso_ops.infra.fingerprint import digest
 from compresso_ops.recipe.schema import EvalSection, LocalTask
+from compresso_ops.training.data import read_rows
 
 # Report groups, as the paper averages them (docs/method.md §10). Local tasks join a group through `LocalTask.group`.
 PAPER_GROUPS: dict[str, tuple[str, ...]] = {
@@ -69,6 +76,104 @@ _COPA_QUERY = (("query", "choices", "gold"), {
 })
 
 
+# The longest request (context + continuation, in tokens, zero-shot) each stock lm-eval task produces, for the
+# planner's evaluation memory. lm-eval sorts requests longest first and pads each batch to its longest request,
+# so the first batch is the peak. Values bound the tasks' data with headroom for tokenizers that split finer
+# than Llama-3's or Qwen's (LLaMA-1's 32k vocabulary); the shared copies of piqa, arc_easy, openbookqa and copa
+# have their longest rows at 2190, 1079, 582 and 236 bytes of JSON. RACE joins an article with the questions
+# asked before, the longest request of the standard suite.
+LONGEST_REQUEST_TOKENS: dict[str, int] = {
+    "arc_easy": 512, "arc_challenge": 512, "ai2_arc": 512, "boolq": 1024, "copa": 128, "hellaswag": 256,
+    "lambada_openai": 512, "lambada_standard": 512, "mmlu": 1024, "openbookqa": 256, "piqa": 768,
+    "race": 2048, "sciq": 512, "winogrande": 128,
+}
+# Tasks scored with loglikelihood_rolling: lm-eval cuts the text into windows of the whole max_length.
+ROLLING_TASKS = frozenset({"wikitext", "pile_10k", "paloma"})
+# A stock task not in the table: a bound well below today's 128k contexts; eval.max_length lowers it further.
+DEFAULT_REQUEST_TOKENS = 2048
+
+
+def _lm_eval_tasks_dir() -> Path | None:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def task_names_cache() -> Path:
+    """The cache file of lm-eval's task names for the installed lm-eval."""
+    folder = _lm_eval_tasks_dir()
+    if folder is None:
+        raise UserError("eval.tasks: lm-eval is not installed; install lm-eval or use eval.local_tasks only")
+    key = digest([importlib.metadata.version("lm_eval"), str(folder), folder.stat().st_mtime_ns])
+    return cache_dir() / "lm-eval-tasks" / f"{key}.json"
+
+
+def lm_eval_task_names() -> frozenset[str]:
+    """Every task, group and tag name of lm-eval's registry, indexed offline once per lm-eval install.
+
+    lm-eval's TaskManager parses ~14,000 task YAML files (10-25 s); the names are cached under the user's
+    compresso-ops cache, keyed by lm-eval's version and its task folder, so later checks take milliseconds.
+    """
+    cached = task_names_cache()
+    stored = atomic.read_json(cached)
+    if stored is None or not isinstance(stored.get("names"), list):
+        from lm_eval.tasks import TaskManager
+
+        stored = {"lm_eval": importlib.metadata.version("lm_eval"), "names": sorted(TaskManager().all_tasks)}
+        atomic.write_json(cached, stored)
+    return frozenset(stored["names"])
+
+
+def unknown_task_problems(tasks: list[str]) -> list[tuple[int, str]]:
+    """(index, message) for each name in `tasks` that lm-eval does not know, with a did-you-mean.
+
+    Names of the built-in table (the paper's suite among them) are known without indexing lm-eval, so a
+    recipe of stock tasks is checked instantly even before the first index is cached.
+    """
+    known = set(LONGEST_REQUEST_TOKENS) | ROLLING_TASKS | {t for group in PAPER_GROUPS.values() for t in group}
+    if not tasks or set(tasks) <= known:
+        return []
+    registry = lm_eval_task_names()
+    out = []
+    for i, name in enumerate(tasks):
+        if name in registry:
+            continue
+        close = difflib.get_close_matches(name, sorted(registry), n=1, cutoff=0.8)
+        hint = f"did you mean '{close[0]}'?" if close else "`lm_eval --tasks list` lists them"
+        out.append((i, f"'{name}' is not an lm-eval task, group or tag; {hint}"))
+    return out
+
+
+def _longest_row_bytes(path: Path) -> int | None:
+    """UTF-8 bytes of a local task file's longest row: a bound on its tokens, since byte-level BPE and
+    SentencePiece with byte fallback never make more tokens than bytes. None when the file is not on disk."""
+    if not path.is_file():
+        return None
+    return max((len(line.encode("utf-8")) for line in path.read_text(encoding="utf-8").splitlines()), default=0)
+
+
+def longest_request_tokens(section: EvalSection, prompt_text: str | None) -> int | None:
+    """Tokens of the longest lm-eval request the recipe's tasks can produce (before lm-eval's truncation to
+    max_length), or None when a rolling-loglikelihood task fills the whole max_length, or 0 without tasks.
+
+    Each few-shot example adds about one more request's length; the evaluation prompt (lm-eval's
+    system_instruction) is counted at one token per byte.
+    """
+    lengths: list[int] = []
+    for name in section.tasks:
+        if name in ROLLING_TASKS:
+            return None
+        lengths.append(LONGEST_REQUEST_TOKENS.get(name, DEFAULT_REQUEST_TOKENS))
+    for task in section.local_tasks:
+        row_bytes = _longest_row_bytes(Path(task.data).expanduser())
+        lengths.append(DEFAULT_REQUEST_TOKENS if row_bytes is None else row_bytes)
+    if not lengths:
+        return 0
+    prompt = len((prompt_text or "").encode("utf-8"))
+    return max(lengths) * (section.num_fewshot + 1) + prompt
+
+
 def first_row(path: Path) -> dict[str, Any]:
     """The first record of a JSON-lines file or a JSON array, to check the schema before lm-eval loads it."""
     if not path.is_file():
@@ -94,15 +199,28 @@ def _schema_for(task: LocalTask, row: dict[str, Any]) -> tuple[tuple[str, ...], 
     return _FORMATS[task.format]
 
 
+def check_task_file(task: LocalTask) -> dict[str, Any]:
+    """The task body for the file's schema, once every row of the file is a JSON object with the fields its
+    format needs (lm-eval would otherwise fail mid-evaluation with a traceback)."""
+    path = Path(task.data).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"eval.local_tasks: data file {path} does not exist; fix the task's `data` path")
+    rows = read_rows(path)
+    if not rows or not isinstance(rows[0][1], dict):
+        raise UserError(f"{path}: no rows; a task file holds JSON objects, one per example")
+    required, body = _schema_for(task, rows[0][1])
+    for where, row in rows:
+        missing = [k for k in required if k not in row] if isinstance(row, dict) else list(required)
+        if missing:
+            raise UserError(f"{path}: {where}: lacks field(s) {', '.join(missing)} that format '{task.format}' "
+                            "needs; fix the row or pick the format matching the file's schema")
+    return body
+
+
 def local_task_config(task: LocalTask) -> dict[str, Any]:
     """An lm-eval task config for one local task, reading its file by absolute path."""
     path = Path(task.data).expanduser().resolve()
-    row = first_row(path)
-    required, body = _schema_for(task, row)
-    missing = [k for k in required if k not in row]
-    if missing:
-        raise UserError(f"eval.local_tasks[{task.name}]: {path} lacks field(s) {', '.join(missing)} that format "
-                        f"'{task.format}' needs; pick the format matching the file's schema")
+    body = check_task_file(task)
     return {
         "task": task.name,
         "dataset_path": "json",

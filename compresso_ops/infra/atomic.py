@@ -22,18 +22,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes 0600, and writers that replace the file (safetensors) may too: every artifact
+        # gets what a plain open() would give it, 0666 less the umask
+        os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
     current = os.umask(0)
     os.umask(current)
     return current
@@ -60,9 +63,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
+        _usual_permissions(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():
@@ -77,13 +81,50 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def _usual_permissions(folder: Path) -> None:
+    """Files written into `folder` by libraries (safetensors writes 0600) get 0666 less the umask, folders
+    0777 less the umask: the run folder reads the same whoever wrote each file."""
+    mask = umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it: event logs are append-only and each line is self-contained."""
+    """Append one JSON line and flush it: event logs are append-only and each line is self-contained.
+    A log whose last line was torn (a kill mid-write) gets a line break first, so the new record stands
+    on its own line and only the torn one is lost."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
+    with open(p, "ab") as fh:
+        if fh.tell() > 0 and _last_byte(p) != b"\n":
+            fh.write(b"\n")
+        fh.write((json.dumps(record, default=float) + "\n").encode())
         fh.flush()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log, in order; a torn or garbled line (a kill mid-write, stray
+    bytes) is dropped rather than failing every later reader. An absent file reads as empty."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return []
+    out = []
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:

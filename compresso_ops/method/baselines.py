@@ -69,7 +69,7 @@ def run_one_shot(recipe: Recipe, model: torch.nn.Module, stage_dir: str | Path, 
     else:
         scores = random_scores(arch, recipe.prune.seed)
     masks = select_final_masks_from_scores(scores, arch, sparsity, recipe.export.mode, recipe.target.structures,
-                                           hidden_kept=arch.hidden_size)
+                                           hidden_kept=arch.hidden_size, multiple_of=recipe.target.multiple_of)
     achieved = prunable_sparsity(arch, masks.kept())
     summary = {"method": recipe.method, "target_sparsity": sparsity, "achieved_sparsity": achieved}
     masks.save(stage_dir, arch, extra={"prune": summary})

@@ -17,7 +17,7 @@ from compresso_ops.errors import UserError
 from compresso_ops.infra import atomic
 from compresso_ops.method.gates import GateSet
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.sizes import Kept, count_params, prunable_sparsity
+from compresso_ops.models.sizes import Alignment, Kept, aligned_counts, count_params, prunable_sparsity
 
 MASKS_FILE = "masks.safetensors"
 SUMMARY_FILE = "masks.json"
@@ -103,7 +103,7 @@ class _Units:
     """
 
     score: torch.Tensor  # [n]
-    cost: float
+    cost: float | torch.Tensor  # one cost for all units, or one per unit
     block: torch.Tensor  # [n] long
     first_cost: float
 
@@ -141,7 +141,8 @@ def _greedy(units: list[_Units], budget: float) -> list[torch.Tensor]:
     their input order (stable sort), which makes the result deterministic.
     """
     score = torch.cat([u.score for u in units])
-    cost = torch.cat([torch.full_like(u.score, u.cost) for u in units])
+    cost = torch.cat([torch.broadcast_to(torch.as_tensor(u.cost, dtype=torch.float64), u.score.shape)
+                      for u in units])
     offsets, blocks, first = 0, [], []
     for u in units:
         blocks.append(u.block + offsets)
@@ -171,23 +172,47 @@ def _largest(fits, upper: int) -> int:
     return lo
 
 
-def _top_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask keeping the k best entries of every row."""
-    mask = torch.zeros_like(scores, dtype=torch.float32)
-    idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return mask.scatter_(1, idx, 1.0)
+def _top_k_rows(scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
+    """0/1 mask keeping the k best entries of every row (`k` per row when a list)."""
+    ks = k if isinstance(k, list) else [k] * scores.shape[0]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order))
+    return (ranks < torch.tensor(ks)[:, None]).float()
+
+
+def _chunks(ranked: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned units over the last dim of descending `ranked` scores: each unit is `unit` consecutive ranks
+    (the last one shorter when the dimension is not a multiple). Returns (mean score, size) per unit; the
+    means descend too, so keeping units by score keeps a prefix of the ranks."""
+    starts = range(0, ranked.shape[-1], unit)
+    means = torch.stack([ranked[..., a:a + unit].mean(-1) for a in starts], -1)
+    sizes = torch.tensor([min(unit, ranked.shape[-1] - a) for a in starts], dtype=torch.float64)
+    return means, sizes
+
+
+def _aligned_hidden(wanted: int, unit: int, full: int, floor: int, cap: int) -> int:
+    """The allowed hidden count (`aligned_counts`) nearest `wanted` within [floor, cap]; when none lies
+    there, the largest one within the cap (the target must stay reachable)."""
+    allowed = [n for n in aligned_counts(unit, full) if n <= cap]
+    if not allowed:
+        raise UserError(f"target.multiple_of {unit} leaves no hidden size that meets the target (at most {cap} of "
+                        f"{full} dims fit); lower target.multiple_of or the target sparsity")
+    inside = [n for n in allowed if n >= floor] or allowed[-1:]
+    return min(inside, key=lambda n: (abs(n - wanted), -n))
 
 
 def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSpec, target_sparsity: float,
                                    mode: str = "native", structures: tuple[str, ...] | list[str] = ("heads", "ffn", "hidden"),
-                                   hidden_kept: int | None = None) -> Masks:
-    """Exact 0/1 masks whose prunable size meets `target_sparsity` within one structure's size.
+                                   hidden_kept: int | None = None, multiple_of: int | None = None) -> Masks:
+    """Exact 0/1 masks whose prunable size meets `target_sparsity` within one (aligned) unit's size.
 
     `scores` maps structure names (heads [L, G], ffn [L, f], hidden [d], attention_blocks [L], ffn_blocks [L])
     to any ranking score (higher keeps). Hidden dims multiply every other cost, so their count is fixed first
     (`hidden_kept`, capped so the target stays reachable; with hidden as the only structure, as many as fit);
     heads and FFN channels are then kept greedily by score while the budget allows. Mode `uniform` keeps the
     same number of KV groups and FFN channels in every layer (its unit is one rank across all layers).
+    `multiple_of` (`Alignment.of`; None is the default) makes FFN channels per layer and hidden dims come in
+    aligned units: an FFN unit is that many consecutive ranks of a layer (of every layer, in `uniform`).
     """
     structures = tuple(structures)
     L, G, f, d = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
@@ -198,6 +223,7 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
         raise UserError("export.mode uniform keeps the same structures in every layer, so it cannot drop whole "
                         "blocks alone; add heads / ffn to target.structures or use export.mode native")
     budget = (1.0 - target_sparsity) * count_params(arch).prunable
+    align = Alignment.of(arch, multiple_of)
 
     def feasible(hidden: int) -> bool:
         return _fixed_cost(arch, hidden, heads_on, ffn_on) <= budget
@@ -212,9 +238,9 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
         if heads_on or ffn_on:
             if hidden_kept is None:
                 raise ValueError("hidden_kept is required when hidden dims are pruned with other structures")
-            hidden = min(max(1, hidden_kept, floor), cap)
+            hidden = _aligned_hidden(min(max(1, hidden_kept, floor), cap), align.hidden, d, max(1, floor), cap)
         else:
-            hidden = cap
+            hidden = _aligned_hidden(cap, align.hidden, d, cap, cap)
         hidden_mask = torch.zeros(d)
         hidden_mask[torch.sort(scores["hidden"].double(), descending=True, stable=True).indices[:hidden]] = 1.0
     else:
@@ -231,30 +257,35 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
     for kind, block, n in kinds:
         s = combined[kind] = _combined_scores(scores, kind, block, (L, n), structures)
         cost, first = costs[kind]
-        if mode == "uniform":  # unit j: the j-th best structure of every layer
-            ranked = torch.sort(s, dim=1, descending=True, stable=True).values.mean(0)
-            units.append(_Units(ranked, L * cost, torch.zeros(n, dtype=torch.long), L * first))
+        unit = align.ffn if kind == "ffn" else 1
+        ranked = torch.sort(s, dim=1, descending=True, stable=True).values
+        if mode == "uniform":  # unit j: the j-th best structures of every layer
+            means, sizes = _chunks(ranked.mean(0), unit)
+            units.append(_Units(means, L * cost * sizes, torch.zeros(len(sizes), dtype=torch.long), L * first))
         elif kind not in structures:  # whole blocks only
             units.append(_Units(s[:, 0], n * cost + first, torch.arange(L), 0.0))
-        else:
-            units.append(_Units(s.flatten(), cost, torch.arange(L).repeat_interleave(n), first))
+        else:  # unit (i, j): the j-th best structures of layer i
+            means, sizes = _chunks(ranked, unit)
+            units.append(_Units(means.flatten(), cost * sizes.repeat(L), torch.arange(L).repeat_interleave(len(sizes)),
+                                first))
     chosen = _greedy(units, budget - _fixed_cost(arch, hidden, heads_on, ffn_on)) if units else []
-    kept = {kind: c for (kind, _, _), c in zip(kinds, chosen, strict=True)}
 
     out = {"heads": torch.ones(L, G), "ffn": torch.ones(L, f)}
-    for kind, _, n in kinds:
-        if mode == "uniform":
-            out[kind] = _top_k_rows(combined[kind], int(kept[kind].sum().item()))
-        elif kind not in structures:
-            out[kind] = kept[kind].float()[:, None].expand(L, n).clone()
-        else:
-            out[kind] = kept[kind].float().view(L, n)
+    for (kind, _, n), unit_kept in zip(kinds, chosen, strict=True):
+        if kind not in structures and mode != "uniform":  # whole blocks
+            out[kind] = unit_kept.float()[:, None].expand(L, n).clone()
+            continue
+        sizes = _chunks(torch.zeros(n), align.ffn if kind == "ffn" else 1)[1]
+        counts = (unit_kept.view(-1, len(sizes)).double() * sizes).sum(1).round().long().tolist()
+        out[kind] = _top_k_rows(combined[kind], counts * L if mode == "uniform" else counts)
     return Masks(out["heads"], out["ffn"], hidden_mask)
 
 
-def select_final_masks(gates: GateSet, arch: ArchSpec, target_sparsity: float, mode: str = "native") -> Masks:
+def select_final_masks(gates: GateSet, arch: ArchSpec, target_sparsity: float, mode: str = "native",
+                       multiple_of: int | None = None) -> Masks:
     """Final masks from trained gates: rank by the deterministic score, hidden count from its expected value."""
     hidden_kept = None
     if "hidden" in gates.structures:
         hidden_kept = round(gates.probabilities()["hidden"].detach().sum().item())
-    return select_final_masks_from_scores(gates.scores(), arch, target_sparsity, mode, gates.structures, hidden_kept)
+    return select_final_masks_from_scores(gates.scores(), arch, target_sparsity, mode, gates.structures, hidden_kept,
+                                          multiple_of)

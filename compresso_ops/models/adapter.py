@@ -1,6 +1,6 @@
 """Where the structures of a LLaMA-family model live, by attribute path.
 
-LLaMA, Mistral and Qwen2 share one module layout (`model.layers[i].self_attn.{q,k,v,o}_proj`,
+LLaMA, Mistral, Qwen2 and Qwen3 share one module layout (`model.layers[i].self_attn.{q,k,v,o}_proj`,
 `model.layers[i].mlp.{gate,up,down}_proj`, `model.embed_tokens`, `model.norm`, `lm_head`). The adapter
 names those paths once and looks modules up when asked rather than caching them: peft replaces a
 targeted `nn.Linear` by a LoRA wrapper at the same path, and gates must act on that outermost module so

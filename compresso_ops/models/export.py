@@ -7,11 +7,14 @@ Three formats (docs/method.md §8, recipe `export.mode`):
   `sliding_window: null` and an explicit `head_dim`, because transformers 5 `LlamaConfig` rejects
   `hidden_size % num_attention_heads != 0` (checked with 5.24.0: StrictDataclassClassValidationError), which a
   pruned hidden size produces; `MistralConfig` accepts it and the Mistral modules are LLaMA's without biases.
+  Qwen2 and Qwen3 sources stay `Qwen2ForCausalLM` / `Qwen3ForCausalLM`: `Qwen2Config` and `Qwen3Config` accept
+  any hidden size with an explicit `head_dim` (checked with 5.24.0).
 - pad: a stock class with every layer zero-padded to the largest layer's counts: exact, smaller savings.
 
 Every export is reloaded from disk and checked: its logits on a fixed batch equal the masked model's and its
 parameter count equals `sizes.count_params` (the planner's prediction). The results go into
-`compresso_manifest.json`; a failed check raises `StageError` and leaves no folder behind.
+`compresso_manifest.json`, and a model card (README.md, `models/card.py`) says what the folder is and how to
+load it; a failed check raises `StageError` and leaves no folder behind.
 """
 
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,8 @@ from compresso_ops.infra import atomic
 from compresso_ops.method.hooks import masked
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.sizes import EXPORT_MODES, count_params, prunable_sparsity
+from compresso_ops.models.card import write_card
+from compresso_ops.models.sizes import EXPORT_MODES, Alignment, count_params, prunable_sparsity
 from compresso_ops.models.slicing import SliceShape, drop_empty_blocks, pad_state_dict, slice_state_dict
 from compresso_ops.ui.progress import EventFn
 
@@ -111,9 +116,9 @@ def native_config(src: Any, shape: SliceShape) -> Any:
     from compresso_ops.models.modeling_compresso import CompressoLlamaConfig
 
     arch = ArchSpec.from_hf_config(src)
-    if arch.model_type == "qwen2" and getattr(src, "use_sliding_window", False):
+    if arch.model_type in ("qwen2", "qwen3") and getattr(src, "use_sliding_window", False):
         raise StageError(
-            "export.mode native does not support Qwen2 sliding-window layers; use uniform or pad"
+            f"export.mode native does not support {arch.model_type} sliding-window layers; use uniform or pad"
         )
     return CompressoLlamaConfig(
         **_common_config(src, shape),
@@ -123,14 +128,22 @@ def native_config(src: Any, shape: SliceShape) -> Any:
         qkv_bias=arch.qkv_bias,
         o_bias=arch.o_bias,
         mlp_bias=arch.mlp_bias,
+        qk_norm=arch.qk_norm,
         sliding_window=getattr(src, "sliding_window", None) if arch.model_type == "mistral" else None,
         source_model_type=arch.model_type,
     )
 
 
+def _qwen_window(src: Any, arch: ArchSpec) -> dict[str, Any]:
+    """Qwen2/Qwen3 sliding-window settings, copied from the source."""
+    return {"use_sliding_window": getattr(src, "use_sliding_window", False),
+            "sliding_window": getattr(src, "sliding_window", None),
+            "max_window_layers": getattr(src, "max_window_layers", arch.num_layers)}
+
+
 def stock_config(src: Any, shape: SliceShape) -> Any:
     """A stock config with one head/FFN count for all layers (uniform and pad exports)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     arch = ArchSpec.from_hf_config(src)
     if shape.kv_heads[0] == 0:
@@ -145,12 +158,9 @@ def stock_config(src: Any, shape: SliceShape) -> Any:
         "intermediate_size": shape.channels[0],
     }
     if arch.model_type == "qwen2":
-        return Qwen2Config(
-            **fields,
-            use_sliding_window=getattr(src, "use_sliding_window", False),
-            sliding_window=getattr(src, "sliding_window", None),
-            max_window_layers=getattr(src, "max_window_layers", arch.num_layers),
-        )
+        return Qwen2Config(**fields, **_qwen_window(src, arch))
+    if arch.model_type == "qwen3":  # Qwen3's attention_bias puts a bias on all four projections
+        return Qwen3Config(**fields, attention_bias=arch.o_bias, **_qwen_window(src, arch))
     if arch.model_type == "mistral":
         return MistralConfig(**fields, sliding_window=getattr(src, "sliding_window", None))
     if arch.o_bias or arch.mlp_bias:  # Mistral has no biases: only LlamaConfig holds them
@@ -276,8 +286,12 @@ def export_manifest(mode: str, model_class: str, out_dtype: str, arch: ArchSpec,
             "revision": source_info.get("revision"),
             "model_type": arch.model_type,
             "dtype": resolve_dtype("auto", source_info.get("dtype")),
+            "shape": {"layers": arch.num_layers, "hidden_dims": arch.hidden_size,
+                      "query_heads_per_layer": arch.num_heads, "kv_heads_per_layer": arch.num_kv_heads,
+                      "ffn_channels_per_layer": arch.intermediate_size},
         },
         "recipe_hash": recipe.recipe_hash() if recipe is not None else None,
+        "recipe_name": recipe.name if recipe is not None else None,
         "kept": {
             "kv_groups_per_layer": list(kept.groups),
             "query_heads_per_layer": [g * arch.group_size for g in kept.groups],
@@ -285,6 +299,7 @@ def export_manifest(mode: str, model_class: str, out_dtype: str, arch: ArchSpec,
             "hidden_dims": kept.hidden,
             "stored_query_heads_per_layer": list(shape.query_heads),
             "stored_ffn_channels_per_layer": list(shape.channels),
+            "multiple_of": Alignment.of(arch, recipe.target.multiple_of if recipe is not None else None).as_dict(),
         },
         "params": {
             "source": count_params(arch).as_dict(),
@@ -293,6 +308,70 @@ def export_manifest(mode: str, model_class: str, out_dtype: str, arch: ArchSpec,
         },
         "max_shard_size": max_shard_size,
     }
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """An export folder's manifest ({} when the folder has none, e.g. a stock model standing in for one)."""
+    path = Path(folder) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _leading(shape: torch.Size) -> tuple[slice, ...]:
+    """The leading block of a padded tensor that holds a tensor of `shape`: slicing keeps the kept heads and
+    channels first and `pad_state_dict` appends the zeros after them."""
+    return tuple(slice(0, n) for n in shape)
+
+
+def load_exact(folder: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The pruned model an export folder holds, at its exact shapes, for training.
+
+    A `pad` export stores zero heads and FFN channels that are not part of the pruned model. Training the
+    padded tensors would make them real: a LoRA delta B·A has no zeros in the padded rows and columns (nor
+    does a full-weight gradient), so the padding stops being padding. For a `pad` folder this returns the
+    `native` model of the kept counts in the manifest, cut from the leading block of each padded tensor;
+    `stored_layout` puts it back. Other folders hold their exact shapes already and load as they are.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import compresso_ops.models.modeling_compresso  # noqa: F401  (registers the native class for the reload)
+    stored = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    manifest = read_manifest(folder)
+    if manifest.get("mode") != "pad":
+        return stored
+    arch = ArchSpec.from_hf_config(stored.config)
+    kept = manifest["kept"]
+    shape = SliceShape(kv_heads=tuple(kept["kv_groups_per_layer"]), channels=tuple(kept["ffn_channels_per_layer"]),
+                       hidden=arch.hidden_size, group_size=arch.group_size, head_dim=arch.head_dim,
+                       rms_norm_eps=arch.rms_norm_eps)
+    config = native_config(stored.config, shape)
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    padded = stored.state_dict()
+    exact = build_model(config, {k: padded[k][_leading(s)].contiguous() for k, s in shapes.items()})
+    exact.generation_config = stored.generation_config
+    return exact
+
+
+@torch.no_grad()
+def stored_layout(folder: str | Path, exact: nn.Module) -> nn.Module:
+    """`exact` (from `load_exact`, trained since) in the layout of the export folder it came from.
+
+    For a `pad` folder: the folder's stock model with every tensor of `exact` written into its leading block
+    and the rest of that tensor set to zero, so the padding is exactly zero whatever training did; tensors
+    `exact` does not hold (a block the native model drops because it keeps nothing) stay as the folder has
+    them. Any other folder: `exact` itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if read_manifest(folder).get("mode") != "pad":
+        return exact
+    stored = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    target = stored.state_dict()
+    for key, tensor in exact.state_dict().items():
+        target[key].zero_()
+        target[key][_leading(tensor.shape)] = tensor.to(target[key].dtype)
+    stored.config.use_cache = exact.config.use_cache
+    return stored.eval()
 
 
 def _release_weights(model: nn.Module) -> None:
@@ -368,6 +447,7 @@ def save_export(
             "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
         }
         atomic.write_json(tmp / MANIFEST_FILE, manifest)
+        write_card(tmp, manifest)
     return manifest
 
 
@@ -389,3 +469,15 @@ def _write_folder(
         model.float()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        _drop_load_time_keys(folder / "tokenizer_config.json")
+
+
+# How this process loaded the tokenizer, which transformers saves back as if it were configuration: a
+# folder shipped with "local_files_only": true would refuse the Hub wherever it is loaded.
+_LOAD_TIME_KEYS = ("local_files_only", "is_local")
+
+
+def _drop_load_time_keys(config_file: Path) -> None:
+    config = atomic.read_json(config_file)
+    if config is not None and any(k in config for k in _LOAD_TIME_KEYS):
+        atomic.write_json(config_file, {k: v for k, v in config.items() if k not in _LOAD_TIME_KEYS})

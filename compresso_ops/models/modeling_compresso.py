@@ -30,15 +30,17 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 
 class CompressoLlamaConfig(PreTrainedConfig):
-    """Config of a pruned LLaMA/Mistral/Qwen2 model with per-layer head and FFN counts.
+    """Config of a pruned LLaMA/Mistral/Qwen2/Qwen3 model with per-layer head and FFN counts.
 
     `num_attention_heads`, `num_key_value_heads` and `intermediate_size` are lists with one entry per layer;
     0 heads (or 0 channels) means the layer has no attention (or no FFN) block. `head_dim` is explicit because
     hidden dims may have been pruned. `qkv_bias` / `o_bias` / `mlp_bias` say which projections carry biases:
     Qwen2 has q/k/v biases only, LLaMA's `attention_bias` puts one on all four attention projections.
+    `qk_norm`: Qwen3's per-head RMSNorm on queries and keys (head_dim wide, so it survives pruning whole).
     """
 
     model_type = "compresso_llama"
@@ -63,6 +65,7 @@ class CompressoLlamaConfig(PreTrainedConfig):
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
     attention_dropout: float = 0.0
     sliding_window: int | None = None
     source_model_type: str = "llama"
@@ -82,6 +85,8 @@ class CompressoLlamaConfig(PreTrainedConfig):
                 raise ValueError(f"layer {layer}: {q} query heads do not form whole groups of {kv} KV heads")
         if self.o_bias and not self.qkv_bias:
             raise ValueError("a bias on o_proj without q/k/v biases is not a LLaMA-family layout")
+        if self.qk_norm and self.qkv_bias != self.o_bias:
+            raise ValueError("Qwen3 attention has biases on all four projections or on none")
         super().__post_init__(**kwargs)
 
     def layer_config(self, layer_idx: int) -> _LayerConfig:
@@ -118,7 +123,10 @@ def _attention_class(config: CompressoLlamaConfig) -> type[nn.Module]:
 
     Qwen2Attention: biases on q/k/v only. LlamaAttention: `attention_bias` on all four projections (or none).
     MistralAttention: no biases, and it honours `sliding_window` (Mistral sources).
+    Qwen3Attention: per-head q_norm / k_norm, `attention_bias` on all four projections (or none).
     """
+    if config.qk_norm:
+        return Qwen3Attention
     if config.qkv_bias and not config.o_bias:
         return Qwen2Attention
     if config.qkv_bias:

@@ -7,14 +7,20 @@ preflight, the architecture and the source-evaluation cache all ask `locate_mode
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from compresso_ops.errors import UserError
-from compresso_ops.models.architecture import PRESETS, ArchSpec
+from compresso_ops.models.architecture import PRESETS, ArchSpec, unknown_preset
 from compresso_ops.recipe.schema import ModelSection, Recipe
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+# Any one of these lets AutoTokenizer load (fast tokenizer, sentencepiece model, or a config naming one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,10 @@ class ModelLocation:
         """The weights are safetensors files, which the slice stage and sharded loading read tensor by tensor."""
         return self.folder is not None and any(self.folder.glob("*.safetensors"))
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.folder is not None and any((self.folder / name).is_file() for name in TOKENIZER_FILES)
+
     def problem(self, need_weights: bool) -> str | None:
         """One line saying what is missing and what to do, or None when the model is there."""
         if self.folder is None:
@@ -45,6 +55,19 @@ class ModelLocation:
             return (f"model.path: {self.folder} has a config.json but no weights (*.safetensors or *.bin); "
                     "copy the weights there (plan works from the config alone)")
         return None
+
+
+@contextmanager
+def readable_model(name: str | Path, field: str = "model.path") -> Iterator[None]:
+    """Loading a model folder whose files are missing, truncated or corrupt (OSError from transformers,
+    SafetensorError from a damaged shard) is a user error naming the folder, not an internal one."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{field}: cannot load '{name}': {first}; check or restore the model's files") from None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -77,9 +100,9 @@ def resolve_arch(recipe: Recipe) -> ArchSpec:
         return ArchSpec.from_pretrained_dir(location.folder)
     if recipe.model.architecture:
         if recipe.model.architecture not in PRESETS:
-            raise UserError(f"model.architecture: unknown preset '{recipe.model.architecture}'; "
-                            f"choose one of {', '.join(PRESETS)}")
+            raise UserError(f"model.architecture: {unknown_preset(recipe.model.architecture)}")
         return PRESETS[recipe.model.architecture]
-    where = "" if location.is_path else " and is not in the Hugging Face cache"
+    where = "" if location.is_path else \
+        f" and is not in the Hugging Face cache (hf download {recipe.model.path} puts it there)"
     raise UserError(f"model.path: '{recipe.model.path}' has no local config.json{where}; point it at a model "
                     f"folder or set model.architecture to one of {', '.join(PRESETS)}")

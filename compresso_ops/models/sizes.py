@@ -1,9 +1,10 @@
-"""Exact parameter counts of a LLaMA-family model before and after structured pruning.
+"""Exact parameter counts of a LLaMA-family model (Qwen3 included) before and after structured pruning.
 
 One set of formulas serves the planner (before any training), the final-mask selection (to meet the
 target) and the slice stage's check (the exported checkpoint must hold exactly what these formulas say).
 "Prunable" follows the paper: the attention and FFN projections (their biases included). Embeddings and
-norms are not prunable but shrink with the kept hidden dims.
+norms are not prunable but shrink with the kept hidden dims (Qwen3's per-head q/k norms do not: they span
+head_dim).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def ffn_params(arch: ArchSpec, channels: int, hidden: int) -> int:
     return n
 
 
+def head_norm_params(arch: ArchSpec) -> int:
+    """Qwen3's per-head q_norm and k_norm of one attention block: two weights of head_dim, shared by all heads,
+    so pruning heads or hidden dims leaves them whole; they go only with the whole block."""
+    return 2 * arch.head_dim if arch.qk_norm else 0
+
+
 def embedding_params(arch: ArchSpec, hidden: int) -> int:
     return arch.vocab_size * hidden * (1 if arch.tie_embeddings else 2)
 
@@ -99,8 +106,9 @@ def count_params(arch: ArchSpec, kept: Kept | None = None, mode: str = "native")
         a, f = attention_params(arch, g, d), ffn_params(arch, c, d)
         attn_total += a
         ffn_total += f
-        # A native checkpoint drops a dropped block's norm with it; stock classes keep every norm.
-        norms += d * ((g > 0 or mode != "native") + (c > 0 or mode != "native"))
+        # A native checkpoint drops a dropped block's norms with it; stock classes keep every norm.
+        attention_kept, ffn_kept = g > 0 or mode != "native", c > 0 or mode != "native"
+        norms += (d + head_norm_params(arch)) * attention_kept + d * ffn_kept
         per_layer.append({"attention": a, "ffn": f})
     emb = embedding_params(arch, d)
     prunable = attn_total + ffn_total
@@ -145,18 +153,36 @@ def gate_params(arch: ArchSpec, structures: list[str] | tuple[str, ...]) -> int:
     return n
 
 
+DEFAULT_MULTIPLE_OF = 64  # fp16 tensor-core GEMMs run best at multiples of 64; llama.cpp's q8_0 blocks (32) divide it
+ALIGN_FROM = 16 * DEFAULT_MULTIPLE_OF  # the default aligns a dimension of at least 16 such units
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """The unit that kept FFN channels (per layer) and kept hidden dims come in. A count equal to the whole
+    dimension is always allowed, so a source width that is not a multiple stays loadable."""
+
+    ffn: int
+    hidden: int
+
+    @classmethod
+    def of(cls, arch: ArchSpec, multiple_of: int | None) -> Alignment:
+        """`multiple_of` None is the default: 64 for a dimension of at least 1,024 (7B-class widths: hidden
+        4096, FFN 11008 = 172 x 64), 1 below, where a 64-wide unit would be a large share of the dimension
+        and tiny models could not meet their target."""
+        def unit(dim: int) -> int:
+            if multiple_of is not None:
+                return multiple_of
+            return DEFAULT_MULTIPLE_OF if dim >= ALIGN_FROM else 1
+        return cls(ffn=unit(arch.intermediate_size), hidden=unit(arch.hidden_size))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"ffn_channels": self.ffn, "hidden_dims": self.hidden}
 
 
-
-
-
-
-
-
-
-
+def aligned_counts(unit: int, full: int) -> list[int]:
+    """The counts a dimension of `full` may keep under `unit`, ascending: multiples of `unit`, and `full`."""
+    return sorted({*range(unit, full, unit), full})
 
 
 def target_sparsity(recipe: Recipe, arch: ArchSpec) -> float:

@@ -3,7 +3,10 @@
 The masked model is the source model (LoRA merged) whose head, FFN-channel and hidden-dim gates are fixed 0/1
 masks. Slicing keeps only the rows and columns that the masks keep, so the small model computes the same
 logits with fewer parameters. The one non-trivial step is RMSNorm: the masked model still divides by the full
-hidden size d, so the sliced norms get w * sqrt(d/|D|) and eps * d/|D| to stay exact.
+hidden size d, so the sliced norms get w * sqrt(d/|D|) and eps * d/|D| to stay exact. Qwen3's per-head
+q_norm / k_norm (over head_dim, one weight shared by all heads) are kept whole; they read the config's one
+rms_norm_eps, so the sliced q and k projections are scaled by sqrt(d/|D|) as well: RMSNorm is scale-invariant
+up to eps, and that scale turns eps * d/|D| back into the source's eps exactly.
 
 `slice_state_dict` returns every layer's tensors, including zero-sized ones for a block that keeps nothing:
 the `native` builder drops those blocks, the `pad` builder pads them with zeros, so both start from one slice.
@@ -126,10 +129,16 @@ def slice_layer(weights: Mapping[str, torch.Tensor], i: int, arch: ArchSpec, mas
     q_rows, kv_rows = q_rows.to(device), kv_rows.to(device)
     channels = _kept(masks.ffn[i]).to(device)
     sd: dict[str, torch.Tensor] = {}
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        sd[f"{p}self_attn.{name}.weight"] = _cols(_rows(weights[f"{p}self_attn.{name}.weight"], rows), hidden)
+    qk_scale = scale if arch.qk_norm else 1.0
+    for name, rows, factor in (("q_proj", q_rows, qk_scale), ("k_proj", kv_rows, qk_scale),
+                               ("v_proj", kv_rows, 1.0)):
+        weight = weights[f"{p}self_attn.{name}.weight"]
+        sd[f"{p}self_attn.{name}.weight"] = _cols(_rows(weight, rows), hidden) * factor
         if (bias := weights.get(f"{p}self_attn.{name}.bias")) is not None:
-            sd[f"{p}self_attn.{name}.bias"] = bias.index_select(0, rows)
+            sd[f"{p}self_attn.{name}.bias"] = bias.index_select(0, rows) * factor
+    if arch.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            sd[f"{p}self_attn.{norm}.weight"] = weights[f"{p}self_attn.{norm}.weight"].clone()
     sd[f"{p}self_attn.o_proj.weight"] = _cols(_rows(weights[f"{p}self_attn.o_proj.weight"], hidden), q_rows)
     if (bias := weights.get(f"{p}self_attn.o_proj.bias")) is not None:
         sd[f"{p}self_attn.o_proj.bias"] = bias.index_select(0, hidden)
@@ -147,7 +156,7 @@ def slice_layer(weights: Mapping[str, torch.Tensor], i: int, arch: ArchSpec, mas
 
 @torch.no_grad()
 def slice_state_dict(model: nn.Module, masks: Masks) -> tuple[dict[str, torch.Tensor], SliceShape]:
-    """Slice a merged LLaMA/Mistral/Qwen2 causal LM to the kept structures.
+    """Slice a merged LLaMA/Mistral/Qwen2/Qwen3 causal LM to the kept structures.
 
     Keys follow the stock HF layout (`model.layers.{i}.self_attn.q_proj.weight`, ...). Every layer has all its
     keys; a block that keeps nothing has zero-sized weights. With tied embeddings `lm_head.weight` is the same

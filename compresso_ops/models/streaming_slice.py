@@ -36,10 +36,12 @@ from compresso_ops.infra import atomic
 from compresso_ops.method.hooks import masked
 from compresso_ops.method.masks import Masks
 from compresso_ops.models.architecture import ArchSpec
+from compresso_ops.models.card import write_card
 from compresso_ops.models.export import (
     CHECK_BATCH_SEED,
     CHECK_TOLERANCE,
     MANIFEST_FILE,
+    _drop_load_time_keys,
     _emit,
     add_native_code,
     check_batch,
@@ -49,6 +51,7 @@ from compresso_ops.models.export import (
     resolve_dtype,
     stock_config,
 )
+from compresso_ops.models.resolve import readable_model
 from compresso_ops.models.slicing import drop_empty_blocks, pad_state_dict, slice_layer, slice_outer, slice_shape
 from compresso_ops.ui.progress import EventFn
 
@@ -72,7 +75,21 @@ class SafetensorsSource:
     """A checkpoint's tensors by name, read one at a time. Each read opens and closes its file, so no mapping
     of the whole file stays in the process (its pages would count in its resident memory)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, field: str | None = None) -> None:
+        self.folder, self.field = folder, field  # field: the recipe field naming a folder a user supplied
+        with self._reading():
+            self._index(folder)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A missing, truncated or corrupt file of a user's model folder is a user error naming it."""
+        if self.field is None:
+            yield
+            return
+        with readable_model(self.folder, field=self.field):
+            yield
+
+    def _index(self, folder: Path) -> None:
         index = folder / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -89,11 +106,12 @@ class SafetensorsSource:
         """Every tensor of `group`, in fp32."""
         names = [n for n in self.files if group_of(n) == group]
         out: Tensors = {}
-        for file in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(file, "pt") as handle:
-                for name in names:
-                    if self.files[name] == file:
-                        out[name] = handle.get_tensor(name).to(torch.float32)
+        with self._reading():
+            for file in dict.fromkeys(self.files[n] for n in names):
+                with safe_open(file, "pt") as handle:
+                    for name in names:
+                        if self.files[name] == file:
+                            out[name] = handle.get_tensor(name).to(torch.float32)
         return out
 
 
@@ -192,11 +210,11 @@ class SlicedSource:
         return sd
 
 
-def streamable(source_dir: Path | None, lora_dir: Path) -> str | None:
+def streamable(source_dir: Path | None, lora_dir: Path | None) -> str | None:
     """Why the slice stage cannot stream this source and adapter (it then loads the model), or None."""
     if source_dir is None or not any(source_dir.glob("*.safetensors")):
         return "the source has no safetensors weights"
-    if lora_dir.is_dir():
+    if lora_dir is not None and lora_dir.is_dir():
         return LoraMerge.unsupported(lora_dir)
     return None
 
@@ -215,24 +233,27 @@ def stream_export(
     dtype: str = "auto",
     max_shard_size: str = "5GB",
     on_event: EventFn | None = None,
+    source_field: str | None = None,
 ) -> dict[str, Any]:
     """The export `export_pruned` writes for the merged source, written from `source_dir`'s safetensors
-    without loading the model; checked as the module docstring says. Returns the manifest."""
+    without loading the model; checked as the module docstring says. Returns the manifest. With `source_field`
+(the recipe field that names `source_dir`), a missing or damaged source file is a user error naming it."""
     arch = ArchSpec.from_hf_config(source_config)
     check_export_request(mode, arch, masks)
     with freed_memory_returned():
         return _stream_export(source_dir, lora_dir, masks, mode, out_dir, arch, source_config=source_config,
                               tokenizer=tokenizer, source_info=source_info, recipe=recipe, dtype=dtype,
-                              max_shard_size=max_shard_size, on_event=on_event)
+                              max_shard_size=max_shard_size, on_event=on_event, source_field=source_field)
 
 
 def _stream_export(source_dir: Path, lora_dir: Path | None, masks: Masks, mode: str, out_dir: Path,
                    arch: ArchSpec, *, source_config: Any, tokenizer: Any, source_info: dict[str, Any],
-                   recipe: Any, dtype: str, max_shard_size: str, on_event: EventFn | None) -> dict[str, Any]:
+                   recipe: Any, dtype: str, max_shard_size: str, on_event: EventFn | None,
+                   source_field: str | None) -> dict[str, Any]:
     """`stream_export` once the request is checked: plan the export, write it, check it, write the manifest."""
     tied = bool(getattr(source_config, "tie_word_embeddings", False))
     lora = LoraMerge.load(lora_dir) if lora_dir is not None else None
-    source = SafetensorsSource(source_dir)
+    source = SafetensorsSource(source_dir, source_field)
     if lora is not None and (unknown := sorted(set(lora.pairs) - set(source.files))):
         raise StageError(f"{lora_dir}: the adapter targets {unknown[0]}, which the source does not have; "
                          "the adapter belongs to another model")
@@ -250,6 +271,7 @@ def _stream_export(source_dir: Path, lora_dir: Path | None, masks: Masks, mode: 
         _write_config(skeleton, dt, tmp, generation_config(source_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _drop_load_time_keys(tmp / "tokenizer_config.json")
         _emit(on_event, "check", streamed=True)
         checks = _check(tmp, sliced, source_config, masks, dt, int(manifest["params"]["exported"]["total"]))
         failures = [f"{k} = {v:.3g} > {CHECK_TOLERANCE}" for k, v in checks.items()
@@ -264,6 +286,7 @@ def _stream_export(source_dir: Path, lora_dir: Path | None, masks: Masks, mode: 
             raise StageError(f"{out_dir}: export check failed: {'; '.join(failures)}; nothing was written")
         manifest = {**manifest, "checks": checks, "streamed": True,
                     "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+        write_card(tmp, manifest)  # the model card save_export writes, from the same manifest
         atomic.write_json(tmp / MANIFEST_FILE, manifest)
     return manifest
 

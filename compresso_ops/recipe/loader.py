@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -21,10 +23,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from compresso_ops.errors import RecipeError, UserError
-from compresso_ops.models.architecture import PRESETS, PROJECTIONS
+from compresso_ops.evaluation.tasks import check_task_file, unknown_task_problems
+from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import count_params, target_sparsity
-from compresso_ops.recipe.schema import Recipe
+from compresso_ops.recipe.schema import Recipe, micro_batch_problem
 
 Loc = tuple[str | int, ...]
 
@@ -53,7 +56,9 @@ class _Problems:
             if loc[:end] in self.locations:
                 file, line = self.locations[loc[:end]]
                 break
-        self.lines.append(f"{file}:{line}: {_dotted(loc) or '(recipe)'}: {message}")
+        # A field set on the command line has no line: its "file" is the override itself (line 0).
+        where = f"{file}:{line}" if line else file
+        self.lines.append(f"{where}: {_dotted(loc) or '(recipe)'}: {message}")
 
 
 def _dotted(loc: Loc) -> str:
@@ -63,8 +68,25 @@ def _dotted(loc: Loc) -> str:
     return out
 
 
+# A recipe is a few hundred lines; a larger file is not one, and reading it whole would cost memory.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe loader that refuses duplicate keys (YAML silently keeps the last one otherwise)."""
+    """Safe loader that refuses duplicate keys (YAML silently keeps the last one otherwise) and aliases:
+    `*name` shares a node, so ten lines of nested aliases expand to billions of values (an alias bomb)
+    and a self-referencing one never ends. `extends:` is how recipes reuse each other."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _AliasRefused(problem="YAML aliases (*name) are not allowed in a recipe; write the value out "
+                                "or share settings with extends:", problem_mark=mark)
+        return super().compose_node(parent, index)
 
 
 def _compose(path: Path) -> yaml.Node | None:
@@ -105,8 +127,15 @@ def _read_yaml(path: Path, locations: Locations) -> dict[str, Any]:
     file = _display(path)
     if not path.is_file():
         raise RecipeError([f"{file}:1: (recipe): file not found"])
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        size = path.stat().st_size
+        raise RecipeError([f"{file}:1: (recipe): {size:,} bytes is too large for a recipe; check the file name"])
     try:
         node = _compose(path)
+    except _AliasRefused as exc:
+        raise RecipeError([f"{file}:{exc.problem_mark.line + 1}: yaml: {exc.problem}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{file}:1: yaml: the file nests too deeply to be a recipe"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -200,6 +229,11 @@ def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...]
     return _merge(base, data)
 
 
+def merged_fields(path: Path) -> dict[str, Any]:
+    """A recipe file's fields with `extends:` applied, unvalidated (for listing recipes, not running them)."""
+    return _load_with_extends(path, {})
+
+
 def _model_at(loc: Loc) -> type[BaseModel] | None:
     """The pydantic model class that validates the mapping at `loc` (for "did you mean" hints)."""
     model: Any = Recipe
@@ -223,11 +257,14 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
+def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, Any]) -> None:
+    """One line per field. Pydantic reports a union (`0.5 | "auto"`) once per branch, with the branch's tag in
+    the location (`constrained-float`, `literal['auto']`): the tags go, and the branches' messages join."""
+    messages: dict[Loc, list[str]] = {}
     for err in exc.errors(include_url=False):
-        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and not p.isidentifier()))
         kind = err["type"]
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _plain_hint(loc, err, data, problems) or err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1])
             valid = sorted(parent.model_fields) if parent else []
@@ -238,14 +275,37 @@ def _schema_problems(exc: ValidationError, problems: _Problems) -> None:
             msg = f"unknown key '{loc[-1]}'{hint}"
         elif kind == "missing":
             msg = "required field is missing; add it"
-        problems.add(loc, msg)
+        if msg not in messages.setdefault(loc, []):
+            messages[loc].append(msg)
+    for loc, msgs in messages.items():
+        problems.add(loc, "; or ".join(msgs))
+
+
+def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -> str | None:
+    """A message for the mistakes users make most, where pydantic's own text would not say what to write."""
+    value, section = err.get("input"), _model_at(loc)
+    if isinstance(value, bool) and section is not None and "enabled" in section.model_fields:
+        return f"{str(value).lower()} is not a section; write {_dotted(loc)}: {{enabled: {str(value).lower()}}}"
+    if loc == ("target", "sparsity") and err["type"] == "less_than" and isinstance(value, (int, float)):
+        example = f": write {value / 100:.2f} for {value:g}%" if 1 < value < 100 and value == int(value) else ""
+        return f"{value} is not a fraction; sparsity is the share of prunable parameters removed, between 0 " \
+               f"and 1{example}"
+    target = _get(data, ("target",))
+    if loc == ("target",) and isinstance(target, dict) and None not in (target.get("sparsity"), target.get("params")):
+        where = {key: problems.locations.get(("target", key), ("", 0)) for key in ("sparsity", "params")}
+        inherited = [key for key, (file, _) in where.items() if file != problems.default_file]
+        if len(inherited) == 1:
+            key = inherited[0]
+            file, line = where[key]
+            return (f"target.sparsity and target.params are both set (target.{key} comes from {file}:{line} "
+                    f"through extends); add '{key}: null' under target to clear the inherited one")
+        return "give one of target.sparsity or target.params, not both"
+    return None
 
 
 def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -> None:
     if recipe.model.architecture and recipe.model.architecture not in PRESETS:
-        close = difflib.get_close_matches(recipe.model.architecture, list(PRESETS), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(PRESETS)}"
-        problems.add(("model", "architecture"), f"unknown preset '{recipe.model.architecture}'; {hint}")
+        problems.add(("model", "architecture"), unknown_preset(recipe.model.architecture))
         return
     try:
         arch = resolve_arch(recipe)
@@ -289,19 +349,81 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")
 
-    if recipe.data.max_seq_length > arch.max_position_embeddings:
-        problems.add(("data", "max_seq_length"), f"{recipe.data.max_seq_length} is above the model's limit of "
-                                                 f"{arch.max_position_embeddings} positions; lower it")
+    _length_problems(recipe, arch.max_position_embeddings, problems)
+    for section in ("prune", "finetune"):
+        micro = getattr(recipe, section).micro_batch_size
+        if recipe.data.num_examples and (why := micro_batch_problem(micro, recipe.data.num_examples)):
+            problems.add((section, "micro_batch_size"), why)
     if recipe.hardware.gpu == "cpu" and recipe.model.dtype == "float16":
-        problems.add(("model", "dtype"), "float16 training is not supported on cpu; use float32 or auto")
+        default = "" if ("hardware", "gpu") in recipe._locations else \
+            " (the recipe sets no hardware.gpu, and the default is hardware.gpu: cpu)"
+        problems.add(("model", "dtype"), f"float16 training is not supported on cpu{default}; set hardware.gpu "
+                                         "to your GPU type, or model.dtype: float32 or auto")
 
     if check_files:
         _file_problems(recipe, problems)
 
 
+def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) -> None:
+    """Every sequence the run builds fits the model's position table."""
+    ppl, speed = recipe.eval.perplexity, recipe.eval.speed
+    lengths: list[tuple[Loc, int]] = [(("data", "max_seq_length"), recipe.data.max_seq_length)]
+    if ppl is not None:
+        lengths.append((("eval", "perplexity", "window"), ppl.window))
+    if recipe.eval.max_length is not None:
+        lengths.append((("eval", "max_length"), recipe.eval.max_length))
+    if speed.enabled:
+        lengths.append((("eval", "speed", "prompt_length"), speed.prompt_length + speed.new_tokens))
+    for loc, length in lengths:
+        if length > max_positions:
+            what = "prompt_length + new_tokens = " if loc[-1] == "prompt_length" else ""
+            problems.add(loc, f"{what}{length:,} is above the model's limit of {max_positions:,} positions; lower it")
+
+
+# A bound for when no tokenizer is on disk: no LLaMA-family tokenizer averages more characters per token than
+# this over a sentence (LLaMA's is about 4 on English prose), so chars / 10 tokens is a floor.
+_MAX_CHARS_PER_TOKEN = 10
+
+
+def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
+    """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
+    be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
+    model's tokenizer.json when it is local or cached, else bounded from the character count."""
+    from compresso_ops.method.prompts import resolve_prompt
+    from compresso_ops.training.data import fixed_prefix
+
+    stages = [s for s, on in (("prune", recipe.method == "compresso"), ("finetune", recipe.finetune.enabled)) if on]
+    prefix = max((fixed_prefix(recipe.data.format, resolve_prompt(recipe.prompt, s)) for s in stages),  # type: ignore[arg-type]
+                 key=len, default="")
+    if not prefix:
+        return
+    limit = recipe.data.max_seq_length
+    folder = locate_model(recipe.model).folder
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        count = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prefix, add_special_tokens=False).ids)
+        count += 1 if config.get("bos_token") else 0
+        how = f"{count} tokens with the model's tokenizer"
+    else:
+        count = len(prefix) // _MAX_CHARS_PER_TOKEN
+        how = f"at least {count} tokens by its {len(prefix)} characters (no local tokenizer to count exactly)"
+    if count >= limit:
+        problems.add(("data", "max_seq_length"), f"{limit} leaves no room for text after the prompt and the "
+                                                 f"{recipe.data.format} template ({how}); raise "
+                                                 "data.max_seq_length or shorten prompt.text")
+
+
 def _file_problems(recipe: Recipe, problems: _Problems) -> None:
-    if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
+    location = locate_model(recipe.model)
+    if (missing := location.problem(need_weights=True)) is not None:
         problems.add(("model", "path"), missing.removeprefix("model.path: "))
+    elif not location.has_tokenizer:
+        problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
+                                        "tokenizer_config.json); copy the source model's tokenizer files there")
+    _prompt_room(recipe, problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
@@ -311,25 +433,102 @@ def _file_problems(recipe: Recipe, problems: _Problems) -> None:
         (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),
     ]
     files += [(("eval", "local_tasks", i, "data"), t.data) for i, t in enumerate(recipe.eval.local_tasks)]
+    for i, message in unknown_task_problems(recipe.eval.tasks):
+        problems.add(("eval", "tasks", i), message)
     for loc, path in files:
         if path is not None and not Path(path).is_file():
             problems.add(loc, f"file not found: {path}")
+    for i, task in enumerate(recipe.eval.local_tasks):
+        if Path(task.data).is_file():
+            try:
+                check_task_file(task)
+            except UserError as exc:
+                problems.add(("eval", "local_tasks", i, "data"), str(exc))
 
 
-def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
-    """Load, validate and check a recipe; raise `RecipeError` listing every problem found."""
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*$")
+
+
+def _override_loc(key: str) -> Loc:
+    """`prune.lr.lora` -> ("prune", "lr", "lora"); `eval.local_tasks[0].data` -> (..., "local_tasks", 0, "data")."""
+    return tuple(int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[[0-9]+\]|[^.\[\]]+", key))
+
+
+def _apply_override(data: dict[str, Any], item: str, locations: Locations) -> None:
+    """Set one `--set key.path=value` in the merged recipe. The value is YAML (`0.3`, `null`, `[q_proj, v_proj]`,
+    `{r: 16}`), so it reaches validation typed exactly as if it had been written in the file. Its location is
+    the override itself, so every later problem with the field names it."""
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    label = f"--set {item}"
+    if not eq or not _OVERRIDE_KEY.match(key):
+        raise RecipeError([f"{label}: give it as key.path=value, e.g. --set prune.lr.lora=1e-4"])
+    if key == "extends":
+        raise RecipeError([f"{label}: extends is read before overrides apply; edit the recipe file instead"])
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{label}: the value is not YAML ({str(exc).splitlines()[0]}); quote it"]) from None
+    loc = _override_loc(key)
+    container: Any = data
+    for depth, part in enumerate(loc[:-1]):
+        nxt = loc[depth + 1]
+        if isinstance(part, int):
+            if not (isinstance(container, list) and part < len(container)):
+                raise RecipeError([f"{label}: {_dotted(loc[:depth + 1])}: no such list item in the recipe"])
+            container = container[part]
+            continue
+        if not isinstance(container, dict):
+            raise RecipeError([f"{label}: {_dotted(loc[:depth])}: is not a mapping; set it whole instead"])
+        if container.get(part) is None and not isinstance(nxt, int):
+            container[part] = {}
+        container = container.get(part)
+    last = loc[-1]
+    if isinstance(last, int):
+        if not (isinstance(container, list) and last < len(container)):
+            raise RecipeError([f"{label}: {key}: no such list item in the recipe"])
+    elif not isinstance(container, dict):
+        raise RecipeError([f"{label}: {_dotted(loc[:-1])}: is not a mapping; set it whole instead"])
+    old = container[last] if isinstance(last, int) or last in container else None
+    if isinstance(value, dict) and isinstance(old, dict):  # a mapping merges into the section, as extends: does
+        container[last] = _merge(old, value)
+    else:
+        container[last] = value
+        for known in [k for k in locations if k[:len(loc)] == loc]:
+            del locations[known]  # lines of the file's old value no longer describe it
+    _locate_value(value, loc, label, locations)
+    _resolve_paths(data, Path.cwd(), label, locations)
+
+
+def _locate_value(value: Any, loc: Loc, label: str, locations: Locations) -> None:
+    locations[loc] = (label, 0)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        _locate_value(v, loc + (k,), label, locations)
+
+
+def load_recipe(path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, validate and check a recipe; raise `RecipeError` listing every problem found.
+
+    `overrides` are `key.path=value` strings (the CLI's `--set`), applied after `extends:` and before
+    validation, so they are checked, resolved and hashed like fields written in the file; relative paths
+    they give are relative to the working folder, where they were typed.
+    """
     path = Path(path)
     locations: Locations = {}
     data = _load_with_extends(path, locations)
+    for item in overrides:
+        _apply_override(data, item, locations)
     problems = _Problems(locations, _display(path))
     data.setdefault("name", path.stem)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        _schema_problems(exc, problems)
+        _schema_problems(exc, problems, data)
         raise RecipeError(problems.lines) from None
     recipe._source_file = path.resolve()
     recipe._locations = locations
+    recipe._overrides = tuple(overrides)
     _semantic_problems(recipe, problems, check_files)
     if problems.lines:
         raise RecipeError(problems.lines)
@@ -337,5 +536,7 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
 
 
 def dump_resolved(recipe: Recipe) -> str:
-    """The fully resolved recipe (extends applied, defaults filled, absolute paths) as YAML."""
-    return yaml.safe_dump(json.loads(json.dumps(recipe.model_dump(mode="json"))), sort_keys=False)
+    """The fully resolved recipe (extends applied, overrides set, defaults filled, absolute paths) as YAML;
+    a comment names the command-line overrides, which the file alone cannot show."""
+    header = "".join(f"# --set {item}\n" for item in recipe.overrides)
+    return header + yaml.safe_dump(json.loads(json.dumps(recipe.model_dump(mode="json"))), sort_keys=False)

@@ -12,7 +12,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from compresso_ops.infra.fingerprint import digest
 from compresso_ops.infra.units import parse_bytes
@@ -28,7 +37,56 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+# Upper bounds on values that size memory or time: far above any real job, low enough that a typo or a
+# hostile recipe fails validation instead of exhausting the machine.
+MAX_BATCH = 65_536
+MAX_SEQ_LENGTH = 1 << 20
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+MAX_NAME_LENGTH = 128
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def _check_duration(amount: float, unit: str, field: str) -> None:
+    """A training length is bounded in its unit (epochs multiply by the dataset's steps per epoch)."""
+    limit = MAX_EPOCHS if unit == "epochs" else MAX_STEPS
+    if amount > limit:
+        raise ValueError(f"{field} {amount:g} {unit} is above the limit of {limit:,} {unit}; lower it")
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes the folder runs/<name>: one plain path component, never a way out of runs/."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"'{name[:40]}' is not a folder name; use letters, digits, '-', '_' or '.' without '/'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("contains control characters; use letters, digits, '-', '_' or '.'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"'{name[:20]}...' is {len(name):,} characters long; use at most {MAX_NAME_LENGTH}")
+    return name
+
+
+def micro_batch_problem(micro_batch_size: int, num_examples: int) -> str | None:
+    """Why a micro-batch cannot be drawn from a dataset (a larger one only repeats examples in memory)."""
+    if micro_batch_size > num_examples:
+        return (f"{micro_batch_size:,} is larger than the dataset's {num_examples:,} examples; "
+                f"use at most {num_examples:,}")
+    return None
+
+
+def _whole(value: float) -> float | int:
+    """A duration that is a whole number is written as one (`10`, not `10.0`, in recipe.resolved.yaml)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _check_whole_steps(unit: str, **amounts: float) -> None:
+    if unit == "steps":
+        for name, amount in amounts.items():
+            if not float(amount).is_integer():
+                raise ValueError(f"{name} is {amount} but the unit is steps; give a whole number of steps")
+
+
+PARAM_COUNT_PATTERN = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$"
+_SIZE = re.compile(PARAM_COUNT_PATTERN)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
@@ -55,7 +113,8 @@ class ModelSection(Strict):
     architecture: str | None = Field(
         default=None,
         description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-2-70b, "
-        "llama-3-8b, mistral-7b) used for planning when the model's config.json is not on disk.",
+        "llama-3-8b, llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, mistral-7b, mistral-7b-v0.3, qwen2.5-7b, qwen3-8b) "
+        "used for planning when the model's config.json is not on disk.",
     )
 
 
@@ -67,11 +126,27 @@ class TargetSection(Strict):
     params: int | None = Field(
         default=None, gt=0,
         description="Total parameters after pruning, e.g. 5.4B, 500M or an integer.",
+        # The loader parses "5.4B" before validating; the schema editors see must accept what it accepts.
+        json_schema_extra=lambda schema: schema.update(anyOf=[
+            {"type": "integer", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": PARAM_COUNT_PATTERN},
+            {"type": "null"},
+        ]),
     )
     structures: list[Structure] = Field(
         default_factory=lambda: ["heads", "ffn", "hidden"],
         description="What may be pruned: heads, ffn (channels), hidden (dims), and optionally whole "
         "attention_blocks / ffn_blocks.",
+    )
+
+    multiple_of: int | None = Field(
+        default=None, ge=1,
+        description="Keep FFN channels (per layer) and hidden dims in multiples of this (a dimension may also keep "
+        "its whole width; heads are whole units already): fp16 tensor-core GEMMs want multiples of 8 and run "
+        "best at 64 or 128, llama.cpp's quantizers need blocks of 32 (q8_0) or 256 (k-quants). The final masks "
+        "meet the target within one aligned unit. Default (null): 64 for a dimension of at least 1,024 "
+        "(7B-class widths: hidden 4096, FFN 11008 = 172 x 64), none below, where a 64-wide unit is a large share "
+        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off.",
     )
 
     @field_validator("params", mode="before")
@@ -112,16 +187,16 @@ class DataSection(Strict):
         default="alpaca",
         description="alpaca: JSON or JSONL rows with instruction/input/output; text: plain text chunked to max_seq_length.",
     )
-    max_seq_length: int = Field(default=512, ge=8, description="Tokens per training example (longer ones are cut).")
+    max_seq_length: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per training example (longer ones are cut).")
     max_samples: int | None = Field(default=None, gt=0, description="Use at most this many examples.")
     validation_path: Path | None = Field(default=None, description="Held-out plain text for perplexity.")
     num_examples: int | None = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=10**12,
         description="Rows in the data file, for planning steps and time before the file is on disk.")
 
 
 class LoraSection(Strict):
-    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    r: int = Field(default=8, ge=1, le=MAX_BATCH, description="LoRA rank.")
     alpha: float = Field(default=8.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
@@ -130,13 +205,25 @@ class LoraSection(Strict):
     )
 
 
+TRAIN_DESCRIPTION = (
+    "What trains besides the gates: lora (adapters on a frozen base; the reference method) or full (every "
+    "weight, fp32 master weights under fp16/bf16 autocast; more memory, better recovery)."
+)
+
+
 class PruneLearningRates(Strict):
-    lora: float = Field(default=5e-5, gt=0, description="Learning rate of the LoRA adapters while pruning.")
-    gates: float = Field(default=0.1, gt=0, description="Learning rate of the gates' log_alpha.")
-    lagrangian: float = Field(
-        default=0.1, gt=0,
-        description="Learning rate of the Lagrange multipliers (applied as gradient ascent).",
-    )
+    lora: float = Field(
+        default=5e-5, gt=0,
+        description="Learning rate of the trained weights while pruning: the LoRA adapters, or every weight "
+                    "with prune.train: full.")
+    gates: PositiveFloat | Literal["auto"] = Field(
+        default="auto",
+        description="Learning rate of the gates' log_alpha. auto: the paper's 0.1, raised for ramps shorter than "
+                    "150 steps so the gates can follow the target (15 / ramp steps; docs/method.md §5).")
+    lagrangian: PositiveFloat | Literal["auto"] = Field(
+        default="auto",
+        description="Learning rate of the Lagrange multipliers (applied as gradient ascent). auto: the paper's "
+                    "0.1, raised for ramps shorter than 250 steps (25 / ramp steps).")
 
 
 class PruneSchedule(Strict):
@@ -145,32 +232,68 @@ class PruneSchedule(Strict):
     ramp: float = Field(default=4, gt=0, description="Phase 2: target sparsity ramps linearly from 0 to the target.")
     hold: float = Field(default=3, ge=0, description="Phase 3: training continues at the target.")
 
+    @model_validator(mode="after")
+    def _bounded(self) -> PruneSchedule:
+        _check_duration(self.lora_only + self.ramp + self.hold, self.unit, "lora_only + ramp + hold =")
+        _check_whole_steps(self.unit, lora_only=self.lora_only, ramp=self.ramp, hold=self.hold)
+        return self
+
+    @field_serializer("lora_only", "ramp", "hold")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
+
+
+GROUP_BY_LENGTH_HELP = (
+    "Length-grouped micro-batches (the idea of transformers' group_by_length): megabatches of up to 50 "
+    "micro-batches are sorted by length, so a micro-batch pads little, and their micro-batches are dealt in a "
+    "seeded random order, so an optimizer step still mixes long and short examples. On by default: every example "
+    "is still seen once per epoch, the loss stays normalised by the step's response tokens, runs stay "
+    "deterministic, resumable and equal across processes, and padding falls (benchmarks/throughput.py, Alpaca "
+    "rows, micro-batches of 4: 18% of the positions ungrouped, 1% grouped). Applies to data.format alpaca; "
+    "text chunks have one length."
+)
+
 
 class PruneSection(Strict):
+    train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
     lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
     schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
-    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, description="Seed of data shuffling, gate init and gate sampling.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling, gate init and gate sampling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
-    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the LoRA gradient norm; null disables.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
 
 
 class FinetuneSection(Strict):
-    enabled: bool = Field(default=True, description="Run LoRA fine-tuning on the sliced model.")
+    enabled: bool = Field(default=True, description="Fine-tune the sliced model to recover quality.")
+    train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
     unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of `duration`.")
     duration: float = Field(default=3, gt=0, description="How long to fine-tune, in `unit`.")
     lr: float = Field(default=4e-4, gt=0, description="Peak learning rate.")
     schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters of the fine-tune.")
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass per GPU.")
-    gradient_accumulation: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
+    gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, description="Seed of data shuffling.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling.")
+    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> FinetuneSection:
+        _check_duration(self.duration, self.unit, "duration")
+        _check_whole_steps(self.unit, duration=self.duration)
+        return self
+
+    @field_serializer("duration")
+    def _write_whole(self, value: float) -> float | int:
+        return _whole(value)
 
 
 class LocalTask(Strict):
@@ -186,29 +309,60 @@ class LocalTask(Strict):
 
 class PerplexitySection(Strict):
     path: Path = Field(description="Plain text file for perplexity (relative to the recipe's folder).")
-    window: int = Field(default=512, ge=8, description="Tokens per sliding window.")
-    stride: int = Field(default=256, ge=1, description="Tokens the window advances; only new tokens are scored.")
+    window: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per sliding window.")
+    stride: int = Field(
+        default=256, ge=1,
+        description="Tokens the window advances; only new tokens are scored. Equal to window: non-overlapping windows.")
     max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens.")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> PerplexitySection:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) is larger than window ({self.window}): the tokens between "
+                             "windows would never be scored; use a stride of at most the window")
+        return self
 
 
 class SpeedSection(Strict):
     enabled: bool = Field(default=True, description="Measure prefill and decode speed and peak memory.")
-    batch_size: int = Field(default=1, ge=1, description="Sequences per batch.")
-    prompt_length: int = Field(default=128, ge=1, description="Prompt tokens for prefill.")
-    new_tokens: int = Field(default=64, ge=1, description="Tokens decoded with the KV cache.")
-    repeats: int = Field(default=3, ge=1, description="Timed repetitions (the median is reported).")
+    batch_size: int = Field(default=1, ge=1, le=MAX_BATCH, description="Sequences per batch.")
+    prompt_length: int = Field(default=128, ge=1, le=MAX_SEQ_LENGTH, description="Prompt tokens for prefill.")
+    new_tokens: int = Field(default=64, ge=1, le=MAX_SEQ_LENGTH, description="Tokens decoded with the KV cache.")
+    repeats: int = Field(default=3, ge=1, le=1000, description="Timed repetitions (the median is reported).")
 
 
 class EvalSection(Strict):
-    tasks: list[str] = Field(default_factory=list, description="Stock lm-eval task names (need network or HF cache).")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Stock lm-eval task names (need network or HF cache); validate checks them against lm-eval.")
     local_tasks: list[LocalTask] = Field(default_factory=list, description="Tasks built from local data files (offline).")
-    num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per task.")
+    num_fewshot: int = Field(default=0, ge=0, le=1000, description="Few-shot examples per task.")
     limit: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples per task.")
-    batch_size: int = Field(default=8, ge=1, description="lm-eval batch size.")
-    max_length: int | None = Field(default=None, gt=0, description="Context length given to lm-eval (default: the model's).")
+    batch_size: int | str = Field(
+        default=8,
+        description="lm-eval batch size: a positive integer, or lm-eval's 'auto' (the largest batch that fits) "
+        "or 'auto:N' (re-detected N times as requests get shorter).")
+    max_length: int | None = Field(default=None, gt=0, le=MAX_SEQ_LENGTH,
+                                   description="Context length given to lm-eval (default: the model's).")
     perplexity: PerplexitySection | None = Field(default=None, description="Sliding-window perplexity on a text file.")
     speed: SpeedSection = Field(default_factory=SpeedSection, description="Speed and memory measurement.")
     compare_source: bool = Field(default=True, description="Evaluate the source model too (cached across runs).")
+
+
+    @field_validator("batch_size")
+    @classmethod
+    def _lm_eval_batch_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and 1 <= v <= MAX_BATCH or isinstance(v, str) and _AUTO_BATCH.match(v):
+            return v
+        raise ValueError(f"batch_size {v!r} is not an integer from 1 to {MAX_BATCH:,}, 'auto' or 'auto:N' (e.g. auto:4)")
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """The batch size when the recipe fixes one; None for lm-eval's 'auto' detection."""
+        return self.batch_size if isinstance(self.batch_size, int) else None
+
+
+_AUTO_BATCH = re.compile(r"^auto(:[1-9][0-9]*)?$")
 
 
 class ExportSection(Strict):
@@ -221,10 +375,30 @@ class ExportSection(Strict):
     max_shard_size: str = Field(default="5GB", description="Shard safetensors above this size.")
 
 
+class Requirements(Strict):
+    """Release thresholds: the report's verdict is PASS when every one given holds (and the export checks
+    passed), FAIL otherwise; `compresso-ops report --check` exits 3 on FAIL."""
+
+    retention: float | None = Field(
+        default=None, gt=0, description="Least mean retention over the evaluated tasks (pruned / source), e.g. 0.95.")
+    ppl_ratio: float | None = Field(
+        default=None, gt=0, description="Largest perplexity ratio (pruned / source), e.g. 1.2.")
+    decode_speedup: float | None = Field(
+        default=None, gt=0, description="Least decode speed-up (pruned / source tokens per second), e.g. 1.1.")
+    memory_ratio: float | None = Field(
+        default=None, gt=0, description="Largest deployed-memory ratio (pruned / source), e.g. 0.85.")
+    sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="Least prunable sparsity the final model must reach, e.g. 0.2.")
+
+
+class ReportSection(Strict):
+    require: Requirements = Field(default_factory=Requirements, description="Thresholds that decide PASS/FAIL.")
+
+
 class HardwareSection(Strict):
     gpu: GpuType = Field(default="cpu", description="GPU type the job runs on.")
-    gpus_per_node: int = Field(default=1, ge=1, description="GPUs (processes) per node.")
-    nodes: int = Field(default=1, ge=1, description="Nodes; multi-node runs are started with torchrun.")
+    gpus_per_node: int = Field(default=1, ge=1, le=64, description="GPUs (processes) per node.")
+    nodes: int = Field(default=1, ge=1, le=100_000, description="Nodes; multi-node runs are started with torchrun.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         default="auto",
         description="ddp: every GPU holds the whole frozen model; fsdp: the frozen base is sharded across GPUs "
@@ -269,16 +443,28 @@ class Recipe(Strict):
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation suite.")
     export: ExportSection = Field(default_factory=ExportSection, description="Checkpoint format.")
     hardware: HardwareSection = Field(default_factory=HardwareSection, description="Where the job runs.")
+    report: ReportSection = Field(default_factory=ReportSection, description="The release review's verdict.")
     run_dir: Path | None = Field(default=None, description="Run folder (default runs/<name>, relative to the working directory).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_run_name(v)
 
     # Set by the loader, not by users: where the recipe came from and where each field was written, so
     # checks that run after validation still point at a file and line.
     _source_file: Path | None = PrivateAttr(default=None)
     _locations: dict[tuple[str | int, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def source_file(self) -> Path | None:
         return self._source_file
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set key.path=value` items applied on top of the file, in order."""
+        return self._overrides
 
     def location(self, *path: str | int) -> tuple[str, int]:
         """(file, line) of the deepest part of `path` that was written in a recipe file."""
@@ -302,9 +488,38 @@ class Recipe(Strict):
 
 
 def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema editors validate recipes with; it accepts exactly what the loader accepts before its
+    own cross-field checks.
+
+    A recipe with `extends:` is deep-merged over its parent, so it may leave out required fields (a
+    child that only sets `target` has no `model`). The required lists of merged sections therefore apply
+    only when `extends` is absent: they move from the definitions into one `if`/`then` at the top.
+    """
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compresso-ops recipe"
     schema.setdefault("properties", {})["extends"] = {
         "type": "string", "description": "Another recipe (relative path) whose fields this one overrides."}
+    merged: set[str] = set()
+    schema["then"] = _merged_required(schema, schema.get("$defs", {}), merged)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    for node in [schema, *(schema["$defs"][name] for name in merged)]:
+        node.pop("required", None)
     return schema
+
+
+def _merged_required(node: dict[str, Any], defs: dict[str, Any], merged: set[str]) -> dict[str, Any]:
+    """A schema holding only the `required` lists of `node` and of the mappings `extends:` deep-merges into
+    (sections reached through properties; lists are replaced whole, so their items keep theirs). Adds the
+    names of those definitions to `merged`."""
+    out: dict[str, Any] = {"required": node["required"]} if node.get("required") else {}
+    properties: dict[str, Any] = {}
+    for name, prop in node.get("properties", {}).items():
+        for ref in [prop.get("$ref")] + [alt.get("$ref") for alt in prop.get("anyOf", [])]:
+            if ref and ref.startswith("#/$defs/"):
+                merged.add(ref.removeprefix("#/$defs/"))
+                if sub := _merged_required(defs[ref.removeprefix("#/$defs/")], defs, merged):
+                    properties[name] = sub
+    if properties:
+        out["properties"] = properties
+    return out

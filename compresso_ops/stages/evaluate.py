@@ -12,7 +12,6 @@ Not distributed: the executor calls these functions on rank 0 only (lm-eval retu
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,15 @@ from typing import Any
 from compresso_ops.evaluation.harness import group_averages, load_model, run_lm_eval, summarize_tasks
 from compresso_ops.evaluation.measures import hardware, measure_speed, perplexity, versions
 from compresso_ops.infra import atomic
+from compresso_ops.infra.cache import cache_dir
 from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, resolve_prompt
+from compresso_ops.models.card import write_card
+from compresso_ops.models.export import MANIFEST_FILE
 from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import EvalSection, ModelSection, Recipe
 from compresso_ops.stages.plan import evaluation_gpus
 from compresso_ops.ui.progress import EventFn
-
-CACHE_ENV = "COMPRESSO_OPS_CACHE"
-
 
 # Files whose size and mtime identify a model folder's content (hashing multi-GB weights would take minutes).
 _IDENTITY_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
@@ -96,10 +95,6 @@ def run_evaluate(recipe: Recipe, model_dir: str | Path, out_file: str | Path, *,
     return results
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compresso-ops")
-
-
 def model_identity(model: ModelSection) -> dict[str, Any]:
     """What identifies a model's content: its folder's config, weight and tokenizer files (sizes and mtimes);
     a hub id resolves to its cached snapshot (whose folder name is the commit)."""
@@ -160,9 +155,10 @@ def final_model_dir(recipe: Recipe, run_dir: Path) -> Path:
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     """The evaluate stage: `evaluate/pruned.json`, and `evaluate/source.json` when the recipe compares."""
-    folder = run_dir / "evaluate"
-    pruned = run_evaluate(recipe, final_model_dir(recipe, run_dir), folder / "pruned.json", label="pruned",
-                          on_event=on_event)
-    if recipe.eval.compare_source:
-        run_source_evaluate(recipe, folder / "source.json", on_event=on_event)
+    folder, model_dir = run_dir / "evaluate", final_model_dir(recipe, run_dir)
+    pruned = run_evaluate(recipe, model_dir, folder / "pruned.json", label="pruned", on_event=on_event)
+    source = run_source_evaluate(recipe, folder / "source.json", on_event=on_event) \
+        if recipe.eval.compare_source else None
+    if (manifest := atomic.read_json(model_dir / MANIFEST_FILE)) is not None:
+        write_card(model_dir, manifest, pruned, source)  # the shipped folder's card gains the evaluation
     return f"{len(pruned.get('tasks', {}))} task(s)"

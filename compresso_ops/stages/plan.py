@@ -7,18 +7,21 @@ activation model) is written into the plan so a reader can judge the numbers.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compresso_ops.evaluation.tasks import longest_request_tokens
 from compresso_ops.infra import atomic
 from compresso_ops.infra.units import human_bytes
+from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import (
+    Alignment,
     Kept,
+    aligned_counts,
     attention_params,
     count_params,
     ffn_params,
@@ -27,6 +30,7 @@ from compresso_ops.models.sizes import (
     target_sparsity,
 )
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.training.data import read_rows
 from compresso_ops.ui.progress import EventFn
 
 GIB = 1024**3
@@ -78,16 +82,18 @@ def export_dtype(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------- sizes
 
 
-def uniform_kept(arch: ArchSpec, sparsity: float) -> Kept:
+def uniform_kept(arch: ArchSpec, sparsity: float, multiple_of: int | None = None) -> Kept:
     """Per-layer counts for the `uniform` export at the planner's split: attention and FFN lose the same
-    fraction, hidden dims are kept, and the FFN count absorbs rounding so the total meets the target."""
+    fraction, hidden dims are kept, and the FFN count absorbs rounding so the total meets the target, to the
+    nearest count `target.multiple_of` allows (`Alignment`)."""
     layer_full = attention_params(arch, arch.num_kv_heads, arch.hidden_size) + ffn_params(
         arch, arch.intermediate_size, arch.hidden_size)
     budget = (1.0 - sparsity) * layer_full
     groups = max(1, round(arch.num_kv_heads * (1.0 - sparsity)))
     per_channel = ffn_params(arch, 1, arch.hidden_size)
-    channels = round((budget - attention_params(arch, groups, arch.hidden_size)) / per_channel)
-    channels = min(arch.intermediate_size, max(0, channels))
+    wanted = (budget - attention_params(arch, groups, arch.hidden_size)) / per_channel
+    unit = Alignment.of(arch, multiple_of).ffn
+    channels = min([0, *aligned_counts(unit, arch.intermediate_size)], key=lambda n: abs(n - wanted))
     return Kept((groups,) * arch.num_layers, (channels,) * arch.num_layers, arch.hidden_size)
 
 
@@ -97,11 +103,13 @@ def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
     target_total = recipe.target.params if recipe.target.params is not None else (
         target_prunable + src.embeddings + src.norms)
     nbytes = DTYPE_BYTES[export_dtype(recipe)]
-    uniform = count_params(arch, uniform_kept(arch, sparsity), "uniform").total
+    align = Alignment.of(arch, recipe.target.multiple_of)
+    uniform = count_params(arch, uniform_kept(arch, sparsity, recipe.target.multiple_of), "uniform").total
     full_structures = count_params(arch, Kept.full(arch), "pad").total
     export = {
         "native": {"params": target_total, "exact": False,
-                   "note": "meets the target within one structure; exact counts are known after pruning"},
+                   "note": f"meets the target within one structure ({align.ffn} FFN channels, a KV group); exact "
+                           f"counts are known after pruning"},
         "uniform": {"params": uniform, "exact": True,
                     "note": "same heads and FFN channels in every layer, at the planner's attention/FFN split"},
         "pad": {"params": full_structures, "exact": False,
@@ -115,6 +123,7 @@ def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
                    "total_sparsity": 1.0 - target_total / src.total},
         "export": export,
         "export_dtype": export_dtype(recipe),
+        "alignment": align.as_dict(),
     }
 
 
@@ -137,6 +146,8 @@ def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: fl
 def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
                      micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
                      scale: float = 1.0) -> dict[str, Any]:
+    """Peak bytes per GPU of one training stage. `frozen_params` are held in `dtype`; `trainable` (LoRA,
+    gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each."""
     nbytes = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_layer(arch, nbytes, scale) * tokens
@@ -149,15 +160,21 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
     # after the logits are freed, so the peak holds the larger of the two.
     act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
+    trained = trainable * BYTES_PER_TRAINABLE
     if fsdp:
-        # Each rank keeps 1/world of every frozen weight, plus what is gathered at the peak: the embeddings,
-        # LM head and final norm (the root group stays gathered from forward to backward) and two decoder
-        # layers (the one computing and the one prefetched). Trainables stay replicated (sharding.py).
-        layer = (frozen_params - outside_layers) / arch.num_layers
+        # Each rank keeps 1/world of every sharded weight, plus what is gathered at the peak in the compute
+        # dtype: the embeddings, LM head and final norm (the root group stays gathered from forward to
+        # backward) and two decoder layers (the one computing and the one prefetched). Under LoRA the frozen
+        # base is sharded and the trainables replicated; with train: full (frozen_params 0) the fp32 weights,
+        # gradients and optimizer state are sharded (sharding.py).
+        sharded = frozen_params or trainable
+        layer = (sharded - outside_layers) / arch.num_layers
         frozen = (frozen_params / world + 2 * layer + outside_layers) * nbytes
+        if not frozen_params:
+            trained /= world
     breakdown = {
         "frozen_weights": int(frozen),
-        "trainable_grads_optimizer": trainable * BYTES_PER_TRAINABLE,
+        "trainable_grads_optimizer": int(trained),
         "activations": int(act_ckpt if checkpointing else act_full),
         "activations_without_checkpointing": int(act_full),
         "activations_with_checkpointing": int(act_ckpt),
@@ -173,88 +190,191 @@ def _framework_overhead(subtotal: float) -> int:
     return int(CUDA_OVERHEAD_BYTES + FRAGMENTATION * subtotal)
 
 
+def _finetune_trainable(recipe: Recipe, arch: ArchSpec, target_total: int) -> int:
+    if recipe.finetune.train == "full":
+        return target_total
+    return lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules)
+
+
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    o = overrides or {}
+                  fsdp: bool | None = None) -> dict[str, Any]:
+    """Per-GPU memory of each stage as the recipe stands (`fsdp`: override the recipe's strategy)."""
     gpu = GPUS[recipe.hardware.gpu]
     on_gpu = recipe.hardware.gpu != "cpu"
     dtype = compute_dtype(recipe)
     world = recipe.hardware.world_size
-    fsdp = o.get("fsdp", recipe.hardware.strategy == "fsdp")
-    seq = o.get("seq_len", recipe.data.max_seq_length)
+    fsdp = recipe.hardware.strategy == "fsdp" if fsdp is None else fsdp
+    seq = recipe.data.max_seq_length
     target_total = params["target"]["total"]
     scale = math.sqrt(target_total / params["source"]["total"])  # dims shrink roughly with sqrt(params)
     outside = params["source"]["embeddings"] + params["source"]["norms"]  # not in any decoder layer (roughly)
     stages = {
         "prune": _training_memory(
-            arch, params["source"]["total"], outside, trainable["total"], dtype=dtype,
-            micro_batch=o.get("prune_micro_batch", recipe.prune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("prune_ckpt", recipe.prune.gradient_checkpointing), world=world, fsdp=fsdp,
-            on_gpu=on_gpu),
+            arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
+            micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu),
         "finetune": _training_memory(
-            arch, target_total, int(outside * scale),
-            lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules), dtype=dtype, micro_batch=o.get("finetune_micro_batch", recipe.finetune.micro_batch_size), seq_len=seq,
-            checkpointing=o.get("finetune_ckpt", recipe.finetune.gradient_checkpointing), world=world,
-            fsdp=fsdp, on_gpu=on_gpu, scale=scale),
+            arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
+            _finetune_trainable(recipe, arch, target_total), dtype=dtype,
+            micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
+            checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
+            scale=scale),
     }
-    # Log-likelihood evaluation is one forward per batch with the KV cache off: weights, one layer's
-    # transient activations, and the logits with their log-softmax.
-    eval_len = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
-    eval_tokens = recipe.eval.batch_size * eval_len
-    nbytes = DTYPE_BYTES[dtype]
-    weights = max(params["source"]["total"], target_total) * nbytes
-    transient = eval_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
-    logits = eval_tokens * arch.vocab_size * 2 * nbytes
-    eval_gpus = 1
-    whole = weights + transient + logits
-    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
-        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
-        # activations and logits are counted whole on each, for the GPU holding the LM head.
-        eval_gpus = recipe.hardware.gpus_per_node
-    eval_sub = weights / eval_gpus + transient + logits
-    eval_overhead = _framework_overhead(eval_sub) if on_gpu else 0
-    stages["evaluate"] = {
-        "per_gpu_bytes": int(eval_sub + eval_overhead),
-        "gpus": eval_gpus,
-        "breakdown": {"weights": int(weights / eval_gpus), "activations": int(transient), "logits": int(logits),
-                      "framework_overhead": eval_overhead},
-        "assumption": f"batch {recipe.eval.batch_size} x {eval_len} tokens, KV cache off; the larger of source "
-                      "and pruned model" + (f", its layers spread over {eval_gpus} GPUs" if eval_gpus > 1 else ""),
-    }
+    stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
     return stages
 
 
-def _suggest(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
-             stage: str) -> str | None:
-    """The smallest change (in this order of cost to the user) that makes `stage` fit."""
-    world = recipe.hardware.world_size
-    section = getattr(recipe, stage, None)
-    candidates: list[tuple[str, dict[str, Any]]] = []
-    if section is not None and not section.gradient_checkpointing:
-        candidates.append((f"set {stage}.gradient_checkpointing: true", {f"{stage}_ckpt": True}))
-    if section is not None:
-        mb = section.micro_batch_size
-        while mb > 1:
-            mb //= 2
-            factor = section.micro_batch_size // mb
-            text = (f"set {stage}.micro_batch_size: {mb} and {stage}.gradient_accumulation: "
-                    f"{section.gradient_accumulation * factor} (same global batch) with gradient checkpointing")
-            candidates.append((text, {f"{stage}_micro_batch": mb, f"{stage}_ckpt": True}))
-    if world > 1 and recipe.hardware.strategy != "fsdp":
-        candidates.append(("set hardware.strategy: fsdp to shard the frozen base across GPUs",
-                           {"fsdp": True, f"{stage}_ckpt": True}))
+def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
+    """Tokens of the longest sequence the evaluate stage runs, and where the number comes from.
+
+    lm-eval pads each batch to its longest request and truncates requests to its max_length (eval.max_length,
+    else the model's max_position_embeddings); the tasks bound the longest request (evaluation/tasks.py).
+    Perplexity runs one `window` at a time and the speed check `prompt_length + new_tokens` per sequence.
+    """
+    cap = min(recipe.eval.max_length or arch.max_position_embeddings, arch.max_position_embeddings)
+    longest = longest_request_tokens(recipe.eval, resolve_prompt(recipe.prompt, "evaluate"))
+    if longest is None:
+        length, why = cap, "a rolling-loglikelihood task fills max_length"
+    elif longest > cap:
+        length, why = cap, f"longest request ~{longest:,} tokens, truncated to max_length {cap:,}"
+    else:
+        length, why = longest, "the tasks' longest request"
+    if recipe.eval.perplexity is not None and recipe.eval.perplexity.window > length:
+        length, why = min(recipe.eval.perplexity.window, cap), "the perplexity window"
+    return length, why
+
+
+def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Log-likelihood evaluation: one forward per batch with the KV cache off holding the weights, one layer's
+    transient activations, and the logits with their log-softmax, at the longest batch lm-eval forms.
+
+    lm-eval's `auto` batch size tries batches until one fits, so the plan checks that batch 1 does.
+    """
+    gpu = GPUS[recipe.hardware.gpu]
+    on_gpu = recipe.hardware.gpu != "cpu"
+    nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    length, why = eval_sequence(recipe, arch)
+    batch = recipe.eval.fixed_batch_size or 1
+    tokens = batch * length
+    if recipe.eval.speed.enabled:  # the speed check's prefill: its batch of prompt + generated tokens
+        tokens = max(tokens, recipe.eval.speed.batch_size * (recipe.eval.speed.prompt_length
+                                                             + recipe.eval.speed.new_tokens))
+    weights = max(params["source"]["total"], params["target"]["total"]) * nbytes
+    transient = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
+    logits = tokens * arch.vocab_size * 2 * nbytes
+    gpus = 1
+    whole = weights + transient + logits
+    if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
+        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
+        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        gpus = recipe.hardware.gpus_per_node
+    sub = weights / gpus + transient + logits
+    overhead = _framework_overhead(sub) if on_gpu else 0
+    batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
+                  f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
+    return {
+        "per_gpu_bytes": int(sub + overhead),
+        "gpus": gpus,
+        "sequence_tokens": length,
+        "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
+                      "framework_overhead": overhead},
+        "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
+                      "pruned model" + (f", its layers spread over {gpus} GPUs" if gpus > 1 else ""),
+    }
+
+
+Overrides = dict[str, Any]  # recipe field path ("prune.micro_batch_size") -> value
+
+
+def with_overrides(recipe: Recipe, overrides: Overrides) -> Recipe:
+    """A copy of `recipe` with the dotted fields set, as a user editing the YAML would."""
+    changed = recipe.model_copy(deep=True)
+    for path, value in overrides.items():
+        *parents, name = path.split(".")
+        section = changed
+        for part in parents:
+            section = getattr(section, part)
+        setattr(section, name, value)
+    return changed
+
+
+def _candidate_fixes(recipe: Recipe, stage: str) -> list[Overrides]:
+    """Changes that may make `stage` fit, cheapest for the user first; each holds every field it changes."""
+    out: list[Overrides] = []
+    if stage == "evaluate":
+        ev = recipe.eval
+        batch = ev.fixed_batch_size
+        while batch is not None and batch > 1:
+            batch //= 2
+            out.append({"eval.batch_size": batch})
+        length = ev.max_length or 0
+        for cap in (8192, 4096, 2048, 1024):
+            if not length or cap < length:
+                out.append({**({"eval.batch_size": 1} if batch is not None else {}), "eval.max_length": cap})
+        return out
+    section = getattr(recipe, stage)
+    ckpt = {f"{stage}.gradient_checkpointing": True}
+    if not section.gradient_checkpointing:
+        out.append(dict(ckpt))
+    smaller: list[Overrides] = []
+    mb = section.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        factor = section.micro_batch_size // mb
+        smaller.append({**ckpt, f"{stage}.micro_batch_size": mb,  # the same global batch
+                        f"{stage}.gradient_accumulation": section.gradient_accumulation * factor})
+    out += smaller
+    sharded = recipe.hardware.world_size > 1 and recipe.hardware.strategy != "fsdp"
+    if sharded:
+        out += [{**fix, "hardware.strategy": "fsdp"} for fix in [ckpt, *smaller]]
+    shortest = {**ckpt, **(smaller[-1] if smaller else {}), **({"hardware.strategy": "fsdp"} if sharded else {})}
     seq = recipe.data.max_seq_length
     while seq > 256:
         seq //= 2
-        candidates.append((f"lower data.max_seq_length to {seq}", {"seq_len": seq, f"{stage}_ckpt": True,
-                                                                    f"{stage}_micro_batch": 1}))
-    for text, overrides in candidates:
-        if _stage_memory(recipe, arch, params, trainable, overrides)[stage]["fits"]:
-            return text
-    bigger = [name for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > GPUS[recipe.hardware.gpu].memory_bytes]
-    return f"use a larger GPU ({', '.join(bigger)})" if bigger else "no setting makes this fit one GPU"
+        out.append({**shortest, "data.max_seq_length": seq})
+    return out
+
+
+def _fits(recipe: Recipe, stage: str) -> bool:
+    """Whether `stage` fits when the whole plan is redone for `recipe` (strategy choice included)."""
+    arch = resolve_arch(recipe)
+    params = _params(recipe, arch, target_sparsity(recipe, arch))
+    return _memory_and_strategy(recipe, arch, params, _trainable(recipe, arch))[0][stage]["fits"]
+
+
+def _describe(overrides: Overrides) -> str:
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return ", ".join(f"{k}: {value(v)}" for k, v in overrides.items())
+
+
+def _suggest(recipe: Recipe, stage: str) -> tuple[str, list[Overrides]]:
+    """What to change so that `stage` fits: one line, and the alternatives it names as recipe overrides.
+
+    Every alternative is checked by re-planning with it, so each one listed makes the stage fit. First the
+    cheapest change on this hardware; else every larger GPU that fits as the recipe stands; else the smallest
+    GPU that fits with the cheapest change.
+    """
+    for fix in _candidate_fixes(recipe, stage):
+        if _fits(with_overrides(recipe, fix), stage):
+            note = " (same global batch)" if any(k.endswith("micro_batch_size") for k in fix) else ""
+            return f"set {_describe(fix)}{note}", [fix]
+    here = GPUS[recipe.hardware.gpu].memory_bytes
+    bigger = sorted((g.memory_bytes, name) for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > here)
+    gpus = [{"hardware.gpu": name} for _, name in bigger
+            if _fits(with_overrides(recipe, {"hardware.gpu": name}), stage)]
+    if gpus:
+        names = [g["hardware.gpu"] for g in gpus]
+        return f"set hardware.gpu: {names[0]}" + (f" (or {', '.join(names[1:])})" if names[1:] else ""), gpus
+    for _, name in bigger:
+        on_gpu = with_overrides(recipe, {"hardware.gpu": name})
+        for fix in _candidate_fixes(on_gpu, stage):
+            if _fits(with_overrides(on_gpu, fix), stage):
+                fix = {"hardware.gpu": name, **fix}
+                return f"set {_describe(fix)}", [fix]
+    return "no setting of this recipe makes it fit; use more GPUs per node or a smaller model", []
 
 
 # --------------------------------------------------------------------------- steps and time
@@ -272,13 +392,7 @@ def count_examples(recipe: Recipe) -> tuple[int | None, str]:
         tokens = Path(path).stat().st_size / 4
         n, how = max(1, math.ceil(tokens / recipe.data.max_seq_length)), "text at ~4 bytes per token"
     else:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            rows = json.loads(text)
-            n = len(rows) if isinstance(rows, list) else 1
-        except json.JSONDecodeError:
-            n = sum(1 for line in text.splitlines() if line.strip())
-        how = "rows counted"
+        n, how = len(read_rows(Path(path))), "rows counted"
     if recipe.data.max_samples is not None:
         n = min(n, recipe.data.max_samples)
     return n, how
@@ -309,16 +423,17 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
         if stage == "finetune" and not recipe.finetune.enabled:
             total, phase_steps = 0, {"train": 0}
         params = count_params(arch).total if stage == "prune" else target_total
-        # LoRA with a frozen base: forward (2P) + backward through activations (2P), plus a recomputed
-        # forward under gradient checkpointing.
-        flops_per_token = (6 if section.gradient_checkpointing else 4) * params
+        # LoRA with a frozen base: forward (2P) + backward through activations (2P); train: full adds the
+        # weight gradients (2P); gradient checkpointing recomputes the forward (2P).
+        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params
         tokens = None if total is None else total * global_batch * recipe.data.max_seq_length
         out[stage] = {
             "global_batch": global_batch, "steps_per_epoch": per_epoch, "phases": phase_steps, "total": total,
             "est_seconds": None if tokens is None else tokens * flops_per_token / flops_per_s,
         }
     out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
-                         "full-length sequences, 4P (6P with checkpointing) FLOPs per trained token")
+                         "full-length sequences, 4P FLOPs per trained token (+2P with train: full, +2P with "
+                         "checkpointing)")
     return out
 
 
@@ -373,23 +488,28 @@ def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strateg
     hw = recipe.hardware
     on_gpu = hw.gpu != "cpu"
     nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    # train: full holds fp32 master weights (`choose_precision`), so those stages load the model in fp32
+    full = (recipe.method == "compresso" and recipe.prune.train == "full") or (
+        recipe.finetune.enabled and recipe.finetune.train == "full")
+    load_bytes = 4 if full else nbytes
     source, target = params["source"]["total"], params["target"]["total"]
     widest = max(_layer_params(arch), arch.vocab_size * arch.hidden_size)
     streams = reads_safetensors(recipe)
     if strategy == "fsdp" and streams:
-        load = hw.gpus_per_node * (math.ceil(source / hw.world_size) + _largest_tensor_params(arch)) * nbytes
+        load = hw.gpus_per_node * (math.ceil(source / hw.world_size) + _largest_tensor_params(arch)) * load_bytes
         how = "each process reads its own shards from the safetensors files"
     elif on_gpu and strategy != "fsdp":
-        load, how = source * nbytes, "the node's processes load one after another"
+        load, how = source * load_bytes, "the node's processes load one after another"
     else:
-        load, how = hw.gpus_per_node * source * nbytes, "every process reads the whole source"
+        load, how = hw.gpus_per_node * source * load_bytes, "every process reads the whole source"
     if streams:  # the merged piece, its slice, and transient copies (measured: 2.8x the piece on 1B params)
         slice_bytes = 3 * widest * 4
     else:
         slice_bytes = (source + target) * 4
     ram, ram_from = node_ram(recipe)
     peaks = {"load": load, "slice": slice_bytes, "evaluate": max(source, target) * nbytes}
-    return {"peaks": peaks, "model_bytes": source * nbytes, "load_in_flight_bytes": hw.gpus_per_node * _largest_tensor_params(arch) * nbytes,
+    return {"peaks": peaks, "model_bytes": source * load_bytes,
+            "load_in_flight_bytes": hw.gpus_per_node * _largest_tensor_params(arch) * load_bytes,
             "slice_streams": streams, "node_ram_bytes": ram, "node_ram_from": ram_from,
             "fits": {k: ram is None or v <= ram for k, v in peaks.items()},
             "note": f"loading: {how}; slice: " + ("streamed from safetensors, one layer in fp32 and its slice"
@@ -415,11 +535,16 @@ def host_fix(recipe: Recipe, plan: dict[str, Any], peak: str) -> str:
 
 
 def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
-    """Trainable parameters of the prune stage (LoRA, gates, the two multipliers)."""
-    structures = recipe.target.structures if recipe.method == "compresso" else []
-    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if recipe.method == "compresso" else 0
-    gates = gate_params(arch, structures)
-    return {"lora": lora, "gates": gates, "lagrangian": 2 if gates else 0, "total": lora + gates + (2 if gates else 0)}
+    """Trainable parameters of the prune stage: LoRA (or with train: full every weight), gates, the two
+    multipliers."""
+    compresso = recipe.method == "compresso"
+    full = compresso and recipe.prune.train == "full"
+    lora = lora_params(arch, recipe.prune.lora.r, recipe.prune.lora.target_modules) if compresso and not full else 0
+    weights = count_params(arch).total if full else 0
+    gates = gate_params(arch, recipe.target.structures if compresso else [])
+    lagrangian = 2 if gates else 0
+    return {"lora": lora, "weights": weights, "gates": gates, "lagrangian": lagrangian,
+            "total": lora + weights + gates + lagrangian}
 
 
 def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
@@ -430,8 +555,8 @@ def _memory_and_strategy(recipe: Recipe, arch: ArchSpec, params: dict[str, Any],
     stages = _stage_memory(recipe, arch, params, trainable)
     if recipe.hardware.strategy != "auto":
         return stages, recipe.hardware.strategy
-    if world > 1 and not stages["prune"]["fits"]:
-        sharded = _stage_memory(recipe, arch, params, trainable, {"fsdp": True})
+    if world > 1 and not (stages["prune"]["fits"] and stages["finetune"]["fits"]):
+        sharded = _stage_memory(recipe, arch, params, trainable, fsdp=True)
         if sharded["prune"]["fits"]:
             return sharded, "fsdp"
     return stages, "single" if world == 1 else "ddp"
@@ -464,10 +589,14 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     if recipe.method != "compresso":
         stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
+    on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
-        entry["suggestion"] = None if entry["fits"] else _suggest(recipe, arch, params, trainable, name)
+        if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run: no GPU verdict (memory.host has its peaks)
+            entry["fits"] = None
+        entry["suggestion"], entry["suggestion_overrides"] = (
+            _suggest(recipe, name) if entry["fits"] is False else (None, []))
     deploy_len = min(arch.max_position_embeddings, 4096)
-    deploy_kept = uniform_kept(arch, sparsity)
+    deploy_kept = uniform_kept(arch, sparsity, recipe.target.multiple_of)
     deploy_weights = params["target"]["total"] * DTYPE_BYTES[export_dtype(recipe)]
     deploy_kv = (2 * sum(deploy_kept.groups) * arch.head_dim * DEPLOY_BATCH * deploy_len
                  * DTYPE_BYTES[export_dtype(recipe)])
@@ -489,8 +618,16 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
         "steps": _steps(recipe, arch, params["target"]["total"]),
         "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,
                      "nodes": recipe.hardware.nodes, "world_size": world, "strategy": strategy,
-                     "per_gpu_memory_bytes": gpu.memory_bytes},
+                     "per_gpu_memory_bytes": gpu.memory_bytes if on_gpu else None},
     }
+
+
+def misfits(plan: dict[str, Any]) -> list[str]:
+    """One line per stage that does not fit its GPU, with the smallest change that makes it fit."""
+    limit = plan["hardware"]["per_gpu_memory_bytes"]
+    return [f"{name}: needs {human_bytes(entry['per_gpu_bytes'])} per GPU, {human_bytes(limit)} available on "
+            f"{plan['hardware']['gpu']}; {entry['suggestion']}"
+            for name, entry in plan["memory"]["stages"].items() if entry["fits"] is False]
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:

@@ -14,8 +14,24 @@ from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.plan import compute_dtype, host_fix, make_plan
 
-# Checkpoints, the exported model, the fine-tuned model and headroom: a multiple of one exported checkpoint.
-DISK_FACTOR = 3.0
+# Logs, tokenizers, configs, evaluation results and the report's charts, whatever the model's size.
+DISK_FLOOR = 64 * 2**20
+
+
+# A training checkpoint holds each trainable parameter in fp32 with its two AdamW moments.
+CHECKPOINT_BYTES_PER_TRAINABLE = 12
+
+
+def disk_needed(recipe: Recipe, plan: dict, stages: list[str]) -> int:
+    """Bytes the stages about to run write at their peak: each exported model (the slice's and the
+    fine-tune's) plus one more while an export replaces the previous one, three training checkpoints per
+    training stage (the last two kept and the next being written), and the floor."""
+    finetune = "finetune" in stages and recipe.finetune.enabled
+    exports = ("slice" in stages) + finetune
+    trainings = ("prune" in stages and recipe.method == "compresso") + finetune
+    export_bytes = plan["params"]["export"][recipe.export.mode]["checkpoint_bytes"]
+    checkpoint_bytes = plan["trainable"]["total"] * CHECKPOINT_BYTES_PER_TRAINABLE
+    return DISK_FLOOR + (exports + (exports > 0)) * export_bytes + 3 * trainings * checkpoint_bytes
 
 
 def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
@@ -34,12 +50,12 @@ def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
                 problems.append(f"eval.local_tasks[{i}].data: file not found: {task.data}")
 
     plan = make_plan(recipe)
-    need = int(DISK_FACTOR * plan["params"]["export"]["native"]["checkpoint_bytes"])
+    need = disk_needed(recipe, plan, stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(run_dir).free
     if free < need:
-        problems.append(f"run_dir: {free / 2**30:.1f} GiB free at {run_dir}, the run needs about "
-                        f"{need / 2**30:.1f} GiB; free space or set run_dir elsewhere")
+        problems.append(f"run_dir: {human_bytes(free)} free at {run_dir}, the run needs about "
+                        f"{human_bytes(need)}; free space or set run_dir elsewhere")
 
     problems += _host_problems(recipe, plan, stages)
     if recipe.hardware.gpu != "cpu":

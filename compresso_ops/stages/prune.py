@@ -24,11 +24,11 @@ from torch import nn
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest
 from compresso_ops.method.baselines import run_one_shot
-from compresso_ops.method.gates import GateSet, Lagrangian, target_at
+from compresso_ops.method.gates import GateSet, Lagrangian, gate_learning_rates, ramp_lag, target_at
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.method.masks import select_final_masks
 from compresso_ops.method.prompts import resolve_prompt
-from compresso_ops.models.adapter import ModelAdapter
+from compresso_ops.models.adapter import ModelAdapter, unwrap
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.sizes import count_params, prunable_sparsity, target_sparsity
 from compresso_ops.recipe.schema import Recipe
@@ -43,7 +43,14 @@ from compresso_ops.training.batching import (
     step_label_tokens,
     to_steps,
 )
-from compresso_ops.training.checkpoints import CheckpointStore, load_trainable_state, trainable_state
+from compresso_ops.training.checkpoints import (
+    CheckpointStore,
+    gather_weights,
+    load_trained_state,
+    sharded_trainables,
+    shared_checkpoint,
+    trained_state,
+)
 from compresso_ops.training.data import Example, build_dataset
 from compresso_ops.training.distributed import init_distributed
 from compresso_ops.training.events import EventLog
@@ -54,6 +61,8 @@ from compresso_ops.training.sharding import describe_weights, require_even_split
 from compresso_ops.ui.progress import EventFn
 
 STAGE = "prune"
+# Where the prune stage leaves what trained besides the gates: the adapter, or the whole trained model.
+TRAINED = {"lora": "lora", "full": "model"}
 
 
 @dataclass(frozen=True)
@@ -92,22 +101,27 @@ class PruneTrainer:
         self.recipe, self.model, self.examples, self.collate, self.precision = recipe, model, examples, collate, precision
         self.store = store
         self.arch = ModelAdapter(model).arch
+        self.vocab_size = self.arch.vocab_size
+        self.lr_setting = f"prune.lr.lora (now {p.lr.lora:g})"
         self.target = target_sparsity(recipe, self.arch)
         self.phases = prune_phases(recipe, len(examples))
         self.layout = BatchLayout.of(p, recipe.hardware)
+        self.layout.require_fits(len(examples), STAGE)
         require_even_split(self.layout.micros, precision, "prune")
-        self.order = DataOrder(len(examples), p.seed)
+        self.order = DataOrder.of(examples, p, recipe.data)
         self.label_counts = [label_count(e) for e in examples]
         device = precision.device
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
         self.lagrangian = Lagrangian().to(device)
         self.hooks = GateHooks(ModelAdapter(model))
-        self.lora_params = [q for q in model.parameters() if q.requires_grad]
+        self.lora_params = [q for q in model.parameters() if q.requires_grad]  # every weight with train: full
         self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
-        self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=p.lr.gates, weight_decay=0.0)
-        self.opt_lambda = torch.optim.AdamW(self.lagrangian.parameters(), lr=p.lr.lagrangian, weight_decay=0.0,
+        self.lr_gates, self.lr_lambda = gate_learning_rates(p.lr.gates, p.lr.lagrangian, self.phases.ramp)
+        self.opt_gates = torch.optim.AdamW(self.gates.parameters(), lr=self.lr_gates, weight_decay=0.0)
+        self.opt_lambda = torch.optim.AdamW(self.lagrangian.parameters(), lr=self.lr_lambda, weight_decay=0.0,
                                             maximize=True)
         self.sched_lora = make_scheduler(self.opt_lora, "constant", self.phases.total)
+        self.collective_state = sharded_trainables(model)
 
     def step(self, step: int) -> dict[str, Any]:
         """Run optimizer step `step` (0-based) and return its metrics."""
@@ -132,7 +146,8 @@ class PruneTrainer:
             lagrangian = self.lagrangian(expected, target)
             if dist.is_main:  # identical on every rank: counted once in the summed gradient
                 self.precision.backward(lagrangian)
-        check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store)
+        check_finite(STAGE, step, {"lm_loss": lm_total, "lagrangian": lagrangian.detach()}, self.store,
+                     self.lr_setting)
         optimizers = [self.opt_lora] + ([self.opt_gates, self.opt_lambda] if gating else [])
         clip = (self.lora_params, p.max_grad_norm) if p.max_grad_norm is not None else None
         self.precision.step(optimizers, clip)
@@ -143,26 +158,25 @@ class PruneTrainer:
             "loss": lm_total.item() + lagrangian.item(), "lm_loss": lm_total.item(), "lagrangian": lagrangian.item(),
             "expected_sparsity": expected.item(), "target_sparsity": target,
             "lambda1": self.lagrangian.lambda1.item(), "lambda2": self.lagrangian.lambda2.item(),
-            "lr": {"lora": self.sched_lora.get_last_lr()[0], "gates": p.lr.gates, "lagrangian": p.lr.lagrangian},
+            "lr": {"lora": self.sched_lora.get_last_lr()[0], "gates": self.lr_gates, "lagrangian": self.lr_lambda},
             "tokens": tokens,
         }
 
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]:
         return {
             "step": step, "fingerprint": fingerprint,
-            "lora": trainable_state(self.model), "gates": self.gates.state_dict(),
+            **trained_state(self.model, self.opt_lora), "gates": self.gates.state_dict(),
             "lagrangian": self.lagrangian.state_dict(),
-            "optimizers": {"lora": self.opt_lora.state_dict(), "gates": self.opt_gates.state_dict(),
-                           "lagrangian": self.opt_lambda.state_dict()},
+            "optimizers": {"gates": self.opt_gates.state_dict(), "lagrangian": self.opt_lambda.state_dict()},
             "scheduler": self.sched_lora.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        load_trainable_state(self.model, state["lora"])
+    def load_state_dict(self, state: dict[str, Any] | None) -> int:
+        state = shared_checkpoint(self.model, state, self.precision.dist)
+        load_trained_state(self.model, self.opt_lora, state)
         self.gates.load_state_dict(state["gates"])
         self.lagrangian.load_state_dict(state["lagrangian"])
-        self.opt_lora.load_state_dict(state["optimizers"]["lora"])
         self.opt_gates.load_state_dict(state["optimizers"]["gates"])
         self.opt_lambda.load_state_dict(state["optimizers"]["lagrangian"])
         self.sched_lora.load_state_dict(state["scheduler"])
@@ -189,7 +203,7 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None
     """
     dist = init_distributed()
     stage_dir = Path(stage_dir)
-    model, tokenizer, precision = load_source(recipe, dist)
+    model, tokenizer, precision = load_source(recipe, dist, full=recipe.prune.train == "full")
     arch = ModelAdapter(model).arch
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, "prune"),
                              arch.max_position_embeddings)
@@ -210,22 +224,33 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None
 def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str, Any]:
     """The final masks and summary (computed on every rank from the same gates); rank 0 writes them."""
     trainer.hooks.remove()
-    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode)
+    masks = select_final_masks(trainer.gates, arch, trainer.target, trainer.recipe.export.mode,
+                               trainer.recipe.target.multiple_of)
     expected = trainer.gates.expected_sparsity().item()
     achieved = prunable_sparsity(arch, masks.kept())
+    dist, phases = trainer.precision.dist, trainer.phases
+    ramp_end = dist.broadcast_object(next(  # from the log: a resumed run may not have seen that step
+        (e["expected_sparsity"] for e in atomic.read_jsonl(stage_dir / "events.jsonl")
+         if e.get("step") == phases.lora_only + phases.ramp), None) if dist.is_main else None)
     summary = {"target_sparsity": trainer.target, "expected_sparsity": expected, "achieved_sparsity": achieved,
-               "steps": trainer.phases.total, "phases": asdict(trainer.phases),
+               "ramp_end_expected_sparsity": ramp_end, "lr": {"gates": trainer.lr_gates,
+                                                               "lagrangian": trainer.lr_lambda},
+               "steps": phases.total, "phases": asdict(phases),
                "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item()}
+    full = trainer.recipe.prune.train == "full"
+    weights = gather_weights(trainer.model) if full else None  # a collective when FSDP shards them
     if trainer.precision.dist.is_main:
         masks.save(stage_dir, arch, extra={"prune": summary})
         log_alpha = {k: v.detach().float().cpu().contiguous() for k, v in trainer.gates.log_alpha.items()}
         atomic.write_with(stage_dir / "gates.safetensors", lambda p: save_file(log_alpha, str(p)))
-        with atomic.atomic_dir(stage_dir / "lora") as tmp:
-            trainer.model.save_pretrained(tmp)
+        with atomic.atomic_dir(stage_dir / TRAINED[trainer.recipe.prune.train]) as tmp:
+            if full:  # the whole fp32 model
+                unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
+            else:  # the peft adapter
+                trainer.model.save_pretrained(tmp)
     return {"completed": True, **summary, "kept": asdict(masks.kept()),
             "weights": weights_held(trainer.model, trainer.precision),
-            "params": count_params(arch, masks.kept()).as_dict(), "masks_dir": str(stage_dir),
-            "lora_dir": str(stage_dir / "lora")}
+            "params": count_params(arch, masks.kept()).as_dict(), "masks_dir": str(stage_dir)}
 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
@@ -235,4 +260,6 @@ def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     else:
         result = run_one_shot(recipe, load_source(recipe)[0], run_dir / STAGE, on_event=on_event)
     note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
-    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "")
+    lag = ramp_lag(result.get("ramp_end_expected_sparsity"), result["target_sparsity"])
+    return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "") + (
+        f"; warning: {lag}" if lag else "")

@@ -8,7 +8,6 @@ stage that did not run gives a "not run" line with the reason, never a crash.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,19 @@ from typing import Any
 
 import yaml
 
+from compresso_ops.errors import UserError
+from compresso_ops.evaluation.summary import (
+    MEMORY_METHODS,
+    NOISE_Z,
+    delta_stderr,
+    headline,
+    ratio,
+    retention_stderr,
+    within_noise,
+)
+from compresso_ops.executor import STAGES, STATE_FILE, load_state
 from compresso_ops.infra import atomic
+from compresso_ops.infra.integrity import damaged
 from compresso_ops.infra.units import human_bytes, timestamp
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.ui import charts
@@ -39,7 +50,13 @@ def _stage_status(stage: dict[str, Any]) -> str:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    return atomic.read_json(run_dir / "state.json") or {}
+    """state.json of a run folder ({} for a run without one, e.g. stages run one by one); a folder with
+    neither state.json nor any stage's folder is not a run (`report` on the wrong folder)."""
+    state = load_state(run_dir / STATE_FILE)
+    if state is None and not any((run_dir / name).is_dir() for name in STAGES):
+        raise UserError(f"{run_dir}: not a run folder (no {STATE_FILE} and no stage folder); give the run_dir of "
+                        "a `compresso-ops apply`")
+    return state or {}
 
 
 def read_recipe(run_dir: Path) -> dict[str, Any]:
@@ -75,19 +92,25 @@ def read_masks(run_dir: Path) -> dict[str, Any]:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Step records of a training log; unreadable lines (a run killed mid-write) are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            out.append(record)
-    return out
+    return [r for r in atomic.read_jsonl(path) if isinstance(r.get("step"), (int, float))]
+
+
+def verify_model(run_dir: Path, state: dict[str, Any], model_dir: Path | None) -> int | None:
+    """How many files of the shipped model match the sha256 its stage recorded (None: nothing recorded).
+    A file that differs is an error naming it: a report must not vouch for a damaged model."""
+    if model_dir is None:
+        return None
+    stage = model_dir.parent.name
+    prefix = f"{stage}/{model_dir.name}/"
+    artifacts = (state.get("stages", {}).get(stage) or {}).get("artifacts") or {}
+    recorded = {k: v for k, v in artifacts.items() if k.startswith(prefix)}
+    if not recorded:
+        return None
+    changed = damaged(run_dir, recorded)
+    if changed:
+        raise UserError(f"{run_dir / changed[0]}: damaged (its sha256 differs from the one the {stage} stage "
+                        "recorded); rerun `compresso-ops apply` on the recipe to rebuild the model")
+    return len(recorded)
 
 
 def folder_size(path: str | Path | None) -> int | None:
@@ -111,11 +134,6 @@ def _why(state: dict[str, Any], recipe: dict[str, Any], stage: str) -> str:
         return f"{NOT_RUN}: the {stage} stage finished but its output file is missing"
     error = f" ({entry['error']})" if entry.get("error") else ""
     return f"{NOT_RUN}: the {stage} stage is {status}{error}"
-
-
-def _ratio(a: Any, b: Any) -> float | None:
-    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b))
-    return a / b if ok and b else None
 
 
 def _summary(manifest: dict[str, Any] | None, model_dir: Path | None, recipe: dict[str, Any],
@@ -151,11 +169,13 @@ def _task_rows(pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> 
     for name in [*p_tasks, *(n for n in s_tasks if n not in p_tasks)]:
         p, s = p_tasks.get(name, {}), s_tasks.get(name, {})
         pv, sv = p.get("value"), s.get("value")
+        delta = pv - sv if pv is not None and sv is not None else None
+        delta_se = delta_stderr(p.get("stderr"), s.get("stderr"))
         rows.append({"task": name, "metric": p.get("metric") or s.get("metric"), "source": sv, "pruned": pv,
                      "source_stderr": s.get("stderr"), "pruned_stderr": p.get("stderr"),
-                     "n": p.get("n") or s.get("n"),
-                     "delta": pv - sv if pv is not None and sv is not None else None,
-                     "retention": _ratio(pv, sv)})
+                     "n": p.get("n") or s.get("n"), "delta": delta, "delta_stderr": delta_se,
+                     "within_noise": within_noise(delta, delta_se), "retention": ratio(pv, sv),
+                     "retention_stderr": retention_stderr(pv, sv, p.get("stderr"), s.get("stderr"))})
     return rows
 
 
@@ -168,7 +188,7 @@ def _group_rows(pruned: dict[str, Any] | None, source: dict[str, Any] | None) ->
         rows.append({"group": name, "tasks": p.get("tasks") or s.get("tasks") or [],
                      "paper_tasks": p.get("paper_tasks") or s.get("paper_tasks") or [],
                      "source": sv, "pruned": pv,
-                     "delta": pv - sv if pv is not None and sv is not None else None, "retention": _ratio(pv, sv)})
+                     "delta": pv - sv if pv is not None and sv is not None else None, "retention": ratio(pv, sv)})
     return rows
 
 
@@ -193,7 +213,7 @@ def _perplexity(pruned: dict[str, Any] | None, source: dict[str, Any] | None) ->
     p, s = (pruned or {}).get("perplexity"), (source or {}).get("perplexity")
     if p is None and s is None:
         return {"missing": f"{NOT_RUN}: eval.perplexity is not set in the recipe (or evaluate has not run)"}
-    return {"source": s, "pruned": p, "ratio": _ratio((p or {}).get("perplexity"), (s or {}).get("perplexity"))}
+    return {"source": s, "pruned": p, "ratio": ratio((p or {}).get("perplexity"), (s or {}).get("perplexity"))}
 
 
 def _speed(pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> dict[str, Any]:
@@ -204,9 +224,9 @@ def _speed(pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> dict
     return {
         "source": s or None, "pruned": p or None,
         "hardware": (pruned or source or {}).get("hardware"),
-        "prefill_speedup": _ratio(p.get("prefill_tokens_per_s"), s.get("prefill_tokens_per_s")),
-        "decode_speedup": _ratio(p.get("decode_tokens_per_s"), s.get("decode_tokens_per_s")),
-        "memory_ratio": _ratio((p.get("memory") or {}).get("peak_bytes"), (s.get("memory") or {}).get("peak_bytes")),
+        "prefill_speedup": ratio(p.get("prefill_tokens_per_s"), s.get("prefill_tokens_per_s")),
+        "decode_speedup": ratio(p.get("decode_tokens_per_s"), s.get("decode_tokens_per_s")),
+        "memory_ratio": ratio((p.get("memory") or {}).get("peak_bytes"), (s.get("memory") or {}).get("peak_bytes")),
     }
 
 
@@ -231,6 +251,54 @@ def _layers(manifest: dict[str, Any] | None, masks: dict[str, Any], plan: dict[s
             "full_hidden": arch.get("hidden_size")}
 
 
+# Each threshold of report.require: what it is called, whether the value must be at least ("min") or at
+# most ("max") the threshold, and where the value comes from.
+REQUIREMENTS = {
+    "retention": ("mean retention", "min"),
+    "ppl_ratio": ("perplexity ratio (pruned / source)", "max"),
+    "decode_speedup": ("decode speed-up", "min"),
+    "memory_ratio": ("deployed memory (pruned / source)", "max"),
+    "sparsity": ("prunable sparsity", "min"),
+}
+
+
+def _decision(recipe: dict[str, Any], plan: dict[str, Any], summary: dict[str, Any],
+              pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> dict[str, Any]:
+    """Target vs achieved, the headline numbers with their errors, and the verdict against report.require.
+
+    PASS: thresholds are given and all hold, and the export checks passed. FAIL: a threshold fails, a
+    required number was not measured, or the export checks did not pass. UNCHECKED: no thresholds given.
+    """
+    target = recipe.get("target") or {}
+    planned = (plan.get("params") or {}).get("target") or {}
+    head = headline(pruned, source)
+    achieved = {"params": ((summary.get("params") or {}).get("result") or {}).get("total"),
+                "prunable_sparsity": summary.get("prunable_sparsity")}
+    values = {"retention": (head["retention"] or {}).get("mean"), "ppl_ratio": head["ppl_ratio"],
+              "decode_speedup": head["decode_speedup"], "memory_ratio": head["memory"]["ratio"],
+              "sparsity": achieved["prunable_sparsity"]}
+    required = {k: v for k, v in ((recipe.get("report") or {}).get("require") or {}).items()
+                if k in REQUIREMENTS and v is not None}
+    criteria = []
+    for name, threshold in required.items():
+        label, direction = REQUIREMENTS[name]
+        value = values[name]
+        ok = value is not None and (value >= threshold if direction == "min" else value <= threshold)
+        criteria.append({"name": name, "label": label, "direction": direction, "threshold": threshold,
+                         "value": value, "passed": ok})
+    checks_passed = (summary.get("checks") or {}).get("passed") is True
+    criteria.append({"name": "export_checks", "label": "export checks (reload, logits, parameter count)",
+                     "direction": None, "threshold": None, "value": checks_passed, "passed": checks_passed})
+    failed = [c for c in criteria if not c["passed"]]
+    verdict = "FAIL" if failed else "PASS" if required else "UNCHECKED"
+    return {
+        "target": {"params": planned.get("total") or target.get("params"),
+                   "prunable_sparsity": planned.get("prunable_sparsity") or target.get("sparsity")},
+        "achieved": achieved, "headline": head, "criteria": criteria, "verdict": verdict,
+        "failed": [c["name"] for c in failed],
+    }
+
+
 def _thin(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stride = max(1, math.ceil(len(records) / MAX_CURVE_POINTS))
     out = records[::stride]
@@ -245,19 +313,37 @@ def _curve(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, An
             "series": {k: [[r["step"], r[k]] for r in thin if isinstance(r.get(k), (int, float))] for k in keys}}
 
 
-def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+def _phases(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """[step, phase] where each logged phase begins."""
+    out: list[list[Any]] = []
+    for r in records:
+        if r.get("phase") and (not out or out[-1][1] != r["phase"]):
+            out.append([r["step"], r["phase"]])
+    return out
+
+
+def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any],
+              manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Loss curves of both stages; the fine-tune also names its recovery (mode, trained parameters, tokens)
+    from the fine-tuned model's manifest."""
     prune = read_events(run_dir / "prune" / "events.jsonl")
+    for r in prune:  # logs written before the term was logged on its own
+        if "lagrangian" not in r and isinstance(r.get("loss"), (int, float)) and isinstance(r.get("lm_loss"), (int, float)):
+            r["lagrangian"] = r["loss"] - r["lm_loss"]
     finetune = read_events(run_dir / "finetune" / "events.jsonl")
+    recovery = (manifest or {}).get("finetune", {}).get("recovery")
     return {
-        "prune": _curve(prune, ("loss", "lm_loss", "expected_sparsity", "target_sparsity")) if prune
+        "prune": {**_curve(prune, ("loss", "lm_loss", "lagrangian", "expected_sparsity", "target_sparsity")),
+                  "phases": _phases(prune)} if prune
         else {"missing": _why(state, recipe, "prune") + " (no prune/events.jsonl)"},
-        "finetune": _curve(finetune, ("loss", "lr")) if finetune
+        "finetune": {**_curve(finetune, ("loss", "lr")), "recovery": recovery} if finetune
         else {"missing": _why(state, recipe, "finetune") + " (no finetune/events.jsonl)"},
     }
 
 
 def _reproducibility(run_dir: Path, state: dict[str, Any], recipe: dict[str, Any], manifest: dict[str, Any] | None,
-                     pruned: dict[str, Any] | None, source: dict[str, Any] | None) -> dict[str, Any]:
+                     pruned: dict[str, Any] | None, source: dict[str, Any] | None,
+                     verified: int | None) -> dict[str, Any]:
     stages = [{"stage": name, "status": entry.get("status"), "seconds": entry.get("seconds"),
                "note": entry.get("note") or entry.get("error") or ""}
               for name, entry in state.get("stages", {}).items()]
@@ -267,10 +353,14 @@ def _reproducibility(run_dir: Path, state: dict[str, Any], recipe: dict[str, Any
         "recipe_file": state.get("recipe_file"),
         "resolved_recipe": str(run_dir / "recipe.resolved.yaml") if recipe else None,
         "method": recipe.get("method"),
-        "seeds": {"prune": recipe.get("prune", {}).get("seed"), "finetune": recipe.get("finetune", {}).get("seed")},
+        # a seed matters only where a stage draws random numbers: the Compresso prune and an enabled fine-tune
+        "seeds": {"prune": (recipe.get("prune") or {}).get("seed") if recipe.get("method") == "compresso" else None,
+                  "finetune": (recipe.get("finetune") or {}).get("seed")
+                  if (recipe.get("finetune") or {}).get("enabled") else None},
         "versions": results.get("versions"),
         "hardware": {"recipe": recipe.get("hardware"), "evaluated_on": results.get("hardware")},
         "stages": stages,
+        "model_files_verified": verified,
         "total_seconds": sum(s["seconds"] for s in stages if isinstance(s["seconds"], (int, float))) or None,
     }
 
@@ -281,16 +371,19 @@ def build_run(run_dir: Path) -> dict[str, Any]:
     state, recipe, plan, masks = read_state(run_dir), read_recipe(run_dir), read_plan(run_dir), read_masks(run_dir)
     manifest, model_dir = read_manifest(run_dir)
     pruned, source = read_results(run_dir, "pruned"), read_results(run_dir, "source")
+    summary = _summary(manifest, model_dir, recipe, state)
     return {
         "run_dir": str(run_dir),
         "name": recipe.get("name") or run_dir.name,
-        "summary": _summary(manifest, model_dir, recipe, state),
+        "decision": _decision(recipe, plan, summary, pruned, source),
+        "summary": summary,
         "evaluation": _evaluation(pruned, source, recipe, state),
         "perplexity": _perplexity(pruned, source),
         "speed": _speed(pruned, source),
         "layers": _layers(manifest, masks, plan, recipe, state),
-        "training": _training(run_dir, recipe, state),
-        "reproducibility": _reproducibility(run_dir, state, recipe, manifest, pruned, source),
+        "training": _training(run_dir, recipe, state, manifest),
+        "reproducibility": _reproducibility(run_dir, state, recipe, manifest, pruned, source,
+                                            verify_model(run_dir, state, model_dir)),
     }
 
 
@@ -343,6 +436,58 @@ def _check(ok: Any) -> str:
 
 # --------------------------------------------------------------------------------------- sections
 
+def _pm(value: Any, stderr: Any, fmt: Any) -> str:
+    """`value ± stderr` in one formatter (the error is omitted when unknown)."""
+    return fmt(value) + (f" ± {fmt(stderr).lstrip('+')}" if isinstance(stderr, (int, float)) and fmt(value) != "—"
+                         else "")
+
+
+def _requirement(c: dict[str, Any]) -> str:
+    if c["threshold"] is None:
+        return "required"
+    value = _pct(c["threshold"]) + " %" if c["name"] in ("retention", "sparsity") else _num(c["threshold"], "g")
+    return ("≥ " if c["direction"] == "min" else "≤ ") + value
+
+
+def _md_decision(d: dict[str, Any]) -> list[str]:
+    head, target, achieved = d["headline"], d["target"], d["achieved"]
+    sizes = _table(["size", "target", "achieved"], [
+        ["parameters", _num(target["params"], ","), _num(achieved["params"], ",")],
+        ["prunable sparsity %", _pct(target["prunable_sparsity"]), _pct(achieved["prunable_sparsity"])],
+    ])
+    ret, ppl, mem = head["retention"], head["perplexity"], head["memory"]
+    by_name = {c["name"]: c for c in d["criteria"]}
+
+    def row(name: str | None, label: str, value: str) -> list[str]:
+        c = by_name.get(name or "")
+        return [label, value, _requirement(c) if c else "—", ("pass" if c["passed"] else "**FAIL**") if c else ""]
+
+    rows = [
+        row("retention", f"mean retention ({len(ret['tasks'])} task(s))" if ret else "mean retention",
+            _pm((ret or {}).get("mean"), (ret or {}).get("stderr"), _retention)),
+        row("ppl_ratio", "perplexity ratio", _times(head["ppl_ratio"]) + (
+            f" ({_num(ppl['source'], '.3f')} → {_num(ppl['pruned'], '.3f')})" if ppl["pruned"] is not None else "")),
+        row("decode_speedup", "decode speed-up", _times(head["decode_speedup"])),
+        row(None, "prefill speed-up", _times(head["prefill_speedup"])),
+        row("memory_ratio", "deployed memory", (f"{_bytes(mem['pruned'])} vs {_bytes(mem['source'])} "
+                                                 f"({_times(mem['ratio'])}; {mem['method']})")
+            if mem["pruned"] is not None else "—"),
+        row("export_checks", "export checks", _check(by_name["export_checks"]["value"])),
+    ]
+    if "sparsity" in by_name:  # the sizes table shows it; a row here only when it is a requirement
+        rows.insert(-1, row("sparsity", "prunable sparsity (achieved)", _pct(achieved["prunable_sparsity"]) + " %"))
+    rows = [r for r in rows if r[1] != "—" or r[3]]
+    verdict = {"PASS": "every threshold in report.require holds and the export checks passed",
+               "FAIL": "failed: " + ", ".join(by_name[n]["label"] for n in d["failed"]),
+               "UNCHECKED": "no thresholds: set report.require in the recipe (e.g. retention: 0.95, "
+                            "ppl_ratio: 1.2) for a PASS/FAIL"}[d["verdict"]]
+    return [f"**Verdict: {d['verdict']}** ({verdict}).", sizes,
+            _table(["measure", "value", "requirement", ""], rows),
+            (f"± is one standard error (lm-eval's per-task errors, combined as independent: conservative). "
+             f"A delta within {NOISE_Z} standard errors of zero is marked ≈ in the task table: this evaluation "
+             "cannot tell it from noise.")]
+
+
 def _md_summary(s: dict[str, Any]) -> list[str]:
     if "missing" in s:
         return [s["missing"] + "."]
@@ -365,11 +510,20 @@ def _md_summary(s: dict[str, Any]) -> list[str]:
     return [_table(["", "source", "result"], rows)]
 
 
+def _excerpt(text: str, limit: int = 60) -> str:
+    """`text` on one line, cut at the last word boundary within `limit` characters."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit + 1].rsplit(" ", 1)[0] if " " in text[:limit + 1] else text[:limit]
+    return cut.rstrip(" ,.;:") + "…"
+
+
 def _prompt_line(prompt: dict[str, Any] | None) -> str:
     if not prompt:
         return "—"
     text = prompt.get("text") or ""
-    return str(prompt.get("name")) + (f' ("{text[:60]}{"…" if len(text) > 60 else ""}")' if text else "")
+    return str(prompt.get("name")) + (f' ("{_excerpt(text)}")' if text else "")
 
 
 def _md_evaluation(e: dict[str, Any]) -> list[str]:
@@ -383,12 +537,16 @@ def _md_evaluation(e: dict[str, Any]) -> list[str]:
         if line:
             out.append(line + ".")
     if e["source_cache"]:
-        out.append(f"Source results {'from the cache' if e['source_cache'].get('hit') else 'computed'} "
-                   f"(key {e['source_cache'].get('key')}).")
+        out.append("Source results " + ("reused from an earlier run with the same model and settings."
+                                        if e["source_cache"].get("hit") else "computed in this run."))
     if e["tasks"]:
         out.append(_table(["task", "metric", "n", "source", "pruned", "Δ (points)", "retention"],
-                          [[r["task"], r["metric"], _num(r["n"], "d"), _pct(r["source"]), _pct(r["pruned"]),
-                            _delta(r["delta"]), _retention(r["retention"])] for r in e["tasks"]]))
+                          [[r["task"], r["metric"], _num(r["n"], "d"), _pm(r["source"], r["source_stderr"], _pct),
+                            _pm(r["pruned"], r["pruned_stderr"], _pct),
+                            _pm(r["delta"], r["delta_stderr"], _delta) + (" ≈" if r["within_noise"] else ""),
+                            _pm(r["retention"], r["retention_stderr"], _retention)] for r in e["tasks"]]))
+        out.append(f"Values in points (%) ± one standard error; ≈: the delta is within {NOISE_Z} standard errors "
+                   "of zero, so this evaluation cannot tell it from noise.")
     else:
         out.append(f"{NOT_RUN}: no lm-eval tasks in the recipe (eval.tasks / eval.local_tasks).")
     if e["groups"]:
@@ -420,13 +578,14 @@ def _md_speed(s: dict[str, Any]) -> list[str]:
     src, pr = s["source"] or {}, s["pruned"] or {}
     ref = pr or src
     hw = s["hardware"] or {}
-    mem_method = (ref.get("memory") or {}).get("method", "—")
+    method = (ref.get("memory") or {}).get("method")
+    mem_method = MEMORY_METHODS.get(method, method or "—")
     rows = [
         ["prefill tokens/s", _num(src.get("prefill_tokens_per_s"), ",.1f"),
          _num(pr.get("prefill_tokens_per_s"), ",.1f"), _times(s["prefill_speedup"])],
         ["decode tokens/s", _num(src.get("decode_tokens_per_s"), ",.1f"),
          _num(pr.get("decode_tokens_per_s"), ",.1f"), _times(s["decode_speedup"])],
-        [f"peak memory ({mem_method})", _bytes((src.get("memory") or {}).get("peak_bytes")),
+        [f"deployed memory ({mem_method})", _bytes((src.get("memory") or {}).get("peak_bytes")),
          _bytes((pr.get("memory") or {}).get("peak_bytes")), _times(s["memory_ratio"])],
     ]
     return [(f"Batch {ref.get('batch_size')}, prompt {ref.get('prompt_length')} tokens, {ref.get('new_tokens')} new "
@@ -434,7 +593,7 @@ def _md_speed(s: dict[str, Any]) -> list[str]:
             _table(["", "source", "pruned", "pruned / source"], rows)]
 
 
-def _md_layers(layers: dict[str, Any], assets: _Assets) -> list[str]:
+def _md_layers(layers: dict[str, Any], assets: _Assets | None) -> list[str]:
     if "missing" in layers:
         return [layers["missing"] + "."]
     fh, ff = layers["full_heads"], layers["full_ffn"]
@@ -446,16 +605,22 @@ def _md_layers(layers: dict[str, Any], assets: _Assets) -> list[str]:
     if padded:  # pad mode stores zero-padded structures beyond the kept ones
         headers += ["query heads stored", "FFN channels stored"]
         rows = [[*row, str(h), str(f)] for row, h, f in zip(rows, layers["stored_heads"], layers["stored_ffn"])]
-    hidden = layers["hidden"]
+    hidden, n = layers["hidden"], len(layers["heads"])
     out = [f"Kept hidden dims: {hidden}" + (f" / {layers['full_hidden']}" if layers["full_hidden"] else "")
-           + f" (from {layers['source']}).", _table(headers, rows)]
-    cats = [str(i) for i in range(len(layers["heads"]))]
-    for key, full, title, name in (("heads", fh, "Query heads kept per layer", "heads"),
-                                   ("ffn", ff, "FFN channels kept per layer", "ffn")):
-        series = {"kept": [float(v) for v in layers[key]]}
-        if full:
-            series = {"source": [float(full)] * len(cats), **series}
-        out.append(assets.add(f"layers_{name}.svg", charts.bar_chart(title, cats, series, name, "layer"), title))
+           + f" (from {layers['source']})."]
+    if assets is not None:
+        shares = [(label, float(sum(kept) if isinstance(kept, list) else kept), float(full))
+                  for label, kept, full in (("query heads", layers["heads"], fh * n if fh else None),
+                                            ("FFN channels", layers["ffn"], ff * n if ff else None),
+                                            ("hidden dims", hidden, layers["full_hidden"])) if full and kept is not None]
+        if shares:
+            out.append(assets.add("kept_shares.svg", charts.share_chart("Kept share per structure", shares),
+                                  "kept share per structure"))
+        for key, full, title, label, name in (("heads", fh, "Query heads kept per layer", "query heads", "heads"),
+                                              ("ffn", ff, "FFN channels kept per layer", "FFN channels", "ffn")):
+            out.append(assets.add(f"layers_{name}.svg", charts.layer_chart(
+                title, [float(v) for v in layers[key]], float(full) if full else None, label), title))
+    out.append("<details><summary>Per-layer table</summary>\n\n" + _table(headers, rows) + "\n\n</details>")
     return out
 
 
@@ -472,27 +637,62 @@ class _Assets:
         return f"![{alt}]({self.link}/{self.prefix}{name})"
 
 
-def _md_training(t: dict[str, Any], assets: _Assets) -> list[str]:
-    out = []
+def _recovery(r: dict[str, Any] | None) -> str:
+    """', LoRA r=8 on q_proj, v_proj: 12,345 trained parameters, 67,890 loss-carrying tokens' ('' if unknown)."""
+    if not r:
+        return ""
+    mode = f"LoRA r={r['r']} on {', '.join(r['target_modules'])}" if r["mode"] == "lora" else "every weight"
+    return f" of {mode}: {r['trained_params']:,} trained parameters, {r['tokens']:,} loss-carrying tokens"
+
+
+NO_CHARTS = "Charts are written only next to a report file: `compresso-ops report RUN_DIR -o report.md`."
+
+
+def _phase_markers(phases: list[list[Any]]) -> dict[float, str]:
+    """Vertical lines where a pruning phase begins (the first phase starts with the chart)."""
+    return {float(step): PHASE_LABELS.get(name, name) for step, name in phases[1:]}
+
+
+PHASE_LABELS = {"lora_only": "LoRA only", "ramp": "ramp starts", "hold": "hold starts"}
+
+
+def _md_training(t: dict[str, Any], assets: _Assets | None) -> list[str]:
+    out = [] if assets is not None else [NO_CHARTS]
     p = t["prune"]
     if "missing" in p:
         out.append("Pruning: " + p["missing"] + ".")
     else:
         f = p["final"]
-        out.append(f"Pruning: {p['steps']} steps; final loss {_num(f.get('loss'), '.4f')}, expected sparsity "
-                   f"{_num(f.get('expected_sparsity'), '.4f')} vs target {_num(f.get('target_sparsity'), '.4f')}.")
-        out.append(assets.add("prune_loss.svg", charts.line_chart(
-            "Pruning loss", {k: p["series"][k] for k in ("loss", "lm_loss")}, "loss", "step"), "pruning loss"))
-        out.append(assets.add("prune_sparsity.svg", charts.line_chart(
-            "Expected vs target sparsity", {k: p["series"][k] for k in ("expected_sparsity", "target_sparsity")},
-            "sparsity", "step"), "expected vs target sparsity"))
+        phases = ", ".join(f"{PHASE_LABELS.get(name, name).removesuffix(' starts')} from step {step}"
+                           for step, name in p["phases"])
+        out.append(f"Pruning: {p['steps']} steps ({phases or 'no phases logged'}); final LM loss "
+                   f"{_num(f.get('lm_loss'), '.4f')}, Lagrangian term {_num(f.get('lagrangian'), '.4f')}; expected "
+                   f"sparsity {_num(f.get('expected_sparsity'), '.4f')} vs target {_num(f.get('target_sparsity'), '.4f')}. "
+                   "The training objective is the LM loss plus the Lagrangian term, which the multipliers' gradient "
+                   "ascent can drive below zero: the LM loss alone is the quality signal.")
+        if assets is not None:
+            markers, s = _phase_markers(p["phases"]), p["series"]
+            out.append(assets.add("prune_loss.svg", charts.line_chart(
+                "Pruning: LM loss", {"LM loss": s["lm_loss"]}, "cross-entropy (nats/token)", "optimizer step",
+                smoothed=True, markers=markers), "pruning LM loss"))
+            out.append(assets.add("prune_lagrangian.svg", charts.line_chart(
+                "Pruning: Lagrangian term (size constraint)", {"Lagrangian term": s["lagrangian"]}, "penalty",
+                "optimizer step", smoothed=True, markers=markers), "pruning Lagrangian term"))
+            out.append(assets.add("prune_sparsity.svg", charts.line_chart(
+                "Pruning: expected vs target sparsity",
+                {"expected sparsity": s["expected_sparsity"], "target sparsity": s["target_sparsity"]},
+                "prunable sparsity", "optimizer step", markers=markers, dashed=("target sparsity",)),
+                "expected vs target sparsity"))
     ft = t["finetune"]
     if "missing" in ft:
         out.append("Fine-tuning: " + ft["missing"] + ".")
     else:
-        out.append(f"Fine-tuning: {ft['steps']} steps; final loss {_num(ft['final'].get('loss'), '.4f')}.")
-        out.append(assets.add("finetune_loss.svg", charts.line_chart(
-            "Fine-tuning loss", {"loss": ft["series"]["loss"]}, "loss", "step"), "fine-tuning loss"))
+        out.append(f"Fine-tuning: {ft['steps']} steps{_recovery(ft['recovery'])}; final LM loss "
+                   f"{_num(ft['final'].get('loss'), '.4f')}.")
+        if assets is not None:
+            out.append(assets.add("finetune_loss.svg", charts.line_chart(
+                "Fine-tuning: LM loss", {"LM loss": ft["series"]["loss"]}, "cross-entropy (nats/token)",
+                "optimizer step", smoothed=True), "fine-tuning LM loss"))
     return out
 
 
@@ -503,11 +703,13 @@ def _md_reproducibility(r: dict[str, Any]) -> list[str]:
     bullets = [
         (f"- recipe hash `{r['recipe_hash'] or '—'}`; recipe file `{r['recipe_file'] or '—'}`; resolved recipe "
         f"`{r['resolved_recipe'] or '—'}`; method {r['method'] or '—'}"),
-        f"- seeds: prune {r['seeds']['prune']}, finetune {r['seeds']['finetune']}",
+        "- seeds: " + (", ".join(f"{k} {v}" for k, v in r["seeds"].items() if v is not None) or "—"),
         "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "—"),
         (f"- hardware: recipe {planned.get('gpu', '—')} × {planned.get('gpus_per_node', '—')} per node × "
          f"{planned.get('nodes', '—')} node(s); evaluated on {evaluated.get('device', '—')} "
          f"({evaluated.get('name', '—')})"),
+        ("- model files: " + (f"all {r['model_files_verified']} match the sha256 recorded when they were written"
+                              if r.get("model_files_verified") else "no recorded sha256 to check them against")),
     ]
     out = ["\n".join(bullets)]
     if r["stages"]:
@@ -520,9 +722,10 @@ def _md_reproducibility(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _md_run(run: dict[str, Any], assets: _Assets, level: int) -> list[str]:
+def _md_run(run: dict[str, Any], assets: _Assets | None, level: int) -> list[str]:
     h = "#" * level
     sections = [
+        (f"{h} Decision", _md_decision(run["decision"])),
         (f"{h} Summary", _md_summary(run["summary"])),
         (f"{h} Tasks", _md_evaluation(run["evaluation"])),
         (f"{h} Perplexity", _md_perplexity(run["perplexity"])),
@@ -534,57 +737,88 @@ def _md_run(run: dict[str, Any], assets: _Assets, level: int) -> list[str]:
     return [block for title, body in sections for block in (title, *body)]
 
 
+def column_names(run_dirs: list[str]) -> list[str]:
+    """Unique, short column names: each run folder's name, with as many parent folders as it takes to tell
+    it apart from the others (two runs of one recipe share the recipe name, never the folder)."""
+    parts = [Path(d).parts for d in run_dirs]
+    depth = 1
+    while depth < max(len(p) for p in parts):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+    return [str(d) for d in run_dirs]
+
+
 def _md_side_by_side(runs: list[dict[str, Any]]) -> list[str]:
-    """One column per run: size, every task and group, perplexity, speed, wall time."""
-    def summary(run: dict[str, Any], *path: str) -> Any:
-        node: Any = run["summary"]
+    """One column per run (named by its folder) beside the source model: verdict, size, every task with its
+    retention, perplexity, speed, memory, wall time. Each run's own report.md has the detail."""
+    def pick(node: Any, *path: str | int) -> Any:
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         return node
 
-    def task(run: dict[str, Any], name: str, kind: str) -> Any:
-        rows = run["evaluation"].get(kind, [])
-        key = "task" if kind == "tasks" else "group"
-        return next((r["pruned"] for r in rows if r[key] == name), None)
+    def task(run: dict[str, Any], name: str) -> dict[str, Any]:
+        return next((r for r in run["evaluation"].get("tasks", []) if r["task"] == name), {})
 
-    def metric(run: dict[str, Any], section: str, *path: str) -> Any:
-        node: Any = run[section].get("pruned") if isinstance(run[section].get("pruned"), dict) else None
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node
+    def with_retention(value: Any, kept: Any) -> str:
+        return _pct(value) + (f" ({_retention(kept)})" if isinstance(kept, (int, float)) else "")
 
+    # The source column: the first run that evaluated its source (runs of one model share it).
+    ref = next((r for r in runs if any(t.get("source") is not None for t in r["evaluation"].get("tasks", []))),
+               runs[0])
+    sources = {pick(r, "summary", "source", "path") for r in runs} - {None}
     names = list(dict.fromkeys(r["task"] for run in runs for r in run["evaluation"].get("tasks", [])))
-    groups = list(dict.fromkeys(g["group"] for run in runs for g in run["evaluation"].get("groups", [])))
     rows = [
-        ["total params"] + [_num(summary(r, "params", "result", "total"), ",") for r in runs],
-        ["prunable sparsity (%)"] + [_pct(summary(r, "prunable_sparsity")) for r in runs],
-        ["export mode"] + [str(summary(r, "mode") or "—") for r in runs],
-        ["size on disk"] + [_bytes(summary(r, "size_on_disk", "result")) for r in runs],
-        *[[f"{n} (%)"] + [_pct(task(r, n, "tasks")) for r in runs] for n in names],
-        *[[f"{g} average (%)"] + [_pct(task(r, g, "groups")) for r in runs] for g in groups],
-        ["perplexity"] + [_num(metric(r, "perplexity", "perplexity"), ".3f") for r in runs],
-        ["decode tokens/s"] + [_num(metric(r, "speed", "decode_tokens_per_s"), ",.1f") for r in runs],
-        ["peak memory"] + [_bytes(metric(r, "speed", "memory", "peak_bytes")) for r in runs],
-        ["total wall time (s)"] + [_num(r["reproducibility"]["total_seconds"], ",.1f") for r in runs],
+        ["verdict", "", *[r["decision"]["verdict"] for r in runs]],
+        ["total params", _num(pick(ref, "summary", "params", "source", "total"), ","),
+         *[_num(pick(r, "decision", "achieved", "params"), ",") for r in runs]],
+        ["target params", "", *[_num(pick(r, "decision", "target", "params"), ",") for r in runs]],
+        ["prunable sparsity (%)", "0.00", *[_pct(pick(r, "decision", "achieved", "prunable_sparsity")) for r in runs]],
+        ["export mode", "", *[str(pick(r, "summary", "mode") or "—") for r in runs]],
+        ["mean retention", "", *[_pm(pick(r, "decision", "headline", "retention", "mean"),
+                                     pick(r, "decision", "headline", "retention", "stderr"), _retention) for r in runs]],
+        *[[f"{n} (%, retention)", _pct(task(ref, n).get("source")),
+           *[with_retention(task(r, n).get("pruned"), task(r, n).get("retention")) for r in runs]] for n in names],
+        ["perplexity", _num(pick(ref, "perplexity", "source", "perplexity"), ".3f"),
+         *[_num(pick(r, "perplexity", "pruned", "perplexity"), ".3f") for r in runs]],
+        ["decode tokens/s", _num(pick(ref, "speed", "source", "decode_tokens_per_s"), ",.1f"),
+         *[_num(pick(r, "speed", "pruned", "decode_tokens_per_s"), ",.1f") for r in runs]],
+        ["deployed memory", _bytes(pick(ref, "speed", "source", "memory", "peak_bytes")),
+         *[_bytes(pick(r, "speed", "pruned", "memory", "peak_bytes")) for r in runs]],
+        ["total wall time", "", *[_num(r["reproducibility"]["total_seconds"], ",.1f", " s") for r in runs]],
     ]
-    return ["## Side by side (pruned models)", _table([""] + [r["name"] for r in runs], rows)]
+    columns = column_names([r["run_dir"] for r in runs])
+    out = [_table(["", "source", *columns], rows)]
+    if len(sources) > 1:
+        out.append("The runs prune different source models; the source column is "
+                   f"`{pick(ref, 'summary', 'source', 'path')}`'s.")
+    out.append("\n".join(f"- `{c}`: {r['name']}, run folder `{r['run_dir']}`"
+                          + (f", full report `{Path(r['run_dir']) / 'report.md'}`"
+                             if (Path(r["run_dir"]) / "report.md").is_file() else "")
+                          for c, r in zip(columns, runs)))
+    return out
 
 
-def render_markdown(report: dict[str, Any], assets_dir: Path, *, link_dir: str | None = None) -> str:
+def render_markdown(report: dict[str, Any], assets_dir: Path | None, *, link_dir: str | None = None) -> str:
     """The report as markdown. SVG charts are written into `assets_dir` and linked as `<link_dir>/<chart>.svg`;
-    `link_dir` defaults to the folder's name, right when the markdown sits next to `assets_dir`."""
-    assets_dir = Path(assets_dir)
-    link = link_dir or assets_dir.name
+    `link_dir` defaults to the folder's name, right when the markdown sits next to `assets_dir`. Without an
+    `assets_dir` (a report printed to stdout) there are no charts and nothing is written. Several runs give
+    one side-by-side table, not each run's full report again."""
     runs = report["runs"]
-    if len(runs) == 1:
-        blocks = [f"# Release review: {runs[0]['name']}", (f"Run folder `{runs[0]['run_dir']}`; generated "
-                  f"{report['generated']}."), *_md_run(runs[0], _Assets(assets_dir, link), 2)]
-    else:
-        blocks = [f"# Release review: {len(runs)} runs", f"Generated {report['generated']}.", *_md_side_by_side(runs)]
-        for i, run in enumerate(runs):
-            assets = _Assets(assets_dir, link, f"{i + 1}-{_slug(run['name'])}-")
-            blocks += [f"## Run {i + 1}: {run['name']}", f"Run folder `{run['run_dir']}`.", *_md_run(run, assets, 3)]
+    if len(runs) > 1:
+        return "\n\n".join([f"# Release review: {len(runs)} runs", f"Generated {report['generated']}.",
+                             *_md_side_by_side(runs)]) + "\n"
+    assets = None if assets_dir is None else _Assets(Path(assets_dir), link_dir or Path(assets_dir).name)
+    blocks = [f"# Release review: {runs[0]['name']}",
+              f"Run folder `{runs[0]['run_dir']}`; generated {report['generated']}.", *_md_run(runs[0], assets, 2)]
     return "\n\n".join(blocks) + "\n"
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """One line per run whose verdict is FAIL (what `report --check` prints before exiting 3)."""
+    return [f"{run['run_dir']}: FAIL: " + ", ".join(run["decision"]["failed"])
+            for run in report["runs"] if run["decision"]["verdict"] == "FAIL"]
 
 
 def write_report(run_dirs: list[Path], md_path: Path, *, json_path: Path | None = None,
@@ -602,5 +836,6 @@ def write_report(run_dirs: list[Path], md_path: Path, *, json_path: Path | None 
 
 def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     """The report stage: `report.md` and `report.json` in the run folder, charts in `report/`."""
-    write_report([run_dir], run_dir / "report.md", json_path=run_dir / "report.json", assets_dir=run_dir / "report")
-    return str(run_dir / "report.md")
+    report = write_report([run_dir], run_dir / "report.md", json_path=run_dir / "report.json",
+                          assets_dir=run_dir / "report")
+    return f"verdict {report['runs'][0]['decision']['verdict']}: {run_dir / 'report.md'}"

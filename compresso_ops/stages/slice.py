@@ -12,17 +12,19 @@ import torch
 from compresso_ops.errors import StageError
 from compresso_ops.method.masks import MASKS_FILE, Masks
 from compresso_ops.models.export import _emit, export_pruned
-from compresso_ops.models.resolve import locate_model
+from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.models.slicing import merge_lora
 from compresso_ops.models.streaming_slice import stream_export, streamable
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages.prune import TRAINED
 from compresso_ops.ui.progress import EventFn
 
 
 def run_slice(
     recipe: Recipe, prune_dir: str | Path, stage_dir: str | Path, *, on_event: EventFn | None = None
 ) -> dict[str, Any]:
-    """The slice stage: source model (fp32, CPU) + prune/lora merged + prune/masks -> stage_dir/model.
+    """The slice stage: source model (fp32, CPU) + prune/lora merged + prune/masks -> stage_dir/model; after
+    `prune.train: full` the trained model in prune/model takes the source's place (and there is no LoRA).
 
     A source in safetensors on disk is streamed (`models/streaming_slice.py`: about one layer in memory);
     otherwise (`.bin` weights, an adapter peft alone can merge) the model is loaded whole and exported by
@@ -35,23 +37,42 @@ def run_slice(
     src = recipe.model
     load_kw = {"revision": src.revision, "trust_remote_code": src.trust_remote_code}
     _emit(on_event, "load", model=src.path)
-    source_config = AutoConfig.from_pretrained(src.path, **load_kw)
-    tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
-    lora_dir = prune_dir / "lora"
+    trained = prune_dir / TRAINED["full"]  # prune.train: full left the whole trained model (fp32)
+    lora_dir = prune_dir / TRAINED["lora"]
+    with readable_model(src.path):
+        source_config = AutoConfig.from_pretrained(src.path, **load_kw)
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **load_kw)
     masks = Masks.load(prune_dir)
     source_info = {"path": src.path, "revision": src.revision, "dtype": source_config.dtype}
     export_kw = {"recipe": recipe, "dtype": recipe.export.dtype, "max_shard_size": recipe.export.max_shard_size,
                  "on_event": on_event}
-    folder = locate_model(src).folder
-    why_not = streamable(folder, lora_dir)
+    # The streamed source: the trained model when prune.train: full left one (no LoRA then), else the source
+    # model's folder with the prune stage's LoRA (when there is one).
+    if trained.is_dir():
+        folder: Path | None = trained
+        stream_lora: Path | None = None
+        field = "prune/model"
+    else:
+        folder = locate_model(src).folder
+        stream_lora = lora_dir if lora_dir.is_dir() else None
+        field = "model.path"
+    why_not = streamable(folder, stream_lora)
     if why_not is None and folder is not None:
-        if lora_dir.is_dir():
-            _emit(on_event, "merge_lora", adapter=str(lora_dir), streamed=True)
+        if stream_lora is not None:
+            _emit(on_event, "merge_lora", adapter=str(stream_lora), streamed=True)
         _emit(on_event, "slice", streamed=True)
-        return stream_export(folder, lora_dir if lora_dir.is_dir() else None, masks, recipe.export.mode,
-                             stage_dir / "model", source_config=source_config, tokenizer=tokenizer,
-                             source_info=source_info, **export_kw)
-    model: Any = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **load_kw)
+        if folder == trained:
+            with readable_model(trained, field=field):
+                weights_config = AutoConfig.from_pretrained(trained)
+        else:
+            weights_config = source_config
+        return stream_export(folder, stream_lora, masks, recipe.export.mode, stage_dir / "model",
+                             source_config=weights_config, tokenizer=tokenizer, source_info=source_info,
+                             source_field=field, **export_kw)
+    weights = trained if trained.is_dir() else src.path
+    with readable_model(weights, field=field):
+        model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                                          **(load_kw if weights == src.path else {}))
     if lora_dir.is_dir():
         from peft import PeftModel
 

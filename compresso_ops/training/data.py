@@ -52,6 +52,14 @@ def build_dataset(data: DataSection, tokenizer: Any, prompt_text: str, max_posit
     return examples
 
 
+def fixed_prefix(data_format: str, prompt: str) -> str:
+    """The text every training example of `data_format` starts with before any text of its own (after BOS):
+    the room the prompt and the template take in every sequence."""
+    if data_format == "alpaca":
+        return with_prompt(prompt, alpaca_prompt("", ""))
+    return prompt + "\n\n" if prompt else ""
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
@@ -66,7 +74,8 @@ def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; other bytes are a user error naming the file and the offset."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -75,7 +84,7 @@ def _read_text(path: Path) -> str:
 
 def read_rows(path: Path) -> list[tuple[str, Any]]:
     """JSON rows of a file holding a JSON list or JSON Lines, each with a location for error messages."""
-    text = _read_text(path)
+    text = read_text(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -131,12 +140,12 @@ def _pieces(path: Path) -> list[tuple[str, bool]]:
     a plain file is one document, cut after blank lines so it can be tokenized a batch at a time)."""
     if path.suffix in (".json", ".jsonl"):
         return [(_field(path, where, row, "text", True), True) for where, row in read_rows(path)]
-    paragraphs = re.split(r"(?<=\n\n)", _read_text(path))
+    paragraphs = re.split(r"(?<=\n\n)", read_text(path))
     return [(p, i == len(paragraphs) - 1) for i, p in enumerate(paragraphs)]
 
 
 def _text_examples(path: Path, tokenizer: Any, prompt: str, max_len: int, max_samples: int | None) -> list[Example]:
-    head = _bos(tokenizer) + (_encode(tokenizer, [prompt + "\n\n"])[0] if prompt else [])
+    head = _bos(tokenizer) + (_encode(tokenizer, [fixed_prefix("text", prompt)])[0] if prompt else [])
     room = max_len - len(head)
     if room < 1:
         raise UserError(f"data.max_seq_length {max_len} leaves no room for text after the prompt "

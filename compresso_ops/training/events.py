@@ -22,9 +22,8 @@ class EventLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic.write_text(self.path, "".join(line + "\n" for line in keep))
+        keep = [record for record in atomic.read_jsonl(self.path) if record.get("step", 0) <= step]
+        atomic.write_text(self.path, "".join(json.dumps(record, default=float) + "\n" for record in keep))
 
     def reset(self) -> None:
         if self.path.is_file():

@@ -35,7 +35,15 @@ from compresso_ops.ui.progress import EventFn
 
 
 class Trainer(Protocol):
-    """`state_dict` runs on rank 0 only, so it must not use collectives (every trainable is replicated)."""
+    """With replicated trainables `state_dict` runs on rank 0 only and must not use collectives. With
+    `collective_state` (FSDP shards the trained weights) every rank calls `state_dict` and `load_state_dict`
+    (non-zero ranks with None), which gather to and broadcast from rank 0. `step` returns the step's record
+    with its `lm_loss`; `vocab_size` and `lr_setting` (the recipe field of the learning rate and its value)
+    let the loop recognise and explain a diverged run."""
+
+    collective_state: bool
+    vocab_size: int
+    lr_setting: str
 
     def step(self, step: int) -> dict[str, Any]: ...
     def state_dict(self, step: int, fingerprint: str) -> dict[str, Any]: ...
@@ -70,24 +78,87 @@ def graceful_stop() -> Iterator[_StopFlag]:
             signal.signal(s, h)
 
 
+class DivergenceGuard:
+    """Stops a run whose loss has left the range of learning, before more steps are spent on it.
+
+    A model that knows anything scores below ln(vocab), the loss of predicting every token uniformly; a
+    too-large learning rate drives it to that loss (or far beyond it) and keeps it there. The guard
+    compares each step's LM loss with a limit set from the first step's loss (measured before any update):
+    when that loss is clearly below uniform, the limit sits just below uniform; when the model starts near
+    uniform (an untrained one), the limit is twice the larger of the two. `PATIENCE` consecutive steps above
+    the limit stop the run. While the loss is above the limit no periodic checkpoint is written, so the
+    last checkpoint on disk is the last good one.
+    """
+
+    PATIENCE = 3
+
+    def __init__(self, vocab_size: int, lr_setting: str) -> None:
+        self.uniform = math.log(max(2, vocab_size))
+        self.lr_setting = lr_setting
+        self.first: float | None = None
+        self.streak = 0
+
+    @property
+    def limit(self) -> float:
+        first = self.uniform if self.first is None else self.first
+        if first < 0.9 * self.uniform:
+            return self.uniform - 0.1 * (self.uniform - first)
+        return 2 * max(self.uniform, first)
+
+    @property
+    def suspicious(self) -> bool:
+        return self.streak > 0
+
+    def observe(self, record: dict[str, Any], store: CheckpointStore) -> None:
+        """Count the step; raise StageError once the loss has stayed above the limit PATIENCE steps."""
+        loss = float(record["lm_loss"])
+        if self.first is None:
+            self.first = loss
+        self.streak = self.streak + 1 if loss > self.limit else 0
+        if self.streak >= self.PATIENCE:
+            raise StageError(
+                f"{record.get('stage', 'training')}: training diverged: the LM loss stayed above {self.limit:.3g} for "
+                f"{self.streak} steps (step {record['step']}: {loss:.4g}; first step {self.first:.4g}; predicting "
+                f"tokens uniformly gives ln(vocab) = {self.uniform:.4g}); {_kept(store)}; lower {self.lr_setting} "
+                "and rerun")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.first, self.streak = (state or {}).get("first"), (state or {}).get("streak", 0)
+
+
 def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fingerprint: str, total: int,
               checkpoint_every: int, on_event: EventFn | None = None,
               max_steps: int | None = None, dist: DistContext = SINGLE) -> bool:
     """Run steps from the last checkpoint to `total`; True when the run is complete.
 
     `max_steps` stops after that many steps in this call, as a killed run would (tests use it).
-    `on_event` is called on rank 0 only.
+    `on_event` is called on rank 0 only; it also receives {"notice": ...} when a damaged checkpoint was
+    skipped. A diverged run stops with StageError (see `DivergenceGuard`).
     """
     is_writer = dist.is_main
     saved = store.load(fingerprint) if is_writer else None
+    if is_writer and store.notice and on_event is not None:
+        on_event({"notice": store.notice})
+    guard = DivergenceGuard(trainer.vocab_size, trainer.lr_setting)
     start = 0
-    if dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
-        start = trainer.load_state_dict(dist.broadcast_object(
-            (saved if saved is not None else trainer.state_dict(0, fingerprint)) if is_writer else None))
+    guard_state = saved.get("guard") if saved is not None else None
+    if trainer.collective_state:  # every rank loaded the same source and seeds: only a resume needs loading
+        if dist.broadcast_object(saved is not None):
+            start = trainer.load_state_dict(saved)
+        guard_state = dist.broadcast_object(guard_state)
+    elif dist.active:  # like DDP, every rank starts from rank 0's state: its checkpoint or its fresh init
+        saved = dist.broadcast_object(
+            (saved if saved is not None else trainer.state_dict(0, fingerprint)) if is_writer else None)
+        start = trainer.load_state_dict(saved)
+        guard_state = saved.get("guard")
     elif saved is not None:
         start = trainer.load_state_dict(saved)
+    guard.load_state_dict(guard_state)
     if is_writer:
-        if saved is None:
+        if start == 0:
             events.reset()
         else:
             events.truncate_after(start)
@@ -102,9 +173,14 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
                 events.append(record)
                 if on_event is not None:
                     on_event(record)
+            guard.observe(record, store)
             stopping = dist.any(flag.requested)
-            if is_writer and (done % checkpoint_every == 0 or done == total or stopping):
-                store.save(trainer.state_dict(done, fingerprint))  # replicated state: rank 0's is everyone's
+            periodic = done % checkpoint_every == 0 and not guard.suspicious
+            if (periodic or done == total or stopping) and (is_writer or trainer.collective_state):
+                # replicated: rank 0's state is everyone's; collective: every rank gathers onto rank 0
+                state = trainer.state_dict(done, fingerprint)
+                if is_writer:
+                    store.save({**state, "guard": guard.state_dict()})
             if stopping:
                 raise KeyboardInterrupt
     return stop >= total
@@ -158,11 +234,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_finite(stage: str, step: int, values: dict[str, torch.Tensor], store: CheckpointStore) -> None:
+def _kept(store: CheckpointStore) -> str:
+    saved = store.saved_step()
+    return f"the last good checkpoint (step {saved}) is kept in {store.folder}" if saved is not None else \
+        "no checkpoint was written yet"
+
+
+def check_finite(stage: str, step: int, values: dict[str, torch.Tensor], store: CheckpointStore,
+                 lr_setting: str) -> None:
     """Stop before a non-finite loss reaches the weights; the last good checkpoint stays on disk."""
     bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
     if bad:
-        saved = store.saved_step()
-        kept = f"last good checkpoint (step {saved}) kept in {store.folder}" if saved is not None else "no checkpoint yet"
-        raise StageError(f"{stage}: {bad[0]} became NaN/inf at step {step + 1}; {kept}; lower the learning rates "
+        raise StageError(f"{stage}: {bad[0]} became NaN/inf at step {step + 1}; {_kept(store)}; lower {lr_setting} "
                          "or use bfloat16 instead of float16")

@@ -1,5 +1,6 @@
 """The model as training needs it: the source loaded in the planned precision, frozen, with gradient
-checkpointing, seeded LoRA adapters (peft) and, under FSDP, the frozen base sharded."""
+checkpointing, then either seeded LoRA adapters (peft) or, with `train: full`, every weight trainable; under
+FSDP the frozen base sharded."""
 
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ from torch import nn
 
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import module_names, unwrap
-from compresso_ops.models.resolve import locate_model
+from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
 from compresso_ops.training.sharded_load import can_load_sharded, fill_shards, placeholder_model, to_meta_
-from compresso_ops.training.sharding import shard_frozen_base
+from compresso_ops.training.sharding import shard_model
 
 
-def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
-    """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use."""
+def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = False) -> tuple[nn.Module, Any, Precision]:
+    """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use
+    (`full`: fp32 master weights, see `choose_precision`). Under FSDP a safetensors source is a placeholder
+    model whose shards `prepare_for_training` reads (`training/sharded_load.py`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     m = recipe.model
     kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-    precision = choose_precision(recipe, dist)
+    precision = choose_precision(recipe, dist, full=full)
     folder = locate_model(m).folder
-    try:
+    with readable_model(m.path):
         tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
         if precision.shard_base and can_load_sharded(folder) and not m.trust_remote_code:
             # Under FSDP no process reads the whole model: placeholders now, own shards after sharding.
@@ -44,9 +47,6 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE) -> tuple[nn.Module, 
                 freeze_for_training(model, precision)
             if turns > 1:
                 dist.barrier()
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.path: cannot load '{m.path}': {first}") from None
     return model, tokenizer, precision
 
 
@@ -69,15 +69,18 @@ def freeze_for_training(model: nn.Module, precision: Precision) -> None:
 
 def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSection, field: str,
                          precision: Precision) -> nn.Module:
-    """Checkpointing as the section asks, seeded LoRA adapters (the same init on every rank and every run),
-    and under FSDP the frozen base sharded across the ranks."""
+    """Checkpointing as the section asks, then seeded LoRA adapters (the same init on every rank and every
+    run) or, for `train: full`, every weight trainable; under FSDP the frozen base sharded across the ranks."""
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    seed_all(section.seed)
-    model = add_lora(model, section.lora, field)
+    if section.train == "full":
+        model.requires_grad_(True)
+    else:
+        seed_all(section.seed)
+        model = add_lora(model, section.lora, field)
     if precision.shard_base:
         to_meta_(model)  # a placeholder model (load_source): nothing allocated until its shards are read
-        shard_frozen_base(model, precision.device, precision.dist)
+        shard_model(model, precision)
         fill_shards(model, precision.device, precision.dist.rank, precision.dist.world_size)
     return model
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import unwrap
-from compresso_ops.models.streaming_slice import INDEX_FILE, meta_model
+from compresso_ops.models.streaming_slice import INDEX_FILE, generation_config, meta_model
 
 SOURCE_ATTR = "compresso_weights_from"  # on a placeholder model: the folder its shards are read from
 
@@ -41,6 +41,7 @@ def placeholder_model(folder: Path, config: Any, dtype: torch.dtype) -> nn.Modul
     """The model of `config` whose weights take no memory: each a zero-stride view of one element with the
     weight's shape and dtype (tied weights stay one tensor). `fill_shards` reads them after sharding."""
     model = meta_model(config, dtype)
+    model.generation_config = generation_config(folder)  # as from_pretrained sets it; saved with the model
     placeholders: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -78,22 +79,24 @@ def _placeholder_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.P
 
 
 def to_meta_(model: nn.Module) -> None:
-    """Turn the placeholders of a placeholder model (LoRA now added) into meta weights, which `fully_shard`
-    shards without allocating (it rejects the zero-stride placeholders). Tied weights stay one tensor."""
+    """Turn the placeholders of a placeholder model (LoRA now added, or every weight made trainable for
+    `train: full`) into meta weights, which `fully_shard` shards without allocating (it rejects the
+    zero-stride placeholders). Tied weights stay one tensor; each keeps whether it trains."""
     if getattr(unwrap(model), SOURCE_ATTR, None) is None:
         return
     metas: dict[int, nn.Parameter] = {}
     for module, name, param in list(_placeholder_params(model)):
         if id(param) not in metas:
             metas[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                            requires_grad=False)
+                                            requires_grad=param.requires_grad)  # train: full trains them
         module._parameters[name] = metas[id(param)]
 
 
 @torch.no_grad()
 def fill_shards(model: nn.Module, device: torch.device, rank: int, world: int) -> None:
     """Allocate this rank's shards of a sharded placeholder model on `device` and read its rows, and only
-    its rows, of every frozen weight from the safetensors files, cast as `from_pretrained` casts.
+    its rows, of every source weight (frozen, or trained with `train: full`) from the safetensors files, cast
+    as `from_pretrained` casts.
 
     FSDP2 shards dim 0 as `torch.chunk` does: rank r holds rows [r c, r c + n_r) with c = ceil(rows / world).
     `to_empty` allocates the shards and also blanks what was real (the LoRA weights, the rotary buffers), so

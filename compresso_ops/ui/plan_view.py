@@ -16,32 +16,44 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
                   f"{hw['nodes']} node(s) x {hw['gpus_per_node']} {hw['gpu']}, strategy {hw['strategy']})")
 
     sizes = Table(title="Parameters", title_justify="left")
-    for col in ("", "total", "prunable", "embeddings", "prunable sparsity"):
+    for col in ("", "total params", "prunable params", "embeddings", "prunable sparsity",
+                f"checkpoint ({p['export_dtype']})"):
         sizes.add_column(col, justify="right" if col else "left")
     src, tgt = p["source"], p["target"]
-    sizes.add_row("source", f"{src['total']:,}", f"{src['prunable']:,}", f"{src['embeddings']:,}", "0")
-    sizes.add_row("target", f"{tgt['total']:,}", f"{tgt['prunable']:,}", "", f"{tgt['prunable_sparsity']:.4f}")
+    sizes.add_row("source", f"{src['total']:,}", f"{src['prunable']:,}", f"{src['embeddings']:,}", "0", "")
+    sizes.add_row("target", f"{tgt['total']:,}", f"{tgt['prunable']:,}", "", f"{tgt['prunable_sparsity']:.4f}", "")
     for mode, entry in p["export"].items():
         kind = "exact" if entry["exact"] else "bound"
-        sizes.add_row(f"export {mode} ({kind})", f"{entry['params']:,}", "", "",
-                      human_bytes(entry["checkpoint_bytes"]) + f" {p['export_dtype']}")
+        sizes.add_row(f"export {mode} ({kind})", f"{entry['params']:,}", "", "", "",
+                      human_bytes(entry["checkpoint_bytes"]))
     console.print(sizes)
+    align = p["alignment"]
+    if align["ffn_channels"] > 1 or align["hidden_dims"] > 1:
+        console.print(f"Kept FFN channels in multiples of {align['ffn_channels']}, hidden dims of "
+                      f"{align['hidden_dims']} (target.multiple_of)")
 
     t = plan["trainable"]
-    console.print(f"Trainable while pruning: LoRA {t['lora']:,} + gates {t['gates']:,} + lambdas "
+    trained = f"every weight {t['weights']:,}" if t["weights"] else f"LoRA {t['lora']:,}"
+    console.print(f"Trainable while pruning: {trained} + gates {t['gates']:,} + lambdas "
                   f"{t['lagrangian']} = {t['total']:,}")
 
-    mem = Table(title=f"Memory per GPU ({plan['memory']['compute_dtype']} base, "
-                      f"{human_bytes(hw['per_gpu_memory_bytes'])} available)", title_justify="left")
-    for col in ("stage", "per GPU", "fits", "breakdown", "to make it fit"):
+    limit = hw["per_gpu_memory_bytes"]
+    on_gpu = limit is not None  # a CPU run has no device limit: its RAM is in the host table (render_host)
+    title = (f"Memory per GPU ({plan['memory']['compute_dtype']} base, {human_bytes(limit)} available)" if on_gpu
+             else f"Memory per process ({plan['memory']['compute_dtype']}, host RAM on cpu)")
+    mem = Table(title=title, title_justify="left")
+    for col in ("stage", "per GPU" if on_gpu else "per process", *(("fits",) if on_gpu else ()), "breakdown",
+                *(("to make it fit",) if on_gpu else ())):
         mem.add_column(col)
     for stage, entry in plan["memory"]["stages"].items():
         breakdown = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in entry["breakdown"].items()
-                              if not k.startswith("activations_"))
+                              if not k.startswith("activations_") and (on_gpu or k != "framework_overhead"))
         label = stage + (f" (layers over {entry['gpus']} GPUs)" if entry.get("gpus", 1) > 1 else "")
-        mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), "[green]yes[/]" if entry["fits"] else "[red]no[/]",
-                    breakdown or entry.get("note", ""), entry.get("suggestion") or "")
+        fits = ("[green]yes[/]" if entry["fits"] else "[red]no[/]",) if on_gpu else ()
+        mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), *fits, breakdown or entry.get("note", ""),
+                    *((entry.get("suggestion") or "",) if on_gpu else ()))
     console.print(mem)
+    console.print(f"[dim]Evaluate assumption: {plan['memory']['stages']['evaluate']['assumption']}[/]")
     dep = plan["memory"]["deploy"]
     console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
                   f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_driver.py CONFIG.json
 
-CONFIG holds {"jobs": [{"stage": "prune" | "finetune", "recipe": <Recipe as JSON>, "stage_dir",
+CONFIG holds {"jobs": [{"stage": "prune" | "finetune" | "load", "recipe": <Recipe as JSON>, "stage_dir",
 "sliced_dir" (finetune)}, ...], "out_dir", "pause_after_checkpoint"}; the jobs run one after the other in the
 same processes (one launch costs tests less than two). Every rank writes its pid to out_dir/rank<r>.pid at
 start (so a test can SIGKILL the whole job) and each job's return value to out_dir/result<job>_<r>.json.
@@ -36,6 +36,27 @@ def _pause_after_first_checkpoint(out_dir: Path) -> None:
     CheckpointStore.save = save  # type: ignore[method-assign]
 
 
+def _load(recipe: Recipe, dist, out_file: Path) -> dict:
+    """Load the source and prepare it for pruning as the prune stage does; rank 0 writes every parameter,
+    gathered whole, to `out_file`. Returns how the base was held and this process's peak RSS."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from compresso_ops.models.adapter import unwrap
+    from compresso_ops.training.setup import load_source, prepare_for_training
+    from compresso_ops.training.sharding import weights_held
+
+    model, _, precision = load_source(recipe, dist)
+    model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
+    tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()
+               for name, p in unwrap(model).named_parameters()}
+    if dist.is_main:
+        save_file(tensors, str(out_file))
+    return {"weights": weights_held(model, precision),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def main() -> None:
     config = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
@@ -46,7 +67,9 @@ def main() -> None:
         _pause_after_first_checkpoint(out_dir)
     for i, job in enumerate(config["jobs"]):
         recipe = Recipe.model_validate(job["recipe"])
-        if job["stage"] == "prune":
+        if job["stage"] == "load":
+            result = _load(recipe, dist, out_dir / f"load{i}.safetensors")
+        elif job["stage"] == "prune":
             from compresso_ops.stages.prune import run_prune
 
             result = run_prune(recipe, job["stage_dir"])

@@ -258,6 +258,46 @@ def test_fsdp_with_uneven_micro_batches_stops_with_one_line():
     require_even_split(3, dataclasses.replace(sharded, shard_base=False), "finetune")  # replicated: any split
 
 
+def test_fsdp_loading_reads_only_own_shards_and_gives_todays_base(tmp_path):
+    """Under FSDP each process builds placeholders and reads only its rows from the safetensors files (a
+    sharded index here, tied embeddings, a vocabulary that splits unevenly): every frozen weight and every
+    LoRA value equals what loading the whole model in one process gives."""
+    from compresso_ops.models.adapter import unwrap
+    from compresso_ops.training.setup import load_source, prepare_for_training
+
+    folder = tmp_path / "model"
+    save_tiny(folder, "llama", gqa=True, tied=True, layers=3)
+    sharded = tmp_path / "sharded"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(sharded, max_shard_size="20KB")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    recipe = _recipe(tmp_path, strategy="fsdp").model_copy(update={"model": Recipe.model_validate(
+        {"model": {"path": str(sharded)}, "target": {"sparsity": 0.4}}).model})
+    (results,) = _run([{"stage": "load", "recipe": recipe.model_dump(mode="json")}], tmp_path / "job")
+    assert all(r["weights"]["sharded"] for r in results)
+    model, _, precision = load_source(recipe)  # one process: today's whole-model load
+    model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
+    want = {name: p.detach() for name, p in unwrap(model).named_parameters()}
+    got = load_file(str(tmp_path / "job" / "load0.safetensors"))
+    assert got.keys() == want.keys() and any("lora_A" in k for k in got)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_replicas_on_gpus_load_one_process_at_a_time(work):
+    """Under DDP on GPUs the processes of a node take turns (one copy in RAM at a time); on CPU, or when
+    FSDP reads shards, they load together."""
+    from compresso_ops.training.setup import _loading_turns
+
+    recipe = _recipe(work, gpus=2)
+    on_gpu = Precision(torch.device("cuda", 0), torch.float16, dist=DistContext(0, 2, 0))
+    assert _loading_turns(recipe, on_gpu) == 2
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, shard_base=True)) == 1
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, device=torch.device("cpu"))) == 1
+    assert _loading_turns(recipe, dataclasses.replace(on_gpu, dist=DistContext())) == 1
+
+
 FULL_PRUNE_OUTPUTS = {"events.jsonl", "checkpoints", "model", "masks.safetensors", "masks.json", "gates.safetensors"}
 
 

@@ -85,6 +85,7 @@ def test_full_prune_leaves_the_trained_model_and_the_slice_uses_it(tmp_path):
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], source["model.layers.0.mlp.up_proj.weight"])
     manifest = run_slice(recipe, tmp_path / "prune", tmp_path / "slice")
     assert manifest["checks"]["passed"]  # the export reproduces the masked *trained* model's logits
+    assert manifest["streamed"]  # read from prune/model's safetensors, layer by layer
 
 
 def test_plan_fits_a_full_finetune_of_5_4b_on_4_v100_32gb_with_fsdp_and_checkpointing(tmp_path):

@@ -13,7 +13,7 @@ from compresso_ops.models.architecture import PRESETS
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
 from compresso_ops.recipe.schema import Recipe
-from compresso_ops.stages.plan import evaluation_gpus, make_plan, training_strategy, uniform_kept
+from compresso_ops.stages.plan import evaluation_gpus, host_fix, make_plan, training_strategy, uniform_kept
 from tests.tiny import REPO_ROOT, save_tiny
 
 
@@ -41,11 +41,15 @@ def test_llama7b_54b_plan_matches_the_paper():
     for mode in ("native", "uniform", "pad"):
         assert params["export"][mode]["checkpoint_bytes"] == params["export"][mode]["params"] * 2  # fp16
     assert plan["memory"]["deploy"]["total_bytes"] > plan["memory"]["deploy"]["weights_bytes"]
-    # Host RAM: 4 processes each read the fp16 source (54 GB a node); the slice stage holds the fp32 source
-    # and the sliced model (49 GB)
+    # Host RAM: the 4 DDP processes load one after another, so a node holds one fp16 copy (13.5 GB); the
+    # slice stage streams (the hub model is assumed safetensors): the widest piece (a layer, 0.81 GB, or the
+    # embedding matrix) in fp32, its slice and transient copies, counted as three; evaluate holds one fp16 model.
     host = plan["memory"]["host"]
-    assert host["load_per_node_bytes"] == 4 * 6_738_415_616 * 2
-    assert host["slice_bytes"] == (6_738_415_616 + params["target"]["total"]) * 4
+    assert host["peaks"]["load"] == 6_738_415_616 * 2
+    assert host["slice_streams"]
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert host["peaks"]["slice"] == 3 * layer * 4
+    assert host["peaks"]["evaluate"] == 6_738_415_616 * 2
     assert plan["steps"]["prune"]["total"] == 8 * plan["steps"]["prune"]["steps_per_epoch"]
 
 
@@ -157,6 +161,64 @@ def test_steps_come_from_the_local_data_file(tmp_path):
     assert steps["prune"]["phases"] == {"lora_only": 5, "ramp": 10, "hold": 5}
     assert steps["finetune"]["total"] == 7
     assert steps["prune"]["est_seconds"] > 0
+
+
+def test_llama2_70b_on_two_v100_nodes_fits_the_host(tmp_path):
+    """The issue's example: Llama-2-70B to 56B on 2 nodes x 8 V100-32GB with FSDP and 512 GB nodes. Each
+    process reads only its shards, so a node holds about half the fp16 model; the slice stage streams."""
+    recipe = _recipe(tmp_path, """
+        model: {path: meta-llama/Llama-2-70b-hf, architecture: llama-2-70b, dtype: float16}
+        target: {params: 56B}
+        prune: {gradient_checkpointing: true, micro_batch_size: 1}
+        hardware: {gpu: V100-32GB, gpus_per_node: 8, nodes: 2, strategy: fsdp, host_memory: 512GB}
+    """)
+    plan = make_plan(recipe)
+    fp16 = plan["params"]["source"]["total"] * 2
+    assert 68.9e9 < plan["params"]["source"]["total"] < 69.1e9  # the published 70B count
+    host = plan["memory"]["host"]
+    assert host["node_ram_bytes"] == 512 * 10**9 and host["node_ram_from"] == "hardware.host_memory"
+    assert host["peaks"]["load"] <= 1.3 * fp16
+    assert host["peaks"]["load"] < 0.6 * fp16  # half the model a node, plus one tensor per process
+    assert host["peaks"]["slice"] <= 32 * 2**30
+    assert all(host["fits"].values())
+    # On 64 GB nodes the shards do not fit two nodes; a third makes each node's share small enough.
+    small = recipe.model_copy(update={"hardware": recipe.hardware.model_copy(update={"host_memory": 64 * 10**9})})
+    plan = make_plan(small)
+    assert not plan["memory"]["host"]["fits"]["load"]
+    assert host_fix(small, plan, "load") == "raise hardware.nodes to 3 (each node then holds a smaller share)"
+    three = small.model_copy(update={"hardware": small.hardware.model_copy(update={"nodes": 3})})
+    assert make_plan(three)["memory"]["host"]["fits"]["load"]
+
+
+def test_preflight_refuses_a_node_too_small_with_the_smallest_fix(tmp_path):
+    from compresso_ops.errors import UserError
+    from compresso_ops.stages.preflight import run_preflight
+
+    save_tiny(tmp_path / "m")
+    recipe = _recipe(tmp_path, f"""
+        model: {{path: {tmp_path / "m"}}}
+        target: {{sparsity: 0.2}}
+        data: {{max_seq_length: 128}}
+        hardware: {{gpu: cpu, gpus_per_node: 2, host_memory: 60KiB}}
+    """)
+    with pytest.raises(UserError) as err:
+        run_preflight(recipe, tmp_path / "run", ["prune", "slice"])
+    lines = err.value.lines
+    load = next(line for line in lines if "load peak" in line)
+    assert load.startswith("hardware.host_memory: the load peak needs about ")
+    assert "the node has 60.00 KiB (hardware.host_memory); run on nodes with at least" in load
+    assert any("slice peak" in line for line in lines)
+
+
+def test_the_loading_fix_under_ddp_is_fsdp(tmp_path):
+    recipe = _recipe(tmp_path, """
+        model: {path: org/llama-13b, architecture: llama-13b, dtype: float16}
+        target: {sparsity: 0.2}
+        hardware: {gpu: A100-80GB, gpus_per_node: 8, strategy: ddp, host_memory: 16GiB}
+    """)
+    plan = make_plan(recipe)
+    assert not plan["memory"]["host"]["fits"]["load"]
+    assert host_fix(recipe, plan, "load") == "set hardware.strategy: fsdp (each process reads only its own shards)"
 
 
 # --------------------------------------------------------------------------- today's models

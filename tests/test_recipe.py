@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from compresso_ops.cli import main
+from compresso_ops.infra.units import parse_bytes
 from compresso_ops.recipe.loader import load_recipe
 from compresso_ops.recipe.schema import parse_param_count, recipe_json_schema
 from tests.tiny import REPO_ROOT, save_tiny
@@ -64,6 +65,12 @@ def test_param_counts_parse(value, expected):
     assert parse_param_count(value) == expected
 
 
+@pytest.mark.parametrize("value,expected", [("512GB", 512 * 10**9), ("768GiB", 768 * 2**30), ("500MB", 500 * 10**6),
+                                            ("1.5 TiB", round(1.5 * 2**40)), (4096, 4096), ("4096", 4096)])
+def test_sizes_parse(value, expected):
+    assert parse_bytes(value) == expected
+
+
 # Each case: a recipe body (with {model} for the tiny model folder), the field the error names, the line it
 # points at, and a fragment of the message.
 MALFORMED = {
@@ -75,6 +82,8 @@ MALFORMED = {
     "finetune: false": (BASE + "finetune: false\n", "finetune", 10, "write finetune: {enabled: false}"),
     "float16 without a hardware section": (BASE.replace("  path: {model}", "  path: {model}\n  dtype: float16"),
                                            "model.dtype", 4, "the default is hardware.gpu: cpu"),
+    "host memory not a size": (BASE + "hardware:\n  host_memory: lots\n", "hardware.host_memory", 11,
+                               "write it as 512GB, 768GiB"),
     "negative learning rate": (BASE + "prune:\n  lr:\n    gates: -0.1\n", "prune.lr.gates", 12, "greater than 0"),
     "both sparsity and params": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  params: 10K"), "target", 4,
                                  "not both"),

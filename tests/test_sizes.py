@@ -19,6 +19,7 @@ PUBLISHED = {
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-8b": 8_190_735_360,
     "mistral-7b-v0.3": 7_248_023_552,
+    "llama-2-70b": 68_976_648_192,
 }
 
 # Every supported model type in each of its optional layouts (biases, tying, head_dim != hidden/heads).

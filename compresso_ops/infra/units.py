@@ -3,7 +3,11 @@ duration style and one timestamp format for every file and display."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+
+_BYTES = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+_BYTE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def human_bytes(n: float | None) -> str:
@@ -13,6 +17,20 @@ def human_bytes(n: float | None) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def parse_bytes(value: object) -> int:
+    """A size as people write it: 512GB and 500MB are decimal (as Hugging Face's max_shard_size), 768GiB
+    binary, a plain integer is bytes. Raises ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512GB, 768GiB or a number of bytes")  # noqa: TRY004
+    if isinstance(value, int):
+        return value
+    match = _BYTES.match(str(value))
+    if not match or (match.group(3) and not match.group(2)):
+        raise ValueError(f"'{value}' is not a size; write it as 512GB, 768GiB or a number of bytes")
+    base = 1024 if match.group(3) else 1000
+    return round(float(match.group(1)) * base ** _BYTE_POWER[match.group(2).lower()])
 
 
 def human_seconds(s: float | None) -> str:

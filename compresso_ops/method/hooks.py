@@ -109,10 +109,12 @@ def masks_as_values(masks: Masks, device: torch.device | str | None = None) -> d
 
 
 @contextmanager
-def masked(model: nn.Module, masks: Masks) -> Iterator[GateHooks]:
-    """The masked model: `model` with fixed 0/1 masks applied until the block exits."""
+def masked(model: nn.Module, masks: Masks, device: torch.device | str | None = None) -> Iterator[GateHooks]:
+    """The masked model: `model` with fixed 0/1 masks applied until the block exits. `device`: where the
+    activations will be (default: where the model's weights are; a model whose weights are on the meta device
+    until each layer runs, as the streamed export check has, names it)."""
     hooks = GateHooks(ModelAdapter(model))
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     hooks.set(masks_as_values(masks, device))
     try:
         yield hooks

@@ -101,10 +101,12 @@ class ArchSpec:
             raise UserError(f"{cfg}:{exc.lineno}: not valid JSON: {exc.msg}") from None
 
 
-def _llama1(d: int, layers: int, heads: int, ffn: int, max_pos: int, eps: float) -> dict[str, Any]:
-    """The config.json fields of a LLaMA-1/2 checkpoint (MHA, 32000-token vocabulary, untied)."""
+def _llama1(d: int, layers: int, heads: int, ffn: int, max_pos: int, eps: float,
+            kv_heads: int | None = None) -> dict[str, Any]:
+    """The config.json fields of a LLaMA-1/2 checkpoint (32000-token vocabulary, untied; MHA unless
+    `kv_heads` is given, as Llama-2-70B's GQA is)."""
     return {"model_type": "llama", "hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads, "intermediate_size": ffn, "vocab_size": 32000,
+            "num_key_value_heads": kv_heads or heads, "intermediate_size": ffn, "vocab_size": 32000,
             "max_position_embeddings": max_pos, "rms_norm_eps": eps, "rope_theta": 10000.0,
             "tie_word_embeddings": False}
 
@@ -129,6 +131,7 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-13b": _llama1(5120, 40, 40, 13824, 2048, 1e-6),
     "llama-2-7b": _llama1(4096, 32, 32, 11008, 4096, 1e-5),
     "llama-2-13b": _llama1(5120, 40, 40, 13824, 4096, 1e-5),
+    "llama-2-70b": _llama1(8192, 80, 64, 28672, 4096, 1e-5, kv_heads=8),
     "llama-3-8b": _llama3(4096, 32, 32, 14336, False, None, 8192),
     "llama-3.1-8b": _llama3(4096, 32, 32, 14336, False, 8.0, 131072),
     "llama-3.2-1b": _llama3(2048, 16, 32, 8192, True, 32.0, 131072),

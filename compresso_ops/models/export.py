@@ -210,20 +210,8 @@ def export_pruned(
     so the source is gone before the export is written and reloaded (for 7B on CPU that is 27 GB less at the
     peak; `benchmarks/slice_memory.py`). The model is unusable afterwards.
     """
-    if mode not in EXPORT_MODES:
-        raise StageError(f"export.mode '{mode}' is not one of {', '.join(EXPORT_MODES)}")
     arch = ArchSpec.from_hf_config(model.config)
-    try:
-        masks.validate(arch)
-    except ValueError as exc:
-        raise StageError(f"{MASKS_FILE}: {exc}; the masks do not belong to this model") from None
-    kept = masks.kept()
-    if mode == "uniform" and (len(set(kept.groups)) > 1 or len(set(kept.channels)) > 1):
-        raise StageError(
-            f"export.mode uniform needs the same counts in every layer, but the masks keep KV groups "
-            f"{list(kept.groups)} and FFN channels {list(kept.channels)}; re-run prune with "
-            f"export.mode uniform, or export as native or pad"
-        )
+    check_export_request(mode, arch, masks)
     model.eval()
     batch = check_batch(model.config)
     _emit(on_event, "reference")
@@ -252,11 +240,46 @@ def export_pruned(
         _release_weights(model)
 
     out_dtype = resolve_dtype(dtype, source_info.get("dtype"))
-    manifest = {
+    manifest = export_manifest(mode, type(exported).__name__, out_dtype, arch, masks, shape,
+                               source_info=source_info, recipe=recipe, max_shard_size=max_shard_size)
+    _emit(on_event, "write", out_dir=str(out_dir))
+    return save_export(
+        exported,
+        tokenizer,
+        out_dir,
+        manifest,
+        extra_checks={"sliced_vs_masked_max_abs_diff": sliced_diff},
+        reference_logits=reference if out_dtype == "float32" else None,
+    )
+
+
+def check_export_request(mode: str, arch: ArchSpec, masks: Masks) -> None:
+    """StageError unless `masks` belong to `arch` and `mode` can hold them (uniform: equal counts)."""
+    if mode not in EXPORT_MODES:
+        raise StageError(f"export.mode '{mode}' is not one of {', '.join(EXPORT_MODES)}")
+    try:
+        masks.validate(arch)
+    except ValueError as exc:
+        raise StageError(f"{MASKS_FILE}: {exc}; the masks do not belong to this model") from None
+    kept = masks.kept()
+    if mode == "uniform" and (len(set(kept.groups)) > 1 or len(set(kept.channels)) > 1):
+        raise StageError(
+            f"export.mode uniform needs the same counts in every layer, but the masks keep KV groups "
+            f"{list(kept.groups)} and FFN channels {list(kept.channels)}; re-run prune with "
+            f"export.mode uniform, or export as native or pad"
+        )
+
+
+def export_manifest(mode: str, model_class: str, out_dtype: str, arch: ArchSpec, masks: Masks,
+                    shape: SliceShape, *, source_info: dict[str, Any], recipe: Any,
+                    max_shard_size: str) -> dict[str, Any]:
+    """The manifest of an export before its checks (the in-memory and the streamed export write the same)."""
+    kept = masks.kept()
+    return {
         "format": "compresso-ops export",
         "format_version": 1,
         "mode": mode,
-        "model_class": type(exported).__name__,
+        "model_class": model_class,
         "dtype": out_dtype,
         "source": {
             "path": source_info.get("path") and str(source_info["path"]),
@@ -285,15 +308,6 @@ def export_pruned(
         },
         "max_shard_size": max_shard_size,
     }
-    _emit(on_event, "write", out_dir=str(out_dir))
-    return save_export(
-        exported,
-        tokenizer,
-        out_dir,
-        manifest,
-        extra_checks={"sliced_vs_masked_max_abs_diff": sliced_diff},
-        reference_logits=reference if out_dtype == "float32" else None,
-    )
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -437,13 +451,17 @@ def save_export(
     return manifest
 
 
+def add_native_code(config: Any, folder: Path) -> None:
+    """A native export carries its modeling file and `auto_map`, so it loads with `trust_remote_code`."""
+    if config.model_type == "compresso_llama":
+        config.auto_map = dict(NATIVE_AUTO_MAP)
+        shutil.copyfile(Path(__file__).with_name(NATIVE_MODELING_FILE), folder / NATIVE_MODELING_FILE)
+
+
 def _write_folder(
     model: nn.Module, tokenizer: Any, folder: Path, dt: torch.dtype, max_shard_size: str
 ) -> None:
-    native = model.config.model_type == "compresso_llama"
-    if native:
-        model.config.auto_map = dict(NATIVE_AUTO_MAP)
-        shutil.copyfile(Path(__file__).with_name(NATIVE_MODELING_FILE), folder / NATIVE_MODELING_FILE)
+    add_native_code(model.config, folder)
     model.to(dt)
     try:
         model.save_pretrained(folder, max_shard_size=max_shard_size)

@@ -36,6 +36,11 @@ class ModelLocation:
         return self.folder is not None and any(any(self.folder.glob(p)) for p in WEIGHT_PATTERNS)
 
     @property
+    def has_safetensors(self) -> bool:
+        """The weights are safetensors files, which the slice stage and sharded loading read tensor by tensor."""
+        return self.folder is not None and any(self.folder.glob("*.safetensors"))
+
+    @property
     def has_tokenizer(self) -> bool:
         return self.folder is not None and any((self.folder / name).is_file() for name in TOKENIZER_FILES)
 

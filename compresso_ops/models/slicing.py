@@ -15,6 +15,7 @@ the `native` builder drops those blocks, the `pad` builder pads them with zeros,
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,76 @@ def _norm_scale(arch: ArchSpec, kept_hidden: int) -> float:
     return math.sqrt(arch.hidden_size / kept_hidden)
 
 
+def slice_shape(arch: ArchSpec, masks: Masks) -> SliceShape:
+    """The sizes `slice_state_dict` produces for `masks` (known before any weight is read)."""
+    kept = masks.kept()
+    return SliceShape(
+        kv_heads=kept.groups,
+        channels=kept.channels,
+        hidden=kept.hidden,
+        group_size=arch.group_size,
+        head_dim=arch.head_dim,
+        rms_norm_eps=arch.rms_norm_eps * arch.hidden_size / kept.hidden,
+    )
+
+
+@torch.no_grad()
+def slice_outer(weights: Mapping[str, torch.Tensor], arch: ArchSpec, masks: Masks,
+                tied: bool) -> dict[str, torch.Tensor]:
+    """The embeddings, final norm and LM head, sliced to the kept hidden dims. `weights` maps stock HF names
+    to the merged tensors; only those present are sliced (the streamed export reads them one at a time).
+    With `tied`, `lm_head.weight` is the sliced embedding itself."""
+    hidden = _kept(masks.hidden).to(next(iter(weights.values())).device)
+    sd: dict[str, torch.Tensor] = {}
+    if (embed := weights.get("model.embed_tokens.weight")) is not None:
+        sd["model.embed_tokens.weight"] = _cols(embed, hidden)
+        if tied:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    if not tied and (head := weights.get("lm_head.weight")) is not None:
+        sd["lm_head.weight"] = _cols(head, hidden)
+    if (norm := weights.get("model.norm.weight")) is not None:
+        sd["model.norm.weight"] = norm.index_select(0, hidden) * _norm_scale(arch, len(hidden))
+    return sd
+
+
+@torch.no_grad()
+def slice_layer(weights: Mapping[str, torch.Tensor], i: int, arch: ArchSpec, masks: Masks) -> dict[str, torch.Tensor]:
+    """Decoder layer `i`, sliced: `weights` maps its stock HF names (`model.layers.{i}.self_attn.q_proj.weight`,
+    ...; biases where the model has them) to the merged tensors. Every key is returned, zero-sized for a
+    block that keeps nothing."""
+    p = f"model.layers.{i}."
+    device = weights[f"{p}self_attn.q_proj.weight"].device
+    hidden = _kept(masks.hidden).to(device)
+    scale = _norm_scale(arch, len(hidden))
+    q_rows, kv_rows = head_rows(_kept(masks.heads[i]), arch.group_size, arch.head_dim)
+    q_rows, kv_rows = q_rows.to(device), kv_rows.to(device)
+    channels = _kept(masks.ffn[i]).to(device)
+    sd: dict[str, torch.Tensor] = {}
+    qk_scale = scale if arch.qk_norm else 1.0
+    for name, rows, factor in (("q_proj", q_rows, qk_scale), ("k_proj", kv_rows, qk_scale),
+                               ("v_proj", kv_rows, 1.0)):
+        weight = weights[f"{p}self_attn.{name}.weight"]
+        sd[f"{p}self_attn.{name}.weight"] = _cols(_rows(weight, rows), hidden) * factor
+        if (bias := weights.get(f"{p}self_attn.{name}.bias")) is not None:
+            sd[f"{p}self_attn.{name}.bias"] = bias.index_select(0, rows) * factor
+    if arch.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            sd[f"{p}self_attn.{norm}.weight"] = weights[f"{p}self_attn.{norm}.weight"].clone()
+    sd[f"{p}self_attn.o_proj.weight"] = _cols(_rows(weights[f"{p}self_attn.o_proj.weight"], hidden), q_rows)
+    if (bias := weights.get(f"{p}self_attn.o_proj.bias")) is not None:
+        sd[f"{p}self_attn.o_proj.bias"] = bias.index_select(0, hidden)
+    for name in ("gate_proj", "up_proj"):
+        sd[f"{p}mlp.{name}.weight"] = _cols(_rows(weights[f"{p}mlp.{name}.weight"], channels), hidden)
+        if (bias := weights.get(f"{p}mlp.{name}.bias")) is not None:
+            sd[f"{p}mlp.{name}.bias"] = bias.index_select(0, channels)
+    sd[f"{p}mlp.down_proj.weight"] = _cols(_rows(weights[f"{p}mlp.down_proj.weight"], hidden), channels)
+    if (bias := weights.get(f"{p}mlp.down_proj.bias")) is not None:
+        sd[f"{p}mlp.down_proj.bias"] = bias.index_select(0, hidden)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        sd[f"{p}{norm}.weight"] = weights[f"{p}{norm}.weight"].index_select(0, hidden) * scale
+    return sd
+
+
 @torch.no_grad()
 def slice_state_dict(model: nn.Module, masks: Masks) -> tuple[dict[str, torch.Tensor], SliceShape]:
     """Slice a merged LLaMA/Mistral/Qwen2/Qwen3 causal LM to the kept structures.
@@ -93,57 +164,12 @@ def slice_state_dict(model: nn.Module, masks: Masks) -> tuple[dict[str, torch.Te
     """
     arch = ArchSpec.from_hf_config(model.config)
     masks.validate(arch)
-    device = model.get_input_embeddings().weight.device
-    hidden = _kept(masks.hidden).to(device)
-    scale = _norm_scale(arch, len(hidden))
-    sd: dict[str, torch.Tensor] = {}
-
-    embed = _cols(model.get_input_embeddings().weight, hidden)
-    sd["model.embed_tokens.weight"] = embed
-    head = model.get_output_embeddings().weight
-    sd["lm_head.weight"] = embed if head is model.get_input_embeddings().weight else _cols(head, hidden)
-    sd["model.norm.weight"] = model.model.norm.weight.index_select(0, hidden) * scale
-
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        q_rows, kv_rows = head_rows(_kept(masks.heads[i]), arch.group_size, arch.head_dim)
-        q_rows, kv_rows = q_rows.to(device), kv_rows.to(device)
-        channels = _kept(masks.ffn[i]).to(device)
-        attn, mlp = layer.self_attn, layer.mlp
-        qk_scale = scale if arch.qk_norm else 1.0
-        for name, rows, factor in (("q_proj", q_rows, qk_scale), ("k_proj", kv_rows, qk_scale),
-                                   ("v_proj", kv_rows, 1.0)):
-            proj = getattr(attn, name)
-            sd[f"{p}self_attn.{name}.weight"] = _cols(_rows(proj.weight, rows), hidden) * factor
-            if proj.bias is not None:
-                sd[f"{p}self_attn.{name}.bias"] = proj.bias.index_select(0, rows) * factor
-        if arch.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                sd[f"{p}self_attn.{norm}.weight"] = getattr(attn, norm).weight.clone()
-        sd[f"{p}self_attn.o_proj.weight"] = _cols(_rows(attn.o_proj.weight, hidden), q_rows)
-        if attn.o_proj.bias is not None:
-            sd[f"{p}self_attn.o_proj.bias"] = attn.o_proj.bias.index_select(0, hidden)
-        for name in ("gate_proj", "up_proj"):
-            proj = getattr(mlp, name)
-            sd[f"{p}mlp.{name}.weight"] = _cols(_rows(proj.weight, channels), hidden)
-            if proj.bias is not None:
-                sd[f"{p}mlp.{name}.bias"] = proj.bias.index_select(0, channels)
-        sd[f"{p}mlp.down_proj.weight"] = _cols(_rows(mlp.down_proj.weight, hidden), channels)
-        if mlp.down_proj.bias is not None:
-            sd[f"{p}mlp.down_proj.bias"] = mlp.down_proj.bias.index_select(0, hidden)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            sd[f"{p}{norm}.weight"] = getattr(layer, norm).weight.index_select(0, hidden) * scale
-
-    kept = masks.kept()
-    shape = SliceShape(
-        kv_heads=kept.groups,
-        channels=kept.channels,
-        hidden=kept.hidden,
-        group_size=arch.group_size,
-        head_dim=arch.head_dim,
-        rms_norm_eps=arch.rms_norm_eps * arch.hidden_size / kept.hidden,
-    )
-    return sd, shape
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    sd = slice_outer(weights, arch, masks, tied)
+    for i in range(arch.num_layers):
+        sd.update(slice_layer(weights, i, arch, masks))
+    return sd, slice_shape(arch, masks)
 
 
 def drop_empty_blocks(sd: dict[str, torch.Tensor], shape: SliceShape) -> dict[str, torch.Tensor]:

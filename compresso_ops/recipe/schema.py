@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from compresso_ops.infra.fingerprint import digest
+from compresso_ops.infra.units import parse_bytes
 
 Dtype = Literal["float16", "bfloat16", "float32", "auto"]
 Structure = Literal["heads", "ffn", "hidden", "attention_blocks", "ffn_blocks"]
@@ -111,9 +112,9 @@ class ModelSection(Strict):
     trust_remote_code: bool = Field(default=False, description="Allow custom modeling code from the model folder.")
     architecture: str | None = Field(
         default=None,
-        description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-3-8b, "
-        "llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, mistral-7b, mistral-7b-v0.3, qwen2.5-7b, qwen3-8b) used for "
-        "planning when the model's config.json is not on disk.",
+        description="Built-in architecture preset (llama-7b, llama-13b, llama-2-7b, llama-2-13b, llama-2-70b, "
+        "llama-3-8b, llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, mistral-7b, mistral-7b-v0.3, qwen2.5-7b, qwen3-8b) "
+        "used for planning when the model's config.json is not on disk.",
     )
 
 
@@ -402,6 +403,15 @@ class HardwareSection(Strict):
         default="auto",
         description="ddp: every GPU holds the whole frozen model; fsdp: the frozen base is sharded across GPUs "
                     "(LoRA, gates and multipliers stay replicated); auto: ddp unless only fsdp lets pruning fit.")
+    host_memory: int | None = Field(
+        default=None, gt=0,
+        description="RAM of one node, e.g. 512GB, 768GiB or bytes; plan and preflight check the host peaks "
+                    "against it (default: this machine's MemTotal).")
+
+    @field_validator("host_memory", mode="before")
+    @classmethod
+    def _parse_host_memory(cls, v: Any) -> Any:
+        return None if v is None else parse_bytes(v)
 
     @property
     def world_size(self) -> int:

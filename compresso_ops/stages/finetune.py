@@ -46,6 +46,7 @@ from compresso_ops.training.events import EventLog
 from compresso_ops.training.loop import check_finite, lm_loss_sum, make_scheduler, run_steps
 from compresso_ops.training.precision import Precision, choose_precision
 from compresso_ops.training.setup import add_lora, freeze_for_training, prepare_for_training
+from compresso_ops.training.sharded_load import can_load_sharded, placeholder_model
 from compresso_ops.training.sharding import describe_weights, require_even_split, weights_held
 from compresso_ops.ui.progress import EventFn
 
@@ -126,15 +127,21 @@ def _fingerprint(recipe: Recipe, sliced_dir: Path) -> str:
 def load_sliced(recipe: Recipe, sliced_dir: Path, dist: DistContext = SINGLE) -> tuple[nn.Module, Any, Precision]:
     """The sliced model at its exact pruned shapes (frozen, training mode) with its tokenizer, held as the
     recipe's precision says. A `pad` export trains without its padding (`load_exact`), so the padding stays
-    zero and costs no compute; it comes back when the model is written."""
-    from transformers import AutoTokenizer
+    zero and costs no compute; it comes back when the model is written. Under FSDP any other export is a
+    placeholder model whose shards each rank reads (`training/sharded_load.py`)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    from compresso_ops.models.export import load_exact
+    import compresso_ops.models.modeling_compresso  # noqa: F401  (registers the native export class)
+    from compresso_ops.models.export import load_exact, read_manifest
 
     if not (sliced_dir / "config.json").is_file():
         raise UserError(f"{sliced_dir}: no sliced model; run the slice stage first")
     precision = choose_precision(recipe, dist, full=recipe.finetune.train == "full")
-    model = load_exact(sliced_dir, precision.base_dtype)
+    if precision.shard_base and can_load_sharded(sliced_dir) and read_manifest(sliced_dir).get("mode") != "pad":
+        # each rank reads only its rows (sharded_load.py); a pad export is cut to its exact shapes in memory
+        model = placeholder_model(sliced_dir, AutoConfig.from_pretrained(sliced_dir), precision.base_dtype)
+    else:
+        model = load_exact(sliced_dir, precision.base_dtype)
     freeze_for_training(model, precision)
     return model, AutoTokenizer.from_pretrained(sliced_dir), precision
 

@@ -17,7 +17,7 @@ from compresso_ops.infra import atomic
 from compresso_ops.infra.units import human_bytes
 from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.resolve import resolve_arch
+from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import (
     Alignment,
     Kept,
@@ -440,21 +440,98 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
-def _host_memory(recipe: Recipe, params: dict[str, Any]) -> dict[str, Any]:
-    """Host RAM the run needs at its two peaks, for choosing machines (GPU memory is `stages`).
+def node_ram(recipe: Recipe) -> tuple[int | None, str]:
+    """RAM of one node: `hardware.host_memory`, else this machine's MemTotal (plan and preflight usually run
+    on a node of the job), else unknown."""
+    if recipe.hardware.host_memory is not None:
+        return recipe.hardware.host_memory, "hardware.host_memory"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024, "this machine (/proc/meminfo)"
+    except OSError:
+        pass
+    return None, "unknown: set hardware.host_memory"
 
-    Loading: every process on a node reads the whole source in the compute dtype before moving it to its GPU
-    (or sharding it). Slicing (rank 0, CPU): the merged source and the sliced model in fp32; the source is
-    freed before the export is written and reloaded (`benchmarks/slice_memory.py`), so the slice's peak is
-    the two together.
+
+def reads_safetensors(recipe: Recipe) -> bool:
+    """Whether the source is read tensor by tensor (safetensors: the slice stage streams it, FSDP ranks read
+    their own rows) or whole (`.bin` weights). A source not on disk yet is assumed to be safetensors, as hub
+    models are."""
+    location = locate_model(recipe.model)
+    return location.folder is None or location.has_safetensors or not location.has_weights
+
+
+def _layer_params(arch: ArchSpec) -> int:
+    return attention_params(arch, arch.num_kv_heads, arch.hidden_size) + ffn_params(
+        arch, arch.intermediate_size, arch.hidden_size) + 2 * arch.hidden_size
+
+
+def _largest_tensor_params(arch: ArchSpec) -> int:
+    d = arch.hidden_size
+    return max(arch.vocab_size * d, arch.intermediate_size * d, arch.num_heads * arch.head_dim * d)
+
+
+def _host_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """Host RAM per node at the run's three peaks (`peaks`: load, slice, evaluate), next to the node's RAM
+    (GPU memory is `stages`).
+
+    Loading: under FSDP each process reads only its 1/world of every tensor from the safetensors files
+    (`training/sharded_load.py`), so a node holds its processes' shards plus one tensor each in flight;
+    under DDP on GPUs the processes of a node load one after another, each moving its copy to its GPU before
+    the next reads; a CPU run keeps every replica in RAM. Slice (rank 0): streamed from safetensors, one
+    decoder layer (or the embedding matrix) in fp32 and its slice, written tensor by tensor
+    (`models/streaming_slice.py`); from `.bin` weights, the fp32 source and the sliced model together.
+    Evaluate (rank 0): one model at a time in the compute dtype.
     """
+    hw = recipe.hardware
+    on_gpu = hw.gpu != "cpu"
+    nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    # train: full holds fp32 master weights (`choose_precision`), so those stages load the model in fp32
+    full = (recipe.method == "compresso" and recipe.prune.train == "full") or (
+        recipe.finetune.enabled and recipe.finetune.train == "full")
+    load_bytes = 4 if full else nbytes
     source, target = params["source"]["total"], params["target"]["total"]
-    on_gpu = recipe.hardware.gpu != "cpu"
-    per_process = source * (DTYPE_BYTES[compute_dtype(recipe)] if on_gpu else 4)
-    return {"load_per_node_bytes": recipe.hardware.gpus_per_node * per_process,
-            "slice_bytes": (source + target) * 4,
-            "note": "loading: gpus_per_node processes each read the source at once; slice: fp32 source + "
-                    "sliced model on rank 0's node"}
+    widest = max(_layer_params(arch), arch.vocab_size * arch.hidden_size)
+    streams = reads_safetensors(recipe)
+    if strategy == "fsdp" and streams:
+        load = hw.gpus_per_node * (math.ceil(source / hw.world_size) + _largest_tensor_params(arch)) * load_bytes
+        how = "each process reads its own shards from the safetensors files"
+    elif on_gpu and strategy != "fsdp":
+        load, how = source * load_bytes, "the node's processes load one after another"
+    else:
+        load, how = hw.gpus_per_node * source * load_bytes, "every process reads the whole source"
+    if streams:  # the merged piece, its slice, and transient copies (measured: 2.8x the piece on 1B params)
+        slice_bytes = 3 * widest * 4
+    else:
+        slice_bytes = (source + target) * 4
+    ram, ram_from = node_ram(recipe)
+    peaks = {"load": load, "slice": slice_bytes, "evaluate": max(source, target) * nbytes}
+    return {"peaks": peaks, "model_bytes": source * load_bytes,
+            "load_in_flight_bytes": hw.gpus_per_node * _largest_tensor_params(arch) * load_bytes,
+            "slice_streams": streams, "node_ram_bytes": ram, "node_ram_from": ram_from,
+            "fits": {k: ram is None or v <= ram for k, v in peaks.items()},
+            "note": f"loading: {how}; slice: " + ("streamed from safetensors, one layer in fp32 and its slice"
+                                                  if streams else "fp32 source + sliced model (.bin source)")
+                    + "; evaluate: one model in the compute dtype"}
+
+
+def host_fix(recipe: Recipe, plan: dict[str, Any], peak: str) -> str:
+    """The smallest change that makes the host peak `peak` (load, slice, evaluate) fit the node's RAM."""
+    host, hw = plan["memory"]["host"], recipe.hardware
+    ram = host["node_ram_bytes"]
+    if peak == "load" and plan["hardware"]["strategy"] == "fsdp" and host["slice_streams"]:
+        # A node holds 1/nodes of the model plus one tensor in flight per process.
+        room = (ram or 0) - host["load_in_flight_bytes"]
+        if room > 0 and (nodes := math.ceil(host["model_bytes"] / room)) > hw.nodes:
+            return f"raise hardware.nodes to {nodes} (each node then holds a smaller share)"
+    if peak == "load" and hw.world_size > 1 and plan["hardware"]["strategy"] != "fsdp" and hw.gpu != "cpu":
+        return "set hardware.strategy: fsdp (each process reads only its own shards)"
+    if peak == "slice" and not host["slice_streams"]:
+        return ("save the source as safetensors (save_pretrained) so the slice stage streams it layer by "
+                "layer")
+    return f"run on nodes with at least {human_bytes(host['peaks'][peak])} of RAM"
 
 
 def _trainable(recipe: Recipe, arch: ArchSpec) -> dict[str, int]:
@@ -514,7 +591,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
                            "note": f"method '{recipe.method}' is one-shot: no pruning run"}
     on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
-        if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run, and the planner does not know it: no verdict
+        if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run: no GPU verdict (memory.host has its peaks)
             entry["fits"] = None
         entry["suggestion"], entry["suggestion_overrides"] = (
             _suggest(recipe, name) if entry["fits"] is False else (None, []))
@@ -536,7 +613,7 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
             "deploy": {"batch": DEPLOY_BATCH, "seq_len": deploy_len, "weights_bytes": deploy_weights,
                        "kv_cache_bytes": deploy_kv, "total_bytes": deploy_weights + deploy_kv,
                        "note": "pruned model at the export dtype; KV cache at the planner's uniform split"},
-            "host": _host_memory(recipe, params),
+            "host": _host_memory(recipe, arch, params, strategy),
         },
         "steps": _steps(recipe, arch, params["target"]["total"]),
         "hardware": {"gpu": recipe.hardware.gpu, "gpus_per_node": recipe.hardware.gpus_per_node,

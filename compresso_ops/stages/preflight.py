@@ -12,7 +12,7 @@ from compresso_ops.errors import UserError
 from compresso_ops.infra.units import human_bytes
 from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import Recipe
-from compresso_ops.stages.plan import compute_dtype, make_plan
+from compresso_ops.stages.plan import compute_dtype, host_fix, make_plan
 
 # Logs, tokenizers, configs, evaluation results and the report's charts, whatever the model's size.
 DISK_FLOOR = 64 * 2**20
@@ -57,10 +57,28 @@ def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
         problems.append(f"run_dir: {human_bytes(free)} free at {run_dir}, the run needs about "
                         f"{human_bytes(need)}; free space or set run_dir elsewhere")
 
+    problems += _host_problems(recipe, plan, stages)
     if recipe.hardware.gpu != "cpu":
         problems += _gpu_problems(recipe, plan)
     if problems:
         raise UserError(problems[0], lines=problems)
+
+
+# The host peak each pipeline stage reaches (prune and fine-tune start by loading a model).
+HOST_PEAKS = {"prune": "load", "finetune": "load", "slice": "slice", "evaluate": "evaluate"}
+
+
+def _host_problems(recipe: Recipe, plan: dict, stages: list[str]) -> list[str]:
+    """One line per host peak of the stages to run that does not fit the node's RAM, with the smallest fix."""
+    host = plan["memory"]["host"]
+    ram = host["node_ram_bytes"]
+    out = []
+    for peak in dict.fromkeys(HOST_PEAKS[s] for s in stages if s in HOST_PEAKS):
+        if not host["fits"][peak]:
+            need = human_bytes(host["peaks"][peak])
+            out.append(f"hardware.host_memory: the {peak} peak needs about {need} per node, "
+                       f"the node has {human_bytes(ram)} ({host['node_ram_from']}); {host_fix(recipe, plan, peak)}")
+    return out
 
 
 def _gpu_problems(recipe: Recipe, plan: dict) -> list[str]:

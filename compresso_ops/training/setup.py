@@ -13,26 +13,48 @@ from torch import nn
 
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import module_names, unwrap
-from compresso_ops.models.resolve import readable_model
+from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
+from compresso_ops.training.sharded_load import can_load_sharded, fill_shards, placeholder_model, to_meta_
 from compresso_ops.training.sharding import shard_model
 
 
 def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = False) -> tuple[nn.Module, Any, Precision]:
     """The source model (frozen, training mode, no KV cache), its tokenizer, and the precision to use
-    (`full`: fp32 master weights, see `choose_precision`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (`full`: fp32 master weights, see `choose_precision`). Under FSDP a safetensors source is a placeholder
+    model whose shards `prepare_for_training` reads (`training/sharded_load.py`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     m = recipe.model
     kw = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
     precision = choose_precision(recipe, dist, full=full)
+    folder = locate_model(m).folder
     with readable_model(m.path):
-        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
-    freeze_for_training(model, precision)
+        if precision.shard_base and can_load_sharded(folder) and not m.trust_remote_code:
+            # Under FSDP no process reads the whole model: placeholders now, own shards after sharding.
+            model = placeholder_model(folder, AutoConfig.from_pretrained(m.path, **kw), precision.base_dtype)
+            freeze_for_training(model, precision)
+            return model, tokenizer, precision
+        turns = _loading_turns(recipe, precision)
+        for turn in range(turns):
+            # A replica per GPU: the processes of a node load one after another, each moving its copy to
+            # its GPU before the next reads, so the node's RAM holds one copy at a time.
+            if turn == dist.local_rank % turns:
+                model = AutoModelForCausalLM.from_pretrained(m.path, dtype=precision.base_dtype, **kw)
+                freeze_for_training(model, precision)
+            if turns > 1:
+                dist.barrier()
     return model, tokenizer, precision
+
+
+def _loading_turns(recipe: Recipe, precision: Precision) -> int:
+    """How many turns the processes of a node take to load a replica: one each when the replica then leaves
+    for a GPU, one for all on CPU (the replicas stay in RAM, so waiting saves nothing)."""
+    on_gpu = precision.device.type == "cuda" and not precision.shard_base
+    return recipe.hardware.gpus_per_node if on_gpu and precision.dist.active else 1
 
 
 def freeze_for_training(model: nn.Module, precision: Precision) -> None:
@@ -57,7 +79,9 @@ def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSecti
         seed_all(section.seed)
         model = add_lora(model, section.lora, field)
     if precision.shard_base:
+        to_meta_(model)  # a placeholder model (load_source): nothing allocated until its shards are read
         shard_model(model, precision)
+        fill_shards(model, precision.device, precision.dist.rank, precision.dist.world_size)
     return model
 
 

@@ -38,7 +38,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
                   f"{t['lagrangian']} = {t['total']:,}")
 
     limit = hw["per_gpu_memory_bytes"]
-    on_gpu = limit is not None  # a CPU run has no device limit, and the planner does not know the host's RAM
+    on_gpu = limit is not None  # a CPU run has no device limit: its RAM is in the host table (render_host)
     title = (f"Memory per GPU ({plan['memory']['compute_dtype']} base, {human_bytes(limit)} available)" if on_gpu
              else f"Memory per process ({plan['memory']['compute_dtype']}, host RAM on cpu)")
     mem = Table(title=title, title_justify="left")
@@ -57,9 +57,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     dep = plan["memory"]["deploy"]
     console.print(f"Deployed model: weights {human_bytes(dep['weights_bytes'])} + KV cache "
                   f"{human_bytes(dep['kv_cache_bytes'])} at batch {dep['batch']} x {dep['seq_len']} tokens")
-    host = plan["memory"]["host"]
-    console.print(f"Host memory: {human_bytes(host['load_per_node_bytes'])} per node while {hw['gpus_per_node']} "
-                  f"process(es) load the source; {human_bytes(host['slice_bytes'])} for the slice stage (fp32)")
+    render_host(plan["memory"]["host"], console)
 
     steps = plan["steps"]
     st = Table(title=f"Steps ({steps['examples'] if steps['examples'] is not None else '?'} examples; "
@@ -73,3 +71,18 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
                    str(s["total"] if s["total"] is not None else "?"), human_seconds(s["est_seconds"]))
     console.print(st)
     console.print(f"[dim]Time assumption: {steps['assumption']}[/]")
+
+
+def render_host(host: dict[str, Any], console: Console) -> None:
+    """Host RAM per node at loading, slice and evaluate, against the node's RAM."""
+    ram = host["node_ram_bytes"]
+    table = Table(title=f"Host memory per node ({human_bytes(ram)} RAM, {host['node_ram_from']})",
+                  title_justify="left")
+    for col in ("peak", "per node", "fits"):
+        table.add_column(col)
+    label = {"load": "loading", "slice": "slice (streamed)" if host["slice_streams"] else "slice (in memory)"}
+    for peak, need in host["peaks"].items():
+        fits = "?" if ram is None else "[green]yes[/]" if host["fits"][peak] else "[red]no[/]"
+        table.add_row(label.get(peak, peak), human_bytes(need), fits)
+    console.print(table)
+    console.print(f"[dim]Host assumption: {host['note']}[/]")

@@ -172,8 +172,12 @@ class Executor:
         return list(STAGES[: last + 1])
 
     def collective(self, name: str) -> bool:
-        """Stages every process of a torchrun job runs together (data-parallel training); the others run
-        on rank 0 alone."""
+        """Stages every process of a torchrun job runs together (data-parallel training, and evaluation of a
+        model that fits one GPU); the others run on rank 0 alone."""
+        if name == "evaluate":
+            from compresso_ops.stages.plan import evaluation_parallel
+
+            return evaluation_parallel(self.recipe) == "data"
         return (name == "prune" and self.recipe.method == "compresso") or (
             name == "finetune" and self.recipe.finetune.enabled)
 

@@ -196,7 +196,7 @@ class Executor:
 
     def _follow(self, ctx: Any) -> None:
         """Ranks other than 0: join the collective stages rank 0 decided to run, in order, then leave.
-        Rank 0 alone holds the lock, writes state and files, evaluates and reports."""
+        Rank 0 alone holds the lock, writes state and files and reports."""
         todo: list[str] = ctx.broadcast_object(None)
         for name in todo:
             if self.collective(name):

@@ -267,8 +267,8 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
     gpus = 1
     whole = weights + transient + logits
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
-        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
-        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        # It does not fit one GPU: rank 0 evaluates alone, its layers spread over its node's GPUs (freed after
+        # training); activations and logits are counted whole on each, for the GPU holding the LM head.
         gpus = recipe.hardware.gpus_per_node
     # A model that fits one GPU is evaluated data-parallel: every process of the job holds it whole and
     # scores a share of the requests.

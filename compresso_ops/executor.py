@@ -172,8 +172,12 @@ class Executor:
         return list(STAGES[: last + 1])
 
     def collective(self, name: str) -> bool:
-        """Stages every process of a torchrun job runs together (data-parallel training); the others run
-        on rank 0 alone."""
+        """Stages every process of a torchrun job runs together (data-parallel training, and evaluation of a
+        model that fits one GPU); the others run on rank 0 alone."""
+        if name == "evaluate":
+            from compresso_ops.stages.plan import evaluation_parallel
+
+            return evaluation_parallel(self.recipe) == "data"
         return (name == "prune" and self.recipe.method == "compresso") or (
             name == "finetune" and self.recipe.finetune.enabled)
 
@@ -192,7 +196,7 @@ class Executor:
 
     def _follow(self, ctx: Any) -> None:
         """Ranks other than 0: join the collective stages rank 0 decided to run, in order, then leave.
-        Rank 0 alone holds the lock, writes state and files, evaluates and reports."""
+        Rank 0 alone holds the lock, writes state and files and reports."""
         todo: list[str] = ctx.broadcast_object(None)
         for name in todo:
             if self.collective(name):

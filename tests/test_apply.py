@@ -232,16 +232,19 @@ def _assert_two_process_run(run: Path, reference: Masks, held: str) -> None:
 def test_two_processes_through_torchrun_equal_one_with_the_same_global_batch(tmp_path, strategy,
                                                                              one_process_masks):
     """gpus_per_node: 2 makes `apply` re-launch itself under torch.distributed.run (gloo on CPU); the result,
-    with the frozen base replicated or sharded, equals one process with twice the gradient accumulation."""
+    with the frozen base replicated or sharded, equals one process with twice the gradient accumulation.
+    The tiny model fits one "GPU", so both processes evaluate it, and rank 0 writes the results."""
     two = _setup(tmp_path, run_dir="two")
     two.write_text(two.read_text().replace(
         "run_dir:", f"hardware: {{gpu: cpu, gpus_per_node: 2, strategy: {strategy}}}\nrun_dir:"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(two), "--plain", "--until", "finetune"]
+    cmd = [sys.executable, "-m", "compresso_ops.cli", "apply", str(two), "--plain", "--until", "evaluate"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     held = "sharded over 2 processes" if strategy == "fsdp" else "replicated"
     _assert_two_process_run(tmp_path / "two", one_process_masks, held)
+    pruned = json.loads((tmp_path / "two" / "evaluate" / "pruned.json").read_text())
+    assert pruned["parallel"]["mode"] == "data" and pruned["tasks"]["quiz"]["n"] == 8
 
 
 def test_two_nodes_started_as_the_readme_says(tmp_path, one_process_masks):

@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from compresso_ops.errors import UserError
+from compresso_ops.infra.cache import CACHE_ENV
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.schema import Recipe
+from compresso_ops.stages import evaluate
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.prune import run_prune
 from compresso_ops.training.distributed import DistContext
@@ -352,3 +354,80 @@ def test_killed_fsdp_full_weight_run_resumes_to_the_same_result(work, single_ful
     for name in ("gates.safetensors", "masks.safetensors", "model/model.safetensors"):
         _assert_close(tmp_path / "prune" / name, single_full / "prune" / name)
     _assert_same_events(_events(tmp_path / "prune"), _events(single_full / "prune"))
+
+
+QUIZ_ROWS, QUIZ_CHOICES, QUIZ_LIMIT = 9, 3, 7
+
+
+def _eval_recipe(folder: Path) -> Recipe:
+    """The 2-process recipe with an evaluation of the source and the pruned model: a local multiple-choice
+    task with one few-shot example (whose choice must not depend on the number of processes), perplexity
+    over overlapping windows, and speed."""
+    quiz = folder / "quiz.jsonl"
+    if not quiz.exists():
+        rows = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 3), str(i)], "answer": i % 3}
+                for i in range(QUIZ_ROWS)]
+        quiz.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(folder)
+    return recipe.model_copy(update={"eval": type(recipe.eval).model_validate({
+        "local_tasks": [{"name": "quiz", "data": str(quiz), "format": "multiple_choice", "group": "commonsense"}],
+        "limit": QUIZ_LIMIT, "num_fewshot": 1, "batch_size": 4,
+        "perplexity": {"path": str(folder / "train.txt"), "window": 32, "stride": 16, "max_tokens": 300},
+        "speed": {"batch_size": 1, "prompt_length": 8, "new_tokens": 4, "repeats": 1},
+        "compare_source": True})})
+
+
+def _eval_run_dir(folder: Path) -> Path:
+    """A run folder whose slice stage left a (stand-in) pruned model, without a manifest (so no model card)."""
+    save_tiny(folder / "slice" / "model", "llama", gqa=True, seed=3)
+    return folder
+
+
+def _assert_same_results(got: dict, want: dict) -> None:
+    """Equal, floats to 1e-6 (each process scores with its own thread count); timings, speed and the run
+    folder's path aside."""
+    skip = {"timing_s", "speed", "parallel", "cache", "lm_eval", "model"}
+    assert got.keys() == want.keys()
+    for key in want.keys() - skip:
+        assert got[key] == _approx(want[key]), key
+    assert {**got["model"], "path": None} == {**want["model"], "path": None}
+    for key in ("results", "groups", "configs", "n-samples", "n-shot", "versions", "higher_is_better"):
+        assert got["lm_eval"].get(key) == _approx(want["lm_eval"].get(key)), key
+
+
+def _approx(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _approx(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx(v) for v in value]
+    return pytest.approx(value, rel=1e-6, abs=1e-9) if isinstance(value, float) else value
+
+
+def test_two_processes_evaluate_like_one(work, tmp_path, monkeypatch):
+    """The evaluate stage on both ranks of a torchrun job: each scores a share of the lm-eval requests and
+    of the perplexity windows, the results (pruned and source) equal one process's, and rank 0 alone
+    writes them and measures speed."""
+    recipe = _eval_recipe(work)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "single_cache"))
+    single = _eval_run_dir(tmp_path / "single")
+    evaluate.run(recipe, single, lambda event: None)
+    two = _eval_run_dir(tmp_path / "two")
+    (results,) = _run([{"stage": "evaluate", "recipe": recipe.model_dump(mode="json"), "run_dir": str(two),
+                        "cache_dir": str(tmp_path / "two_cache")}], tmp_path / "job")
+    assert results[0]["note"] == "1 task(s)"  # rank 0 reports; the executor ignores the others' notes
+    for name in ("pruned.json", "source.json"):
+        got, want = (json.loads((run / "evaluate" / name).read_text()) for run in (two, single))
+        _assert_same_results(got, want)
+        assert got["tasks"]["quiz"]["n"] == QUIZ_LIMIT
+        assert got["parallel"] == {"mode": "data", "processes": 2, "gpus_per_process": 0}
+        assert want["parallel"] == {"mode": "none", "processes": 1, "gpus_per_process": 0}
+        assert got["speed"]["decode_tokens_per_s"] > 0  # measured on rank 0
+    # one copy of every file: rank 0 wrote the results and the source cache, no temporaries
+    assert {p.name for p in (two / "evaluate").iterdir()} == {"pruned.json", "source.json"}
+    assert len(list((tmp_path / "two_cache" / "source-eval").iterdir())) == 1
+    # the work was shared: every request and window scored once, by one of the ranks
+    requests = [r["work"]["requests"] for r in results]
+    windows = [r["work"]["windows"] for r in results]
+    per_model = json.loads((single / "evaluate" / "pruned.json").read_text())["perplexity"]["windows"]
+    assert sum(requests) == 2 * QUIZ_LIMIT * QUIZ_CHOICES and min(requests) > 0
+    assert sum(windows) == 2 * per_model and min(windows) > 0

@@ -242,3 +242,13 @@ def test_task_names_come_from_lm_evals_registry_offline_and_are_cached(tmp_path:
     assert tasks.lm_eval_task_names() == names
     assert tasks.unknown_task_problems(["boolq", "hellaswg"]) == [
         (1, "'hellaswg' is not an lm-eval task, group or tag; did you mean 'hellaswag'?")]
+
+
+@pytest.mark.parametrize(("window", "stride"), [(8, 8), (8, 3), (8, 1), (5, 4), (64, 32)])
+def test_perplexity_windows_score_each_token_once_and_alone(window: int, stride: int) -> None:
+    """What data-parallel perplexity relies on: each window says what it reads and what it scores, every
+    token (but the first) is scored by exactly one window, from a position inside that window."""
+    for n in (2, 7, 8, 9, 40, 41):
+        spans = measures.windows(n, window, stride)
+        assert [t for _, _, lo, hi in spans for t in range(lo, hi)] == list(range(1, n))
+        assert all(0 <= begin < lo <= hi <= end + 1 and end - begin <= window for begin, end, lo, hi in spans)

@@ -9,11 +9,20 @@ import pytest
 from click.testing import CliRunner
 
 from compresso_ops.cli import main
+from compresso_ops.executor import Executor
 from compresso_ops.models.architecture import PRESETS
 from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
 from compresso_ops.recipe.schema import Recipe
-from compresso_ops.stages.plan import evaluation_gpus, host_fix, make_plan, training_strategy, uniform_kept
+from compresso_ops.stages.plan import (
+    evaluation_gpus,
+    evaluation_parallel,
+    host_fix,
+    make_plan,
+    training_strategy,
+    uniform_kept,
+)
+from compresso_ops.ui.progress import PlainReporter
 from tests.tiny import REPO_ROOT, save_tiny
 
 
@@ -111,7 +120,9 @@ def test_a_replica_that_does_not_fit_gets_fsdp_chosen(tmp_path):
     # over the node's 4 GPUs, and the evaluate stage's numbers are per GPU of those.
     evaluate = plan["memory"]["stages"]["evaluate"]
     assert evaluate["gpus"] == evaluation_gpus(auto) == 4 and evaluate["fits"]
+    assert evaluate["parallel"] == evaluation_parallel(auto) == "layers" and evaluate["processes"] == 1
     assert evaluate["breakdown"]["weights"] == total // 4
+    assert not Executor(auto, PlainReporter()).collective("evaluate")  # the other ranks leave after training
     replica = make_plan(_recipe(tmp_path, body % "ddp"))
     assert replica["hardware"]["strategy"] == "ddp"
     assert replica["memory"]["stages"]["prune"]["breakdown"]["frozen_weights"] == total
@@ -250,6 +261,9 @@ def test_todays_models_plan_their_published_size_and_fit_four_v100s(tmp_path, pr
     stages = plan["memory"]["stages"]
     assert all(entry["fits"] for entry in stages.values()), {k: v["per_gpu_bytes"] for k, v in stages.items()}
     assert stages["evaluate"]["gpus"] == 1
+    # the model fits one GPU: all 4 processes evaluate, each scoring a share of the requests
+    assert (stages["evaluate"]["parallel"], stages["evaluate"]["processes"]) == ("data", 4)
+    assert Executor(_todays_recipe(tmp_path, preset), PlainReporter()).collective("evaluate")
     # the longest request of the suite (RACE) plus the evaluation prompt, not the 32k-131k context
     assert 2048 < stages["evaluate"]["sequence_tokens"] < 4096 < PRESETS[preset].max_position_embeddings
 
@@ -349,7 +363,9 @@ def test_plan_check_exits_3_naming_the_stage_that_does_not_fit():
                                       "--set", "hardware.gpus_per_node=1"])
     assert small.exit_code == 3, small.output
     assert "does not fit: prune: needs" in small.output and "V100-16GB" in small.output
-    assert CliRunner().invoke(main, ["plan", recipe, "--check"]).exit_code == 0
+    table = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["plan", recipe, "--check"])
+    assert table.exit_code == 0
+    assert "evaluate (data-parallel over 4 processes)" in table.output  # 7B on 4 x V100-32GB: one GPU each
 
 
 def test_cpu_plan_states_no_gpu_limit():

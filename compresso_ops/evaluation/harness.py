@@ -1,5 +1,14 @@
 """lm-eval on an already-loaded model: loading for evaluation, the collaborative prompt as lm-eval's
-`system_instruction`, and the per-task and per-group summaries the report reads."""
+`system_instruction`, the per-task and per-group summaries the report reads, and data-parallel scoring.
+
+Data-parallel evaluation splits the model calls, not the tasks. lm-eval's own split (HFLM under accelerate)
+hands rank r the documents r, r + world, ... and builds their few-shot contexts from one sampler per rank,
+so with num_fewshot > 0 the examples a question gets depend on the number of processes (lm-eval marks it
+a TODO in `Task.build_all_requests`); it also needs an accelerate launch. Here every rank builds every
+request, exactly as one process does, scores the requests of its share of the documents, and the scores are
+gathered to every rank, so lm-eval's metrics and aggregation run on the same inputs as in one process
+(lm-eval then returns its results on rank 0).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from compresso_ops.errors import StageError
 from compresso_ops.evaluation.tasks import PAPER_GROUPS, primary_metric, task_specs
 from compresso_ops.models.resolve import readable_model
 from compresso_ops.recipe.schema import EvalSection
+from compresso_ops.training.distributed import SINGLE, DistContext
 
 
 def device_for_eval() -> torch.device:
@@ -64,24 +74,47 @@ def load_model(path: str | Path, *, revision: str | None = None, dtype: str = "a
     return model.eval(), tok
 
 
-def _hflm(**kwargs: Any) -> Any:
-    """lm-eval's HFLM, honouring TQDM_DISABLE (set by `apply`, whose own progress display is the run's one
-    voice): HFLM passes `disable=False` to its per-request bars explicitly, which overrides the variable."""
+def share(requests: list[Any], dist: DistContext) -> list[int]:
+    """Indices of the lm-eval requests this rank scores: whole documents (every choice of a question on one
+    rank, so lm-eval's cache of a shared context still applies), dealt round-robin in request order."""
+    docs: dict[tuple[Any, Any], int] = {}
+    keys = [docs.setdefault((r.task_name, r.doc_id), len(docs)) for r in requests]
+    return [i for i, key in enumerate(keys) if key % dist.world_size == dist.rank]
+
+
+def _scored_by_all(score: Any, requests: list[Any], dist: DistContext, disable_tqdm: bool) -> list[Any]:
+    """`score(requests)` (an HFLM method) computed data-parallel: each rank scores its share, and every rank
+    gets every result back in the order of `requests`."""
+    if not dist.active:
+        return score(requests, disable_tqdm=disable_tqdm)
+    mine = share(requests, dist)
+    scores = score([requests[i] for i in mine], disable_tqdm=disable_tqdm or not dist.is_main) if mine else []
+    out: list[Any] = [None] * len(requests)
+    for indices, values in dist.all_gather_object((mine, scores)):
+        for i, value in zip(indices, values, strict=True):
+            out[i] = value
+    return out
+
+
+def _hflm(dist: DistContext = SINGLE, **kwargs: Any) -> Any:
+    """lm-eval's HFLM, scoring data-parallel over `dist` (see the module docstring) and honouring
+    TQDM_DISABLE (set by `apply`, whose own progress display is the run's one voice): HFLM passes
+    `disable=False` to its per-request bars explicitly, which overrides the variable."""
     from lm_eval.models.huggingface import HFLM
 
     quiet = os.environ.get("TQDM_DISABLE") == "1"
 
-    class QuietHFLM(HFLM):
+    class SharedHFLM(HFLM):
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or quiet)
+            return _scored_by_all(super().loglikelihood, requests, dist, disable_tqdm or quiet)
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or quiet)
+            return _scored_by_all(super().loglikelihood_rolling, requests, dist, disable_tqdm or quiet)
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
-            return super().generate_until(requests, disable_tqdm=disable_tqdm or quiet)
+            return _scored_by_all(super().generate_until, requests, dist, disable_tqdm or quiet)
 
-    return QuietHFLM(**kwargs)
+    return SharedHFLM(**kwargs)
 
 
 def system_instruction(prompt_text: str | None) -> str | None:
@@ -95,8 +128,12 @@ def system_instruction(prompt_text: str | None) -> str | None:
     return prompt_text.rstrip() + "\n\n"
 
 
-def run_lm_eval(model: Any, tok: Any, section: EvalSection, prompt_text: str | None) -> dict[str, Any] | None:
-    """lm-eval's results structure (JSON-serialisable, per-sample logs dropped), or None without tasks."""
+def run_lm_eval(model: Any, tok: Any, section: EvalSection, prompt_text: str | None,
+                dist: DistContext = SINGLE) -> dict[str, Any] | None:
+    """lm-eval's results structure (JSON-serialisable, per-sample logs dropped), or None without tasks.
+
+    Under an active `dist` every rank calls this with the same model and the ranks share the model calls;
+    rank 0 gets the results, the other ranks None."""
     specs = task_specs(section)
     if not specs:
         return None
@@ -105,15 +142,17 @@ def run_lm_eval(model: Any, tok: Any, section: EvalSection, prompt_text: str | N
     from lm_eval.utils import handle_non_serializable
 
     # backend="causal": lm-eval cannot tell from a native export's model_type that it is a causal LM
-    lm = _hflm(pretrained=model, tokenizer=tok, backend="causal", batch_size=section.batch_size,
-              max_length=section.max_length)
+    lm = _hflm(dist, pretrained=model, tokenizer=tok, backend="causal", batch_size=section.batch_size,
+               max_length=section.max_length)
     # Indexing lm-eval's thousands of YAML tasks takes many seconds; local-only suites skip it.
     manager = TaskManager(include_defaults=bool(section.tasks))
     results = simple_evaluate(model=lm, tasks=specs, num_fewshot=section.num_fewshot, limit=section.limit,
                               task_manager=manager, system_instruction=system_instruction(prompt_text),
                               log_samples=False)
+    if not dist.is_main:  # lm-eval hands its results to LOCAL_RANK 0 alone; rank 0 is the one that writes
+        return None
     if results is None:
-        raise StageError("lm-eval returned no results: evaluation must run on rank 0 only")
+        raise StageError("lm-eval returned no results: start compresso-ops with torchrun, not accelerate")
     results.pop("samples", None)
     return json.loads(json.dumps(results, default=handle_non_serializable))
 

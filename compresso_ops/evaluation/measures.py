@@ -16,17 +16,40 @@ import torch
 from compresso_ops.errors import StageError, UserError
 from compresso_ops.recipe.schema import PerplexitySection, SpeedSection
 from compresso_ops.training.data import read_text
+from compresso_ops.training.distributed import SINGLE, DistContext
 
 
-@torch.inference_mode()
-def perplexity(model: Any, tok: Any, spec: PerplexitySection) -> dict[str, Any]:
-    """Sliding-window perplexity: each window holds `window` tokens and scores only the tokens it adds.
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """The perplexity windows over `n_tokens` tokens: (begin, end, lo, hi) when the window reads tokens
+    begin..end-1 and scores tokens lo..hi-1 (token t by the logits of position t-1).
 
     The first window scores all its tokens (but the first); each later window ends `stride` tokens further
     and scores those `stride` new tokens with `window - stride` tokens of context, so every token is scored
-    exactly once. With `stride` equal to `window` the windows do not overlap: a window's first token is
-    scored by the previous window's last position. A BOS token (when the tokenizer has one) starts the text,
+    exactly once. With `stride` equal to `window` the windows do not overlap: a window's first token is then
+    scored by the previous window's last position, which has the previous window as context. Each window's
+    score depends on that window alone, so windows can be scored on different processes.
+    """
+    spans: list[list[int]] = []
+    scored, end = 1, 0
+    while scored < n_tokens:
+        end = min(n_tokens, window if not spans else end + stride)
+        begin = max(0, end - window)
+        if scored == begin:  # no overlap: the previous window's last position predicts this window's first
+            spans[-1][3] += 1
+            scored += 1
+        spans.append([begin, end, scored, end])
+        scored = end
+    return [(b, e, lo, hi) for b, e, lo, hi in spans]
+
+
+@torch.inference_mode()
+def perplexity(model: Any, tok: Any, spec: PerplexitySection, dist: DistContext = SINGLE) -> dict[str, Any]:
+    """Sliding-window perplexity (see `windows`); a BOS token (when the tokenizer has one) starts the text,
     as in training.
+
+    Under an active `dist` every rank calls this, scores the windows i with i % world == rank, and gets the
+    whole result: each window's negative log-likelihood is summed across ranks (the others add exact zeros)
+    and the windows are added up in order, as one process adds them.
     """
     path = Path(spec.path)
     if not path.is_file():
@@ -41,24 +64,18 @@ def perplexity(model: Any, tok: Any, spec: PerplexitySection) -> dict[str, Any]:
         raise UserError(f"eval.perplexity.path: {path} has too little text to score")
     device = next(model.parameters()).device
     all_ids = torch.tensor(ids, device=device)
-    nll, scored, end, windows = 0.0, 1, 0, 0
-    carried = None  # log-probabilities the previous window's last position gives the token after it
-    while scored < len(ids):
-        end = min(len(ids), spec.window if windows == 0 else end + spec.stride)
-        begin = max(0, end - spec.window)
-        x = all_ids[begin:end]
-        logp = torch.log_softmax(model(x[None]).logits[0].float(), dim=-1)
-        if scored == begin:  # non-overlapping windows: the previous window predicted this one's first token
-            nll -= carried[x[0]].item()
-            first = 0
-        else:
-            first = scored - begin - 1  # local index of the logit that predicts the first new token
-        nll -= logp[first:-1].gather(-1, x[first + 1:, None]).sum().item()
-        carried = logp[-1]
-        scored, windows = end, windows + 1
+    spans = windows(len(ids), spec.window, spec.stride)
+    nll = torch.zeros(len(spans), dtype=torch.float64)
+    for i in range(dist.rank, len(spans), dist.world_size):
+        begin, end, lo, hi = spans[i]
+        logp = torch.log_softmax(model(all_ids[begin:end][None]).logits[0].float(), dim=-1)
+        nll[i] = -logp[lo - 1 - begin: hi - 1 - begin].gather(-1, all_ids[lo:hi, None]).sum().item()
+    dist.all_reduce_sum_([nll])
+    total = sum(nll.tolist())
     tokens = len(ids) - 1
     return {"file": str(path), "window": spec.window, "stride": spec.stride, "tokens_scored": tokens,
-            "windows": windows, "bos": has_bos, "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens)}
+            "windows": len(spans), "bos": has_bos, "nll_per_token": total / tokens,
+            "perplexity": math.exp(total / tokens)}
 
 
 def _kv_width(model: Any) -> int:

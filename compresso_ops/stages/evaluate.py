@@ -6,7 +6,10 @@ lm-eval's `system_instruction`. Each evaluated model gets one results JSON; the 
 cached across runs (keyed by model identity, evaluation settings, prompt, hardware and library versions)
 because the source never changes while recipes are tuned.
 
-Not distributed: the executor calls these functions on rank 0 only (lm-eval returns nothing on other ranks).
+Several processes: when the model fits one GPU (the plan's `evaluate.parallel` is "data"), every rank of a
+torchrun job loads it and the ranks share the lm-eval requests and the perplexity windows; rank 0 gathers
+the results, measures speed alone and alone writes files. When it does not fit ("layers"), rank 0
+alone evaluates with the layers spread over its node's GPUs while the other ranks have left.
 """
 
 
@@ -26,7 +29,8 @@ from compresso_ops.models.card import write_card
 from compresso_ops.models.export import MANIFEST_FILE
 from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.schema import EvalSection, ModelSection, Recipe
-from compresso_ops.stages.plan import evaluation_gpus
+from compresso_ops.stages.plan import evaluation_gpus, evaluation_parallel
+from compresso_ops.training.distributed import SINGLE, DistContext, init_distributed
 from compresso_ops.ui.progress import EventFn
 
 # Files whose size and mtime identify a model folder's content (hashing multi-GB weights would take minutes).
@@ -41,8 +45,12 @@ def prompt_name(prompt_text: str | None) -> str:
 
 
 def evaluate_model(model: Any, tok: Any, section: EvalSection, *, prompt_text: str | None, label: str,
-                   on_event: EventFn | None = None) -> dict[str, Any]:
-    """The results dict of an already-loaded model (everything but its `model` identity block)."""
+                   on_event: EventFn | None = None, dist: DistContext = SINGLE) -> dict[str, Any]:
+    """The results dict of an already-loaded model (everything but its `model` identity block).
+
+    Under an active `dist` every rank calls this and shares the lm-eval and perplexity work; only rank 0's
+    dict holds the lm-eval results and speed, which rank 0 measures alone (the others would compete for
+    the host and the interconnect)."""
     wanted = {"lm_eval": bool(section.tasks or section.local_tasks), "perplexity": section.perplexity is not None,
               "speed": section.speed.enabled}
     phases = [phase for phase, on in wanted.items() if on]
@@ -54,17 +62,21 @@ def evaluate_model(model: Any, tok: Any, section: EvalSection, *, prompt_text: s
             on_event({"stage": "evaluate", "model": label, "phase": phase, "step": step, "total_steps": len(phases)})
         start = time.perf_counter()
         if phase == "lm_eval":
-            out["lm_eval"] = run_lm_eval(model, tok, section, prompt_text)
-            out["tasks"] = summarize_tasks(out["lm_eval"], section)
-            out["groups"] = group_averages(out["tasks"])
+            out["lm_eval"] = run_lm_eval(model, tok, section, prompt_text, dist)
+            if out["lm_eval"] is not None:  # None on the ranks other than 0
+                out["tasks"] = summarize_tasks(out["lm_eval"], section)
+                out["groups"] = group_averages(out["tasks"])
         elif phase == "perplexity":
             assert section.perplexity is not None
-            out["perplexity"] = perplexity(model, tok, section.perplexity)
-        else:
+            out["perplexity"] = perplexity(model, tok, section.perplexity, dist)
+        elif dist.is_main:
             out["speed"] = measure_speed(model, section.speed)
         out["timing_s"][phase] = time.perf_counter() - start
     out["versions"] = versions()
     out["hardware"] = hardware()
+    gpus = len({p.device for p in model.parameters() if p.device.type == "cuda"})
+    out["parallel"] = {"mode": "data" if dist.active else "layers" if gpus > 1 else "none",
+                       "processes": dist.world_size, "gpus_per_process": gpus}
     return out
 
 
@@ -80,18 +92,32 @@ def _prompt_for(recipe: Recipe, prompt_text: str | None) -> str:
     return resolve_prompt(recipe.prompt, "evaluate") if prompt_text is None else prompt_text
 
 
+def evaluation_context(recipe: Recipe) -> DistContext:
+    """The processes that evaluate together: every rank of the job when the plan evaluates data-parallel,
+    else this process alone (rank 0, with the layers spread when the model does not fit one GPU)."""
+    return init_distributed() if evaluation_parallel(recipe) == "data" else SINGLE
+
+
+def _load(recipe: Recipe, path: str | Path, dist: DistContext, **kwargs: Any) -> tuple[Any, Any]:
+    """The model to evaluate on this process: whole on its own GPU under data parallelism, else placed as
+    the plan says."""
+    return load_model(path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                      gpus=1 if dist.active else evaluation_gpus(recipe), **kwargs)
+
+
 def run_evaluate(recipe: Recipe, model_dir: str | Path, out_file: str | Path, *, label: str,
                  prompt_text: str | None = None, on_event: EventFn | None = None) -> dict[str, Any]:
     """Evaluate the model in `model_dir` with the recipe's eval suite and write `out_file` (atomically).
 
     `prompt_text` None uses the recipe's evaluation prompt; "" evaluates without a prompt (the ablation).
     """
-    prompt_text = _prompt_for(recipe, prompt_text)
-    model, tok = load_model(model_dir, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
-                            tokenizer_path=recipe.model.path, gpus=evaluation_gpus(recipe))
+    prompt_text, dist = _prompt_for(recipe, prompt_text), evaluation_context(recipe)
+    model, tok = _load(recipe, model_dir, dist, tokenizer_path=recipe.model.path)
     results = {"model": _model_block(model, model_dir, None, label),
-               **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label=label, on_event=on_event)}
-    atomic.write_json(out_file, results)
+               **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label=label, on_event=on_event,
+                                dist=dist)}
+    if dist.is_main:
+        atomic.write_json(out_file, results)
     return results
 
 
@@ -128,22 +154,24 @@ def run_source_evaluate(recipe: Recipe, out_file: str | Path, *, prompt_text: st
     """Evaluate the recipe's source model once per (model, settings, prompt, hardware, versions).
 
     The cached results are copied to `out_file` with a `cache` block saying whether this call hit the cache.
-    `prompt_text` as in `run_evaluate`.
+    `prompt_text` as in `run_evaluate`. Data-parallel as `run_evaluate`: rank 0 looks the results up and
+    tells the others, who evaluate with it only on a miss.
     """
-    prompt_text = _prompt_for(recipe, prompt_text)
+    prompt_text, dist = _prompt_for(recipe, prompt_text), evaluation_context(recipe)
     key = source_cache_key(recipe, prompt_text)
     cached = cache_dir() / "source-eval" / f"{key}.json"
-    results = atomic.read_json(cached)
+    results = dist.broadcast_object(atomic.read_json(cached) if dist.is_main else None)
     hit = results is not None
     if results is None:
-        model, tok = load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype,
-                                trust_remote_code=recipe.model.trust_remote_code, gpus=evaluation_gpus(recipe))
+        model, tok = _load(recipe, recipe.model.path, dist, revision=recipe.model.revision)
         results = {"model": _model_block(model, recipe.model.path, recipe.model.revision, "source"),
                    **evaluate_model(model, tok, recipe.eval, prompt_text=prompt_text, label="source",
-                                    on_event=on_event)}
-        atomic.write_json(cached, results)
+                                    on_event=on_event, dist=dist)}
+        if dist.is_main:
+            atomic.write_json(cached, results)
     results["cache"] = {"hit": hit, "key": key, "file": str(cached)}
-    atomic.write_json(out_file, results)
+    if dist.is_main:
+        atomic.write_json(out_file, results)
     return results
 
 
@@ -159,6 +187,6 @@ def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     pruned = run_evaluate(recipe, model_dir, folder / "pruned.json", label="pruned", on_event=on_event)
     source = run_source_evaluate(recipe, folder / "source.json", on_event=on_event) \
         if recipe.eval.compare_source else None
-    if (manifest := atomic.read_json(model_dir / MANIFEST_FILE)) is not None:
+    if evaluation_context(recipe).is_main and (manifest := atomic.read_json(model_dir / MANIFEST_FILE)) is not None:
         write_card(model_dir, manifest, pruned, source)  # the shipped folder's card gains the evaluation
     return f"{len(pruned.get('tasks', {}))} task(s)"

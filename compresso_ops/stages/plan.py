@@ -267,21 +267,29 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
     gpus = 1
     whole = weights + transient + logits
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
-        # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
-        # activations and logits are counted whole on each, for the GPU holding the LM head.
+        # It does not fit one GPU: rank 0 evaluates alone, its layers spread over its node's GPUs (freed after
+        # training); activations and logits are counted whole on each, for the GPU holding the LM head.
         gpus = recipe.hardware.gpus_per_node
+    # A model that fits one GPU is evaluated data-parallel: every process of the job holds it whole and
+    # scores a share of the requests.
+    world = recipe.hardware.world_size
+    parallel = "layers" if gpus > 1 else "data" if world > 1 else "none"
     sub = weights / gpus + transient + logits
     overhead = _framework_overhead(sub) if on_gpu else 0
     batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
                   f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
+    how = {"layers": f", its layers spread over {gpus} GPUs of rank 0",
+           "data": f", the requests shared by {world} processes each holding the whole model", "none": ""}
     return {
         "per_gpu_bytes": int(sub + overhead),
         "gpus": gpus,
+        "parallel": parallel,
+        "processes": world if parallel == "data" else 1,
         "sequence_tokens": length,
         "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
                       "framework_overhead": overhead},
         "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
-                      "pruned model" + (f", its layers spread over {gpus} GPUs" if gpus > 1 else ""),
+                      "pruned model" + how[parallel],
     }
 
 
@@ -576,6 +584,13 @@ def training_strategy(recipe: Recipe) -> str:
 def evaluation_gpus(recipe: Recipe) -> int:
     """How many of rank 0's GPUs the evaluate stage spreads a model over (1 unless it does not fit one)."""
     return _planned_memory(recipe)[0]["evaluate"]["gpus"]
+
+
+def evaluation_parallel(recipe: Recipe) -> str:
+    """How the evaluate stage uses several processes: "data" (the model fits one GPU: every process scores a
+    share of the requests), "layers" (it does not: rank 0 alone, its layers spread over `evaluation_gpus`
+    GPUs) or "none" (one process)."""
+    return _planned_memory(recipe)[0]["evaluate"]["parallel"]
 
 
 def make_plan(recipe: Recipe) -> dict[str, Any]:

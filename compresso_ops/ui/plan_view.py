@@ -10,6 +10,15 @@ from rich.table import Table
 from compresso_ops.infra.units import human_bytes, human_seconds
 
 
+def _parallel_label(entry: dict[str, Any]) -> str:
+    """How a stage uses several GPUs, where the plan says (the evaluate stage)."""
+    if entry.get("parallel") == "layers":
+        return f" (layers over {entry['gpus']} GPUs)"
+    if entry.get("parallel") == "data":
+        return f" (data-parallel over {entry['processes']} processes)"
+    return ""
+
+
 def render_plan(plan: dict[str, Any], console: Console) -> None:
     p, hw = plan["params"], plan["hardware"]
     console.print(f"[bold]Plan for {plan['recipe']['name']}[/] (method {plan['recipe']['method']}, "
@@ -48,7 +57,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
     for stage, entry in plan["memory"]["stages"].items():
         breakdown = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in entry["breakdown"].items()
                               if not k.startswith("activations_") and (on_gpu or k != "framework_overhead"))
-        label = stage + (f" (layers over {entry['gpus']} GPUs)" if entry.get("gpus", 1) > 1 else "")
+        label = stage + _parallel_label(entry)
         fits = ("[green]yes[/]" if entry["fits"] else "[red]no[/]",) if on_gpu else ()
         mem.add_row(label, human_bytes(entry["per_gpu_bytes"]), *fits, breakdown or entry.get("note", ""),
                     *((entry.get("suggestion") or "",) if on_gpu else ()))

@@ -163,6 +163,10 @@ def test_steps_come_from_the_local_data_file(tmp_path):
 
 STANDARD_SUITE = "[boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, race]"
 TODAYS_MODELS = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"]
+# GPUs the evaluate stage spreads the model over: lm-eval's batch 8 of RACE's ~2.4k tokens holds three
+# logits-sized buffers (the previous batch's log-probs, the logits, their log-softmax), 5-6 GB each with a
+# 128k-152k vocabulary; beside a 7-8B model's weights that exceeds one V100-32GB.
+EVAL_GPUS = {"llama-3.1-8b": 4, "qwen2.5-7b": 4, "qwen3-8b": 4}
 
 
 def _todays_recipe(tmp_path, preset: str, evaluation: str = f"{{tasks: {STANDARD_SUITE}}}",
@@ -182,12 +186,13 @@ def _todays_recipe(tmp_path, preset: str, evaluation: str = f"{{tasks: {STANDARD
 @pytest.mark.parametrize("preset", TODAYS_MODELS)
 def test_todays_models_plan_their_published_size_and_fit_four_v100s(tmp_path, preset):
     """GQA, 32k-131k contexts, tied embeddings, Qwen biases and q/k norms: the issue's setting (fp16, 4 x
-    V100-32GB, gradient checkpointing, the standard suite) fits every stage, evaluation on one GPU."""
+    V100-32GB, gradient checkpointing, the standard suite) fits every stage, evaluation on one GPU unless
+    the large-vocabulary models' logits need the layers spread (EVAL_GPUS)."""
     plan = make_plan(_todays_recipe(tmp_path, preset))
     assert plan["params"]["source"]["total"] == count_params(PRESETS[preset]).total
     stages = plan["memory"]["stages"]
     assert all(entry["fits"] for entry in stages.values()), {k: v["per_gpu_bytes"] for k, v in stages.items()}
-    assert stages["evaluate"]["gpus"] == 1
+    assert stages["evaluate"]["gpus"] == EVAL_GPUS.get(preset, 1)
     # the longest request of the suite (RACE) plus the evaluation prompt, not the 32k-131k context
     assert 2048 < stages["evaluate"]["sequence_tokens"] < 4096 < PRESETS[preset].max_position_embeddings
 

@@ -304,9 +304,33 @@ def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
     return length, why
 
 
+def _eval_peak_per_token(arch: ArchSpec) -> tuple[str, dict[str, int]]:
+    """Values per token alive at the evaluate stage's peak, and which moment of lm-eval's loop that is.
+
+    lm-eval's HFLM calls the model with the KV cache on (transformers' default), takes the log-softmax of the
+    logits once the call has returned (cache freed), and keeps the previous batch's log-probabilities until
+    the new ones replace them. So the peak is the larger of two moments:
+    - log-softmax: the previous log-probs, the new logits and their log-softmax (3 V);
+    - the forward's end: the previous log-probs, the KV cache of every layer (2 L G h), and either the new
+      logits with the final hidden states (V + d) or, if larger, the last layer's transient: its FFN holds
+      the residual stream, its normed copy, SiLU(gate), up and their product (2 d + 3 f); its attention the
+      residual, normed copy, q, attention output and o_proj output (3 d + 2 H h).
+    """
+    d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim
+    layer = max(2 * d + 3 * f, 3 * d + 2 * arch.num_heads * arch.head_dim)
+    at_head = v + d >= layer
+    forward = {"logits": v + (v if at_head else 0), "kv_cache": kv, "activations": d if at_head else layer}
+    if 3 * v >= sum(forward.values()):
+        return "the log-softmax (previous log-probs, logits, log-softmax)", \
+            {"logits": 3 * v, "kv_cache": 0, "activations": 0}
+    where = "the LM head" if at_head else "the last layer"
+    return f"the forward's end at {where} (previous log-probs, KV cache of every layer)", forward
+
+
 def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """Log-likelihood evaluation: one forward per batch with the KV cache off holding the weights, one layer's
-    transient activations, and the logits with their log-softmax, at the longest batch lm-eval forms.
+    """Log-likelihood evaluation: the weights and lm-eval's peak (`_eval_peak_per_token`) at the longest batch
+    lm-eval forms (it sorts requests longest first, so the previous batch is never longer).
 
     lm-eval's `auto` batch size tries batches until one fits, so the plan checks that batch 1 does.
     """
@@ -320,15 +344,15 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
         tokens = max(tokens, recipe.eval.speed.batch_size * (recipe.eval.speed.prompt_length
                                                              + recipe.eval.speed.new_tokens))
     weights = max(params["source"]["total"], params["target"]["total"]) * nbytes
-    transient = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
-    logits = tokens * arch.vocab_size * 2 * nbytes
+    moment, per_token = _eval_peak_per_token(arch)
+    peak = {k: tokens * n * nbytes for k, n in per_token.items()}
     gpus = 1
-    whole = weights + transient + logits
+    whole = weights + sum(peak.values())
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
         # Rank 0 evaluates alone, but may spread the layers over its node's GPUs (freed after training);
         # activations and logits are counted whole on each, for the GPU holding the LM head.
         gpus = recipe.hardware.gpus_per_node
-    sub = weights / gpus + transient + logits
+    sub = weights / gpus + sum(peak.values())
     overhead = _framework_overhead(sub) if on_gpu else 0
     batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
                   f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
@@ -336,9 +360,9 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
         "per_gpu_bytes": int(sub + overhead),
         "gpus": gpus,
         "sequence_tokens": length,
-        "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
+        "breakdown": {"weights": int(weights / gpus), **{k: int(v) for k, v in peak.items()},
                       "framework_overhead": overhead},
-        "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
+        "assumption": f"{batch_text} x {length:,} tokens ({why}), peak at {moment}; the larger of source and "
                       "pruned model" + (f", its layers spread over {gpus} GPUs" if gpus > 1 else ""),
     }
 

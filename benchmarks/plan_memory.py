@@ -7,9 +7,10 @@ of the process's peak resident memory over the step or the evaluation (Linux: Vm
 /proc/self/clear_refs), with glibc told to return large blocks to the OS at once so RSS follows live
 tensors. The planner's matching number is the same stage's breakdown without the weights (already resident
 before) and without GPU framework overhead: for prune trainable + grads + optimizer states, activations,
-logits; for evaluate what lm-eval holds at its peak (logits, log-probs, KV cache) at the planned sequence (the
-task file's longest row in bytes, a bound on its tokens; the byte-level tokenizer here makes it nearly exact). Ratios are plan / measured.
-Writes benchmarks/results/plan_memory.json.
+logits; for evaluate what lm-eval holds at its peak (logits, log-probs, KV cache) at the planned sequence
+(the task file's longest row in bytes, a bound on its tokens; the byte-level tokenizer here makes it nearly
+exact). Ratios are plan / measured. Without checkpointing a second prune step also takes a census of the
+tensors autograd saves in each decoder layer, against the plan's per-layer activation term. Writes benchmarks/results/plan_memory.json.
 
     .venv/bin/python -m benchmarks.plan_memory
 """
@@ -44,6 +45,33 @@ def _peak_rise_bytes(work: Callable[[], object]) -> int:
     before = _rss_kib("VmRSS")
     work()
     return (_rss_kib("VmHWM") - before) * 1024
+
+
+def saved_bytes_per_layer_token(model: object, step: Callable[[], object], tokens: int) -> float:
+    """Bytes each decoder layer saves for backward per token over `step()`, averaged over the layers: every
+    distinct storage autograd packs while a layer's forward runs, weights excluded (the census behind
+    stages/plan.py's activation model)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current: list[int | None] = [None]
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (layer, bytes)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    handles = [h for i, layer in enumerate(layers) for h in (
+        layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)),
+        layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in weights:
+            saved.setdefault(storage.data_ptr(), (current[0], storage.nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    for h in handles:
+        h.remove()
+    return sum(n for _, n in saved.values()) / len(layers) / tokens
 
 
 def write_task(folder: Path, rows: int, question_bytes: int) -> Path:
@@ -92,8 +120,15 @@ def child(model_dir: str, checkpointing: bool, micro_batch: int, seq: int) -> No
     """Runs inside the subprocess: one prune step, print the measured rise and the plan's prediction."""
     import torch
 
+    from compresso_ops.models.resolve import resolve_arch
     from compresso_ops.recipe.schema import Recipe
-    from compresso_ops.stages.plan import make_plan
+    from compresso_ops.stages.plan import (
+        DTYPE_BYTES,
+        activation_bytes_per_token_layer,
+        compute_dtype,
+        make_plan,
+        stage_training,
+    )
     from compresso_ops.stages.prune import PruneTrainer
     from compresso_ops.training.batching import Collator, pad_token_id
     from compresso_ops.training.checkpoints import CheckpointStore
@@ -118,9 +153,17 @@ def child(model_dir: str, checkpointing: bool, micro_batch: int, seq: int) -> No
         for p in model.parameters():
             p.sum()
     rise = _peak_rise_bytes(lambda: trainer.step(0))
-    plan = make_plan(recipe)["memory"]["stages"]["prune"]["breakdown"]
-    predicted = plan["trainable_grads_optimizer"] + plan["activations"] + plan["logits"]
-    print(json.dumps({"measured_bytes": rise, "predicted_bytes": predicted, "breakdown": plan}))
+    plan = make_plan(recipe)
+    breakdown = plan["memory"]["stages"]["prune"]["breakdown"]
+    predicted = breakdown["trainable_grads_optimizer"] + breakdown["activations"] + breakdown["logits"]
+    row = {"measured_bytes": rise, "predicted_bytes": predicted, "breakdown": breakdown}
+    if not checkpointing:  # the per-layer term alone, from a second, identical step
+        arch = resolve_arch(recipe)
+        row["saved_bytes_per_token_layer"] = {
+            "measured": saved_bytes_per_layer_token(model, lambda: trainer.step(1), micro_batch * seq),
+            "planned": activation_bytes_per_token_layer(
+                arch, DTYPE_BYTES[compute_dtype(recipe)], training=stage_training(recipe.prune, recipe.target.structures))}
+    print(json.dumps(row))
 
 
 def main() -> None:

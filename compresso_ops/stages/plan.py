@@ -152,7 +152,7 @@ def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: fl
                                      training: Training = Training()) -> float:
     """Bytes one decoder layer keeps for backward, per token, under SDPA/flash attention.
 
-    Counted from the saved tensors of the stock LLaMA forward (benchmarks/plan_memory.py lists them). A frozen
+    Counted from the saved tensors of the stock LLaMA forward (benchmarks/plan_memory.py measures them). A frozen
     projection keeps nothing (its input is needed only for its own weight's gradient); a trained one (LoRA
     or full) keeps its input, LoRA also its rank-r output, and with dropout the dropped input and its mask.
     Each gate multiply keeps the tensor it scales. The terms:
@@ -245,7 +245,7 @@ def _finetune_trainable(recipe: Recipe, arch: ArchSpec, target_total: int) -> in
     return lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules)
 
 
-def _training(section: Any, gates: list[str]) -> Training:
+def stage_training(section: Any, gates: list[str]) -> Training:
     """What the prune or finetune `section` trains; `gates`: the structures gated during it."""
     full = section.train == "full"
     lora = section.lora
@@ -270,13 +270,13 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
             micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            training=_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else [])),
+            training=stage_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else [])),
         "finetune": _training_memory(
             arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
             _finetune_trainable(recipe, arch, target_total), dtype=dtype,
             micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            training=_training(recipe.finetune, []), scale=scale),
+            training=stage_training(recipe.finetune, []), scale=scale),
     }
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -303,3 +304,35 @@ def test_cpu_plan_states_no_gpu_limit():
     text = CliRunner().invoke(main, ["plan", recipe], terminal_width=200).output
     assert "available" not in text and "per GPU" not in text and "host RAM" in text
     assert "GiB float32" not in text  # sizes have their own column, not the sparsity one
+
+
+def test_training_activations_follow_what_the_recipe_trains(tmp_path):
+    """A frozen projection keeps no input for backward; LoRA dropout keeps the dropped input and its mask."""
+    def prune(section: str) -> dict:
+        plan = make_plan(_recipe(tmp_path, f"""
+            model: {{path: org/llama-7b, architecture: llama-7b}}
+            target: {{sparsity: 0.3}}
+            data: {{num_examples: 1000, max_seq_length: 512}}
+            prune: {section}
+            hardware: {{gpu: A100-80GB}}
+        """))
+        return plan["memory"]["stages"]["prune"]["breakdown"]["activations_without_checkpointing"]
+
+    arch, tokens, bf16 = PRESETS["llama-7b"], 4 * 512, 2
+    qv = prune("{micro_batch_size: 4}")
+    dropped = prune("{micro_batch_size: 4, lora: {dropout: 0.1}}")
+    assert dropped - qv == 2 * arch.hidden_size * (bf16 + 1) * arch.num_layers * tokens  # q and v inputs
+    every = prune("{micro_batch_size: 4, lora: {target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                  "up_proj, down_proj]}}")
+    full = prune("{micro_batch_size: 4, train: full}")
+    assert qv < full < every  # full keeps the same inputs as LoRA everywhere, without the rank-r outputs
+
+
+def test_evaluation_plans_the_kv_cache_lm_eval_keeps(tmp_path):
+    """lm-eval calls the model with the KV cache on: a multi-head 7B at 2k tokens peaks at the forward's end."""
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama7b-5.4b.yaml", check_files=False)
+    evaluate = make_plan(recipe)["memory"]["stages"]["evaluate"]
+    arch, tokens = PRESETS["llama-7b"], recipe.eval.fixed_batch_size * evaluate["sequence_tokens"]
+    assert "forward's end" in evaluate["assumption"]
+    assert evaluate["breakdown"]["kv_cache"] == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * 2
+    assert sum(evaluate["breakdown"].values()) == evaluate["per_gpu_bytes"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -236,6 +237,10 @@ def test_the_loading_fix_under_ddp_is_fsdp(tmp_path):
 
 STANDARD_SUITE = "[boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, race]"
 TODAYS_MODELS = ["llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"]
+# GPUs the evaluate stage spreads the model over: lm-eval's batch 8 of RACE's ~2.4k tokens holds three
+# logits-sized buffers (the previous batch's log-probs, the logits, their log-softmax), 5-6 GB each with a
+# 128k-152k vocabulary; beside a 7-8B model's weights that exceeds one V100-32GB.
+EVAL_GPUS = {"llama-3.1-8b": 4, "qwen2.5-7b": 4, "qwen3-8b": 4}
 
 
 def _todays_recipe(tmp_path, preset: str, evaluation: str = f"{{tasks: {STANDARD_SUITE}}}",
@@ -255,15 +260,18 @@ def _todays_recipe(tmp_path, preset: str, evaluation: str = f"{{tasks: {STANDARD
 @pytest.mark.parametrize("preset", TODAYS_MODELS)
 def test_todays_models_plan_their_published_size_and_fit_four_v100s(tmp_path, preset):
     """GQA, 32k-131k contexts, tied embeddings, Qwen biases and q/k norms: the issue's setting (fp16, 4 x
-    V100-32GB, gradient checkpointing, the standard suite) fits every stage, evaluation on one GPU."""
+    V100-32GB, gradient checkpointing, the standard suite) fits every stage, evaluation on one GPU unless
+    the large-vocabulary models' logits need the layers spread (EVAL_GPUS)."""
     plan = make_plan(_todays_recipe(tmp_path, preset))
     assert plan["params"]["source"]["total"] == count_params(PRESETS[preset]).total
     stages = plan["memory"]["stages"]
     assert all(entry["fits"] for entry in stages.values()), {k: v["per_gpu_bytes"] for k, v in stages.items()}
-    assert stages["evaluate"]["gpus"] == 1
-    # the model fits one GPU: all 4 processes evaluate, each scoring a share of the requests
-    assert (stages["evaluate"]["parallel"], stages["evaluate"]["processes"]) == ("data", 4)
-    assert Executor(_todays_recipe(tmp_path, preset), PlainReporter()).collective("evaluate")
+    assert stages["evaluate"]["gpus"] == EVAL_GPUS.get(preset, 1)
+    if stages["evaluate"]["gpus"] == 1:  # the model fits one GPU: all 4 processes evaluate, a share each
+        assert (stages["evaluate"]["parallel"], stages["evaluate"]["processes"]) == ("data", 4)
+        assert Executor(_todays_recipe(tmp_path, preset), PlainReporter()).collective("evaluate")
+    else:  # its layers are spread over the node's GPUs, and rank 0 evaluates
+        assert stages["evaluate"]["parallel"] == "layers"
     # the longest request of the suite (RACE) plus the evaluation prompt, not the 32k-131k context
     assert 2048 < stages["evaluate"]["sequence_tokens"] < 4096 < PRESETS[preset].max_position_embeddings
 
@@ -376,3 +384,35 @@ def test_cpu_plan_states_no_gpu_limit():
     text = CliRunner().invoke(main, ["plan", recipe], terminal_width=200).output
     assert "available" not in text and "per GPU" not in text and "host RAM" in text
     assert "GiB float32" not in text  # sizes have their own column, not the sparsity one
+
+
+def test_training_activations_follow_what_the_recipe_trains(tmp_path):
+    """A frozen projection keeps no input for backward; LoRA dropout keeps the dropped input and its mask."""
+    def prune(section: str) -> dict:
+        plan = make_plan(_recipe(tmp_path, f"""
+            model: {{path: org/llama-7b, architecture: llama-7b}}
+            target: {{sparsity: 0.3}}
+            data: {{num_examples: 1000, max_seq_length: 512}}
+            prune: {section}
+            hardware: {{gpu: A100-80GB}}
+        """))
+        return plan["memory"]["stages"]["prune"]["breakdown"]["activations_without_checkpointing"]
+
+    arch, tokens, bf16 = PRESETS["llama-7b"], 4 * 512, 2
+    qv = prune("{micro_batch_size: 4}")
+    dropped = prune("{micro_batch_size: 4, lora: {dropout: 0.1}}")
+    assert dropped - qv == 2 * arch.hidden_size * (bf16 + 1) * arch.num_layers * tokens  # q and v inputs
+    every = prune("{micro_batch_size: 4, lora: {target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                  "up_proj, down_proj]}}")
+    full = prune("{micro_batch_size: 4, train: full}")
+    assert qv < full < every  # full keeps the same inputs as LoRA everywhere, without the rank-r outputs
+
+
+def test_evaluation_plans_the_kv_cache_lm_eval_keeps(tmp_path):
+    """lm-eval calls the model with the KV cache on: a multi-head 7B at 2k tokens peaks at the forward's end."""
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama7b-5.4b.yaml", check_files=False)
+    evaluate = make_plan(recipe)["memory"]["stages"]["evaluate"]
+    arch, tokens = PRESETS["llama-7b"], recipe.eval.fixed_batch_size * evaluate["sequence_tokens"]
+    assert "forward's end" in evaluate["assumption"]
+    assert evaluate["breakdown"]["kv_cache"] == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * 2
+    assert sum(evaluate["breakdown"].values()) == evaluate["per_gpu_bytes"]

@@ -130,35 +130,84 @@ def _params(recipe: Recipe, arch: ArchSpec, sparsity: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory
 
 
-def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: float = 1.0) -> float:
-    """Activations one decoder layer keeps for backward, per token.
+@dataclass(frozen=True)
+class Training:
+    """What a training stage trains, which decides what its forward keeps for backward."""
+    lora_modules: tuple[str, ...] = ()  # projections with LoRA adapters
+    lora_r: int = 0
+    lora_dropout: float = 0.0
+    full: bool = False  # every weight trains (then there are no adapters)
+    gates: tuple[str, ...] = ()  # target.structures the hooks multiply by (prune only)
 
-    Counted from the LLaMA forward with gates: the two RMSNorms save their fp32 input and output (4 x d
-    values at 4 bytes), q/k/v/attention-output (2 H h + 2 G h) plus the GQA-expanded k and v (2 H h), the
-    o_proj and down_proj outputs the hidden gate multiplies (2 d), and in the FFN the gate, up, activation,
-    product and gated product (5 f). `scale` shrinks the dims for a pruned model.
+    def trains(self, *modules: str) -> bool:
+        return self.full or any(m in self.lora_modules for m in modules)
+
+
+ATTENTION_INPUT = ("q_proj", "k_proj", "v_proj")
+FFN_INPUT = ("gate_proj", "up_proj")
+FP32 = 4
+
+
+def activation_bytes_per_token_layer(arch: ArchSpec, dtype_bytes: int, scale: float = 1.0,
+                                     training: Training = Training()) -> float:
+    """Bytes one decoder layer keeps for backward, per token, under SDPA/flash attention.
+
+    Counted from the saved tensors of the stock LLaMA forward (benchmarks/plan_memory.py measures them). A frozen
+    projection keeps nothing (its input is needed only for its own weight's gradient); a trained one (LoRA
+    or full) keeps its input, LoRA also its rank-r output, and with dropout the dropped input and its mask.
+    Each gate multiply keeps the tensor it scales. The terms:
+    - each RMSNorm: its fp32 input and the per-token rsqrt (8 d + 8 bytes for the two);
+    - attention: SDPA keeps q, k, v, its output and the fp32 log-sum-exp per head. K and V are counted
+      expanded to all H heads: CUDA's SDPA runs GQA unexpanded only when the batch has no padding mask;
+    - the head gate keeps the attention output (SDPA's own, no extra); a trained o_proj keeps the gated copy;
+    - the hidden gate (and a block gate) keeps the o_proj and down_proj outputs (d each);
+    - FFN: SiLU keeps the gate_proj output, the product keeps the SiLU and up_proj outputs (3 f); the FFN gate
+      keeps the product (f), a trained down_proj its (gated) input (f).
+    `scale` shrinks the dims for a pruned model.
     """
-    d, hh, gh, f = arch.hidden_size * scale, arch.num_heads * arch.head_dim * scale, \
-        arch.num_kv_heads * arch.head_dim * scale, arch.intermediate_size * scale
-    return 4 * d * 4 + (4 * hh + 2 * gh + 2 * d + 5 * f) * dtype_bytes
+    d, hh, f = arch.hidden_size * scale, arch.num_heads * arch.head_dim * scale, arch.intermediate_size * scale
+    heads = arch.num_heads * scale
+    t, gates = training, set(training.gates)
+    values = 4 * hh  # q, k and v expanded, the attention output
+    values += d * t.trains(*ATTENTION_INPUT) + d * t.trains(*FFN_INPUT)  # normed inputs of trained projections
+    values += hh * (t.trains("o_proj") and "heads" in gates)
+    values += d * ("hidden" in gates) * 2 + d * ("attention_blocks" in gates) + d * ("ffn_blocks" in gates)
+    values += 3 * f + f * ("ffn" in gates) + f * t.trains("down_proj")
+    inputs = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": hh, "gate_proj": d, "up_proj": d, "down_proj": f}
+    lora = [m for m in t.lora_modules if m in inputs] if not t.full else []
+    values += t.lora_r * scale * len(lora)
+    dropped = sum(inputs[m] for m in lora) if t.lora_dropout > 0 else 0.0
+    norms = 2 * (arch.hidden_size * scale + 1) * FP32
+    return norms + heads * FP32 + values * dtype_bytes + dropped * (dtype_bytes + 1)
+
+
+def logits_bytes_per_token(arch: ArchSpec) -> int:
+    """The loss's peak, per token: at log-softmax's backward its fp32 output, the gradient arriving from the
+    NLL and the gradient it returns are alive together (3 x V fp32). The forward holds less or the same: the
+    compute-dtype logits, their fp32 copy and the log-softmax (V x (dtype + 8) bytes)."""
+    return 3 * arch.vocab_size * FP32
 
 
 def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
                      micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
-                     scale: float = 1.0) -> dict[str, Any]:
+                     training: Training, scale: float = 1.0) -> dict[str, Any]:
     """Peak bytes per GPU of one training stage. `frozen_params` are held in `dtype`; `trainable` (LoRA,
-    gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each."""
+    gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each.
+
+    The peak is at the loss: every saved activation is alive when the logits' buffers are, so the two add.
+    """
     nbytes = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len
-    per_layer = activation_bytes_per_token_layer(arch, nbytes, scale) * tokens
-    layer_input = arch.hidden_size * scale * nbytes * tokens
-    # logits in the compute dtype, their fp32 copy for the loss (none when already fp32), log-softmax and
-    # its gradient
-    logits = tokens * arch.vocab_size * (nbytes + (4 if nbytes < 4 else 0) + 8)
-    act_full = per_layer * arch.num_layers
+    d = arch.hidden_size * scale
+    per_layer = activation_bytes_per_token_layer(arch, nbytes, scale, training) * tokens
+    layer_input = d * nbytes * tokens
+    # Outside the layers: the final RMSNorm's fp32 input and rsqrt, and the embedding output the hidden gate keeps.
+    outside = tokens * ((d + 1) * FP32 + d * nbytes * ("hidden" in training.gates))
+    logits = tokens * logits_bytes_per_token(arch)
+    act_full = per_layer * arch.num_layers + outside
     # With checkpointing only layer inputs stay; one layer's activations are rebuilt during its backward,
     # after the logits are freed, so the peak holds the larger of the two.
-    act_ckpt = layer_input * arch.num_layers + max(0.0, per_layer - logits)
+    act_ckpt = layer_input * arch.num_layers + outside + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
     trained = trainable * BYTES_PER_TRAINABLE
     if fsdp:
@@ -196,6 +245,14 @@ def _finetune_trainable(recipe: Recipe, arch: ArchSpec, target_total: int) -> in
     return lora_params(arch, recipe.finetune.lora.r, recipe.finetune.lora.target_modules)
 
 
+def stage_training(section: Any, gates: list[str]) -> Training:
+    """What the prune or finetune `section` trains; `gates`: the structures gated during it."""
+    full = section.train == "full"
+    lora = section.lora
+    return Training(() if full else tuple(lora.target_modules), 0 if full else lora.r,
+                    0.0 if full else lora.dropout, full, tuple(gates))
+
+
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
                   fsdp: bool | None = None) -> dict[str, Any]:
     """Per-GPU memory of each stage as the recipe stands (`fsdp`: override the recipe's strategy)."""
@@ -212,13 +269,14 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
         "prune": _training_memory(
             arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
             micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
-            checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu),
+            checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
+            training=stage_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else [])),
         "finetune": _training_memory(
             arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
             _finetune_trainable(recipe, arch, target_total), dtype=dtype,
             micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            scale=scale),
+            training=stage_training(recipe.finetune, []), scale=scale),
     }
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
@@ -246,9 +304,33 @@ def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
     return length, why
 
 
+def _eval_peak_per_token(arch: ArchSpec) -> tuple[str, dict[str, int]]:
+    """Values per token alive at the evaluate stage's peak, and which moment of lm-eval's loop that is.
+
+    lm-eval's HFLM calls the model with the KV cache on (transformers' default), takes the log-softmax of the
+    logits once the call has returned (cache freed), and keeps the previous batch's log-probabilities until
+    the new ones replace them. So the peak is the larger of two moments:
+    - log-softmax: the previous log-probs, the new logits and their log-softmax (3 V);
+    - the forward's end: the previous log-probs, the KV cache of every layer (2 L G h), and either the new
+      logits with the final hidden states (V + d) or, if larger, the last layer's transient: its FFN holds
+      the residual stream, its normed copy, SiLU(gate), up and their product (2 d + 3 f); its attention the
+      residual, normed copy, q, attention output and o_proj output (3 d + 2 H h).
+    """
+    d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim
+    layer = max(2 * d + 3 * f, 3 * d + 2 * arch.num_heads * arch.head_dim)
+    at_head = v + d >= layer
+    forward = {"logits": v + (v if at_head else 0), "kv_cache": kv, "activations": d if at_head else layer}
+    if 3 * v >= sum(forward.values()):
+        return "the log-softmax (previous log-probs, logits, log-softmax)", \
+            {"logits": 3 * v, "kv_cache": 0, "activations": 0}
+    where = "the LM head" if at_head else "the last layer"
+    return f"the forward's end at {where} (previous log-probs, KV cache of every layer)", forward
+
+
 def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """Log-likelihood evaluation: one forward per batch with the KV cache off holding the weights, one layer's
-    transient activations, and the logits with their log-softmax, at the longest batch lm-eval forms.
+    """Log-likelihood evaluation: the weights and lm-eval's peak (`_eval_peak_per_token`) at the longest batch
+    lm-eval forms (it sorts requests longest first, so the previous batch is never longer).
 
     lm-eval's `auto` batch size tries batches until one fits, so the plan checks that batch 1 does.
     """
@@ -262,10 +344,10 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
         tokens = max(tokens, recipe.eval.speed.batch_size * (recipe.eval.speed.prompt_length
                                                              + recipe.eval.speed.new_tokens))
     weights = max(params["source"]["total"], params["target"]["total"]) * nbytes
-    transient = tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * nbytes
-    logits = tokens * arch.vocab_size * 2 * nbytes
+    moment, per_token = _eval_peak_per_token(arch)
+    peak = {k: tokens * n * nbytes for k, n in per_token.items()}
     gpus = 1
-    whole = weights + transient + logits
+    whole = weights + sum(peak.values())
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
         # It does not fit one GPU: rank 0 evaluates alone, its layers spread over its node's GPUs (freed after
         # training); activations and logits are counted whole on each, for the GPU holding the LM head.
@@ -274,7 +356,7 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
     # scores a share of the requests.
     world = recipe.hardware.world_size
     parallel = "layers" if gpus > 1 else "data" if world > 1 else "none"
-    sub = weights / gpus + transient + logits
+    sub = weights / gpus + sum(peak.values())
     overhead = _framework_overhead(sub) if on_gpu else 0
     batch_text = (f"batch {batch}" if recipe.eval.fixed_batch_size else
                   f"batch_size {recipe.eval.batch_size}: lm-eval picks the largest batch that fits, batch 1 planned")
@@ -286,9 +368,9 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
         "parallel": parallel,
         "processes": world if parallel == "data" else 1,
         "sequence_tokens": length,
-        "breakdown": {"weights": int(weights / gpus), "activations": int(transient), "logits": int(logits),
+        "breakdown": {"weights": int(weights / gpus), **{k: int(v) for k, v in peak.items()},
                       "framework_overhead": overhead},
-        "assumption": f"{batch_text} x {length:,} tokens ({why}), KV cache off; the larger of source and "
+        "assumption": f"{batch_text} x {length:,} tokens ({why}), peak at {moment}; the larger of source and "
                       "pruned model" + how[parallel],
     }
 

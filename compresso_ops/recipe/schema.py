@@ -254,36 +254,35 @@ GROUP_BY_LENGTH_HELP = (
 )
 
 
-class PruneSection(Strict):
-    train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
-    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
-    lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
-    schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
-    micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
-    gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling, gate init and gate sampling.")
-    group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
-    checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
-    max_grad_norm: float | None = Field(
-        default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
+class TrainingSection(Strict):
+    """What the prune and the fine-tune stage share: what trains, how batches are laid out, seeds, checkpoints."""
 
-
-class FinetuneSection(Strict):
-    enabled: bool = Field(default=True, description="Fine-tune the sliced model to recover quality.")
     train: Literal["lora", "full"] = Field(default="lora", description=TRAIN_DESCRIPTION)
-    unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of `duration`.")
-    duration: float = Field(default=3, gt=0, description="How long to fine-tune, in `unit`.")
-    lr: float = Field(default=4e-4, gt=0, description="Peak learning rate.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule.")
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters of the fine-tune.")
     micro_batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="Examples per forward pass per GPU.")
     gradient_accumulation: int = Field(default=8, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling.")
     group_by_length: bool = Field(default=True, description=GROUP_BY_LENGTH_HELP)
     checkpoint_every: int = Field(default=200, ge=1, description="Optimizer steps between checkpoints.")
+
+
+class PruneSection(TrainingSection):
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters trained while pruning.")
+    lr: PruneLearningRates = Field(default_factory=PruneLearningRates, description="Learning rates of the three optimizers.")
+    schedule: PruneSchedule = Field(default_factory=PruneSchedule, description="LoRA-only, ramp and hold phases.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling, gate init and gate sampling.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
+
+
+class FinetuneSection(TrainingSection):
+    enabled: bool = Field(default=True, description="Fine-tune the sliced model to recover quality.")
+    unit: Literal["epochs", "steps"] = Field(default="epochs", description="Unit of `duration`.")
+    duration: float = Field(default=3, gt=0, description="How long to fine-tune, in `unit`.")
+    lr: float = Field(default=4e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters of the fine-tune.")
 
     @model_validator(mode="after")
     def _bounded(self) -> FinetuneSection:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from compresso_ops.errors import UserError
-from compresso_ops.recipe.schema import DataSection, FinetuneSection, HardwareSection, PruneSection, micro_batch_problem
+from compresso_ops.recipe.schema import DataSection, HardwareSection, TrainingSection, micro_batch_problem
 from compresso_ops.training.data import IGNORE, Example
 from compresso_ops.training.distributed import SINGLE, DistContext
 
@@ -38,7 +38,7 @@ class BatchLayout:
     micros: int
 
     @classmethod
-    def of(cls, section: PruneSection | FinetuneSection, hardware: HardwareSection) -> BatchLayout:
+    def of(cls, section: TrainingSection, hardware: HardwareSection) -> BatchLayout:
         return cls(section.micro_batch_size, section.gradient_accumulation * hardware.world_size)
 
     @property
@@ -126,7 +126,7 @@ class DataOrder:
         self._cache: tuple[int, list[int]] | None = None
 
     @classmethod
-    def of(cls, examples: list[Example], section: PruneSection | FinetuneSection, data: DataSection) -> DataOrder:
+    def of(cls, examples: list[Example], section: TrainingSection, data: DataSection) -> DataOrder:
         """The order a stage trains in. Grouping applies to Alpaca rows only: plain-text chunks all have
         `max_seq_length` tokens (only the file's last one is shorter), so grouping them saves nothing."""
         grouped = section.group_by_length and data.format == "alpaca"

@@ -14,7 +14,7 @@ from torch import nn
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import module_names, unwrap
 from compresso_ops.models.resolve import locate_model, readable_model
-from compresso_ops.recipe.schema import FinetuneSection, LoraSection, PruneSection, Recipe
+from compresso_ops.recipe.schema import LoraSection, Recipe, TrainingSection
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
 from compresso_ops.training.sharded_load import can_load_sharded, fill_shards, placeholder_model, to_meta_
@@ -67,7 +67,7 @@ def freeze_for_training(model: nn.Module, precision: Precision) -> None:
     model.train()
 
 
-def prepare_for_training(model: nn.Module, section: PruneSection | FinetuneSection, field: str,
+def prepare_for_training(model: nn.Module, section: TrainingSection, field: str,
                          precision: Precision) -> nn.Module:
     """Checkpointing as the section asks, then seeded LoRA adapters (the same init on every rank and every
     run) or, for `train: full`, every weight trainable; under FSDP the frozen base sharded across the ranks."""

@@ -3,7 +3,7 @@
 The paper trains the gates and the Lagrange multipliers at 0.1 over a 1,628-step ramp. On a short, steps-based
 schedule the same rates leave the expected sparsity far below the target when the ramp ends, and the final
 masks are then cut from barely trained gates. `prune.lr.gates` / `prune.lr.lagrangian: auto` keep the
-travel lr x ramp steps of a long ramp (method/gates.py). This runs the prune stage on the real stories260K
+travel lr x ramp steps of a long ramp (method/rates.py). This runs the prune stage on the real stories260K
 (../shared/assets) with TinyStories text at target prunable sparsity 0.2 (heads and FFN channels), for ramps
 of 40, 200 and 800 steps, each with the paper's rates and with auto, and reads the expected sparsity at the
 last ramp step from the stage's events.jsonl. Writes benchmarks/results/gate_lr.json.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from compresso_ops.infra import atomic
-from compresso_ops.method.gates import gate_learning_rates
+from compresso_ops.method.rates import gate_learning_rates
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.prune import run_prune
 

@@ -133,8 +133,10 @@ def validate(recipes: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     problems: list[str] = []
     for path in recipes:
         try:
-            load_recipe(path, check_files=True, overrides=overrides)
+            recipe = load_recipe(path, check_files=True, overrides=overrides)
             click.echo(f"{path}: ok")
+            for line in recipe.warnings:
+                click.echo(line)
         except RecipeError as exc:
             problems.extend(exc.lines)
     if problems:

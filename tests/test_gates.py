@@ -249,7 +249,7 @@ def test_explicit_multiple_of_aligns_a_tiny_model_and_1_turns_alignment_off():
 
 
 def test_auto_gate_rates_are_the_papers_on_long_ramps_and_give_short_ramps_the_same_travel():
-    from compresso_ops.method.gates import GATE_TRAVEL, LAMBDA_TRAVEL, REFERENCE_LR, gate_learning_rates
+    from compresso_ops.method.rates import GATE_TRAVEL, LAMBDA_TRAVEL, REFERENCE_LR, gate_learning_rates
 
     assert gate_learning_rates("auto", "auto", 1628) == (REFERENCE_LR, REFERENCE_LR)  # the paper's schedule
     gates, lam = gate_learning_rates("auto", "auto", 40)
@@ -258,7 +258,7 @@ def test_auto_gate_rates_are_the_papers_on_long_ramps_and_give_short_ramps_the_s
 
 
 def test_a_ramp_that_ends_far_from_the_target_is_named():
-    from compresso_ops.method.gates import ramp_lag
+    from compresso_ops.method.rates import ramp_lag
 
     assert ramp_lag(0.19, 0.2) is None and ramp_lag(None, 0.2) is None
     assert "ended the ramp at 0.006 for a target of 0.200" in ramp_lag(0.006, 0.2)

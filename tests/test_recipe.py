@@ -342,3 +342,17 @@ def test_step_counts_are_whole_numbers_in_the_resolved_recipe(tmp_path, model_di
     assert type(resolved["finetune"]["duration"]) is int
     half = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body.replace("ramp: 60", "ramp: 60.5")))])
     assert half.exit_code == 2 and "whole number of steps" in half.output
+
+
+def test_validate_warns_when_the_multipliers_cannot_follow_a_short_ramp(tmp_path, model_dir):
+    """Valid, but predictably poor: at 0.1 a 60-step ramp leaves the gates far below the target
+    (benchmarks/gate_lr.py); validate says so at the field's line and still exits 0. auto does not warn."""
+    body = BASE.replace("{model}", str(model_dir)) + (
+        "prune:\n  schedule: {unit: steps, lora_only: 5, ramp: 60, hold: 10}\n  lr: {lagrangian: 0.1}\n")
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].endswith("use auto or a longer ramp")
+    assert "r.yaml:12: prune.lr.lagrangian: warning: 0.1 x a 60-step ramp" in warning[0]
+    auto = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body.replace("{lagrangian: 0.1}", "{}")))])
+    assert auto.exit_code == 0 and "warning" not in auto.output

@@ -134,34 +134,6 @@ class Lagrangian(nn.Module):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
 
-# The paper's learning rate for gates and multipliers suits its 1,628-step ramp. A short ramp needs travel:
-# Adam moves a parameter by about lr per step, and the multipliers must grow until the Lagrangian outweighs
-# the LM loss while the target still ramps. Too fast gates overshoot the target and the multipliers swing
-# back (a 40-step ramp at 2.5 / 1.5 ends at 0.008 for 0.2). "auto" keeps lr x ramp steps at least these,
-# measured on stories260K (benchmarks/gate_lr.py): at 0.1 / 0.1 a 200-step ramp ends at 0.19 for 0.2 and a
-# 40-step one at 0.006; 0.375 / 0.625 brings the 40-step ramp to the target.
-REFERENCE_LR = 0.1
-GATE_TRAVEL = 15.0
-LAMBDA_TRAVEL = 25.0
-
-
-def gate_learning_rates(gates: float | str, lagrangian: float | str, ramp_steps: int) -> tuple[float, float]:
-    """The gates' and the multipliers' learning rates: the recipe's numbers, or for "auto" the paper's 0.1
-    raised so that a short ramp gives them the travel a long one does."""
-    def resolve(value: float | str, travel: float) -> float:
-        return max(REFERENCE_LR, travel / max(1, ramp_steps)) if value == "auto" else float(value)
-    return resolve(gates, GATE_TRAVEL), resolve(lagrangian, LAMBDA_TRAVEL)
-
-
-def ramp_lag(expected_at_ramp_end: float | None, target: float) -> str | None:
-    """A warning when the expected sparsity ended the ramp far (over a quarter of the target) from it: the
-    gates did not follow the schedule, and the final masks are cut from gates trained away from the target."""
-    if expected_at_ramp_end is None or abs(expected_at_ramp_end - target) <= 0.25 * target:
-        return None
-    return (f"the expected sparsity ended the ramp at {expected_at_ramp_end:.3f} for a target of {target:.3f}: "
-            "the gates did not follow the schedule; use prune.lr.gates / prune.lr.lagrangian: auto or a longer ramp")
-
-
 def target_at(step: int, target: float, ramp_start: int, ramp_steps: int) -> float:
     """S(t) for the 0-based optimizer step `step`: 0 before the ramp, linear to `target` at the ramp's last
     step, `target` after."""

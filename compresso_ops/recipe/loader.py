@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from compresso_ops.errors import RecipeError, UserError
 from compresso_ops.evaluation.tasks import check_task_file, unknown_task_problems
+from compresso_ops.method.rates import ramp_too_short
 from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
 from compresso_ops.models.sizes import count_params, target_sparsity
@@ -416,6 +417,17 @@ def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
                                                  "data.max_seq_length or shorten prompt.text")
 
 
+def _warnings(recipe: Recipe, warnings: _Problems) -> list[str]:
+    """Valid settings whose outcome can be predicted to be poor; only where the prediction needs no data:
+    a steps-based ramp with a fixed multiplier learning rate too small for it."""
+    schedule = recipe.prune.schedule
+    lag = ramp_too_short(recipe.prune.lr.lagrangian, max(1, int(schedule.ramp))) \
+        if recipe.method == "compresso" and schedule.unit == "steps" else None
+    if lag is not None:
+        warnings.add(("prune", "lr", "lagrangian"), f"warning: {lag}")
+    return warnings.lines
+
+
 def _file_problems(recipe: Recipe, problems: _Problems) -> None:
     location = locate_model(recipe.model)
     if (missing := location.problem(need_weights=True)) is not None:
@@ -532,6 +544,7 @@ def load_recipe(path: str | Path, *, check_files: bool = True, overrides: Sequen
     _semantic_problems(recipe, problems, check_files)
     if problems.lines:
         raise RecipeError(problems.lines)
+    recipe._warnings = tuple(_warnings(recipe, _Problems(locations, _display(path))))
     return recipe
 
 

@@ -455,10 +455,16 @@ class Recipe(Strict):
     _source_file: Path | None = PrivateAttr(default=None)
     _locations: dict[tuple[str | int, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @property
     def source_file(self) -> Path | None:
         return self._source_file
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """`FILE:LINE: field: warning: ...` lines for settings that are valid but predictably poor."""
+        return self._warnings
 
     @property
     def overrides(self) -> tuple[str, ...]:

@@ -24,10 +24,11 @@ from torch import nn
 from compresso_ops.infra import atomic
 from compresso_ops.infra.fingerprint import digest
 from compresso_ops.method.baselines import run_one_shot
-from compresso_ops.method.gates import GateSet, Lagrangian, gate_learning_rates, ramp_lag, target_at
+from compresso_ops.method.gates import GateSet, Lagrangian, target_at
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.method.masks import select_final_masks
 from compresso_ops.method.prompts import resolve_prompt
+from compresso_ops.method.rates import gate_learning_rates, ramp_lag
 from compresso_ops.models.adapter import ModelAdapter, unwrap
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.sizes import count_params, prunable_sparsity, target_sparsity

@@ -123,6 +123,10 @@ def test_a_replica_that_does_not_fit_gets_fsdp_chosen(tmp_path):
     assert evaluate["gpus"] == evaluation_gpus(auto) == 4 and evaluate["fits"]
     assert evaluate["parallel"] == evaluation_parallel(auto) == "layers" and evaluate["processes"] == 1
     assert evaluate["breakdown"]["weights"] == total // 4
+    # each GPU keeps the KV cache of its own layers: a quarter of what one GPU holding the model would
+    whole = make_plan(_recipe(tmp_path, body.replace("V100-16GB, gpus_per_node: 4", "A100-80GB, gpus_per_node: 1")
+                              % "auto"))["memory"]["stages"]["evaluate"]
+    assert whole["gpus"] == 1 and evaluate["breakdown"]["kv_cache"] == whole["breakdown"]["kv_cache"] // 4
     assert not Executor(auto, PlainReporter()).collective("evaluate")  # the other ranks leave after training
     replica = make_plan(_recipe(tmp_path, body % "ddp"))
     assert replica["hardware"]["strategy"] == "ddp"

@@ -350,8 +350,10 @@ def _eval_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict
     whole = weights + sum(peak.values())
     if on_gpu and whole + _framework_overhead(whole) > gpu.memory_bytes:
         # It does not fit one GPU: rank 0 evaluates alone, its layers spread over its node's GPUs (freed after
-        # training); activations and logits are counted whole on each, for the GPU holding the LM head.
+        # training). Each GPU holds its share of the weights and of the KV cache (a layer's cache lives with
+        # the layer); activations and logits are counted whole, for the GPU holding the LM head.
         gpus = recipe.hardware.gpus_per_node
+        peak["kv_cache"] /= gpus
     # A model that fits one GPU is evaluated data-parallel: every process of the job holds it whole and
     # scores a share of the requests.
     world = recipe.hardware.world_size

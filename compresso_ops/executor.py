@@ -26,6 +26,7 @@ from compresso_ops.infra.fingerprint import digest, path_identity
 from compresso_ops.infra.integrity import damaged, hash_outputs
 from compresso_ops.infra.lock import RunLock
 from compresso_ops.infra.units import human_seconds, timestamp
+from compresso_ops.models.resolve import locate_model
 from compresso_ops.recipe.loader import dump_resolved
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.ui.progress import EventFn, Reporter
@@ -84,6 +85,15 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
+def _identity(recipe: Recipe, data: dict[str, Any], field: str) -> Any:
+    """The identity of a file input (infra/fingerprint.py); the source model's is that of the folder it
+    resolves to, so a hub id follows its cached snapshot."""
+    if field == "model.path":
+        folder = locate_model(recipe.model).folder
+        return path_identity(folder or recipe.model.path)
+    return path_identity(_pick(data, field))
+
+
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
     """Input hash per stage, each chained with the previous stage's so a change flows downstream."""
     data = recipe.model_dump(mode="json")
@@ -96,7 +106,7 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         payload = {
             "upstream": upstream if name != "plan" else "",
             "reads": {k: _pick(data, k) for k in spec.reads},
-            "files": {k: path_identity(_pick(data, k)) for k in spec.files},
+            "files": {k: _identity(recipe, data, k) for k in spec.files},
         }
         hashes[name] = digest(payload)
         if name != "plan":  # the plan is informational: nothing downstream depends on it

@@ -63,7 +63,8 @@ NATIVE_AUTO_MAP = {
 
 
 
-def _emit(on_event: EventFn | None, phase: str, **extra: Any) -> None:
+def emit_phase(on_event: EventFn | None, phase: str, **extra: Any) -> None:
+    """Report a phase of the slice stage (load, merge_lora, slice, write, check) to the progress display."""
     if on_event is not None:
         on_event({"stage": "slice", "phase": phase, **extra})
 
@@ -214,11 +215,11 @@ def export_pruned(
     check_export_request(mode, arch, masks)
     model.eval()
     batch = check_batch(model.config)
-    _emit(on_event, "reference")
+    emit_phase(on_event, "reference")
     with masked(model, masks):
         reference = logits(model, batch)
 
-    _emit(on_event, "slice")
+    emit_phase(on_event, "slice")
     sd, shape = slice_state_dict(model, masks)
     if mode == "native":
         config, sd = native_config(model.config, shape), drop_empty_blocks(sd, shape)
@@ -242,7 +243,7 @@ def export_pruned(
     out_dtype = resolve_dtype(dtype, source_info.get("dtype"))
     manifest = export_manifest(mode, type(exported).__name__, out_dtype, arch, masks, shape,
                                source_info=source_info, recipe=recipe, max_shard_size=max_shard_size)
-    _emit(on_event, "write", out_dir=str(out_dir))
+    emit_phase(on_event, "write", out_dir=str(out_dir))
     return save_export(
         exported,
         tokenizer,
@@ -382,6 +383,21 @@ def _release_weights(model: nn.Module) -> None:
     gc.collect()
 
 
+def confirm_checks(out_dir: str | Path, checks: dict[str, Any], *failures: str) -> None:
+    """Set `checks["passed"]`, or raise StageError naming every failed check (nothing is written then): each
+    `*_max_abs_diff` within CHECK_TOLERANCE, `param_count` reloaded == expected, and the caller's `failures`."""
+    found = [f"{k} = {v:.3g} > {CHECK_TOLERANCE}" for k, v in checks.items()
+             if k.endswith("max_abs_diff") and not v <= CHECK_TOLERANCE]
+    count = checks["param_count"]
+    if count["reloaded"] != count["expected"]:
+        found.append(f"the export has {count['reloaded']:,} parameters, the size formulas predict "
+                     f"{count['expected']:,}")
+    found += failures
+    checks["passed"] = not found
+    if found:
+        raise StageError(f"{out_dir}: export check failed: {'; '.join(found)}; nothing was written")
+
+
 def save_export(
     model: nn.Module,
     tokenizer: Any,
@@ -429,18 +445,7 @@ def save_export(
         if reference_logits is not None:
             checks["reloaded_vs_masked_max_abs_diff"] = (got - reference_logits).abs().max().item()
         checks["param_count"] = {"expected": expected_params, "reloaded": n_params}
-        failures = [
-            f"{k} = {v:.3g} > {CHECK_TOLERANCE}"
-            for k, v in checks.items()
-            if k.endswith("max_abs_diff") and not v <= CHECK_TOLERANCE
-        ]
-        if n_params != expected_params:
-            failures.append(
-                f"reloaded model has {n_params:,} parameters, the size formulas predict {expected_params:,}"
-            )
-        checks["passed"] = not failures
-        if failures:
-            raise StageError(f"{out_dir}: export check failed: {'; '.join(failures)}; nothing was written")
+        confirm_checks(out_dir, checks)
         manifest = {
             **manifest,
             "checks": checks,
@@ -469,7 +474,7 @@ def _write_folder(
         model.float()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-        _drop_load_time_keys(folder / "tokenizer_config.json")
+        drop_load_time_keys(folder / "tokenizer_config.json")
 
 
 # How this process loaded the tokenizer, which transformers saves back as if it were configuration: a
@@ -477,7 +482,8 @@ def _write_folder(
 _LOAD_TIME_KEYS = ("local_files_only", "is_local")
 
 
-def _drop_load_time_keys(config_file: Path) -> None:
+def drop_load_time_keys(config_file: Path) -> None:
+    """Remove the load-time flags (local_files_only, ...) a saved tokenizer config carries: not the model's."""
     config = atomic.read_json(config_file)
     if config is not None and any(k in config for k in _LOAD_TIME_KEYS):
         atomic.write_json(config_file, {k: v for k, v in config.items() if k not in _LOAD_TIME_KEYS})

@@ -41,11 +41,12 @@ from compresso_ops.models.export import (
     CHECK_BATCH_SEED,
     CHECK_TOLERANCE,
     MANIFEST_FILE,
-    _drop_load_time_keys,
-    _emit,
     add_native_code,
     check_batch,
     check_export_request,
+    confirm_checks,
+    drop_load_time_keys,
+    emit_phase,
     export_manifest,
     native_config,
     resolve_dtype,
@@ -265,25 +266,17 @@ def _stream_export(source_dir: Path, lora_dir: Path | None, masks: Masks, mode: 
     manifest = export_manifest(mode, type(skeleton).__name__, out_dtype, arch, masks, shape,
                                source_info=source_info, recipe=recipe, max_shard_size=max_shard_size)
     dt = getattr(torch, out_dtype)
-    _emit(on_event, "write", out_dir=str(out_dir), streamed=True)
+    emit_phase(on_event, "write", out_dir=str(out_dir), streamed=True)
     with atomic.atomic_dir(out_dir) as tmp:
         _write_weights(skeleton, sliced, dt, tmp, max_shard_size)
         _write_config(skeleton, dt, tmp, generation_config(source_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-            _drop_load_time_keys(tmp / "tokenizer_config.json")
-        _emit(on_event, "check", streamed=True)
+            drop_load_time_keys(tmp / "tokenizer_config.json")
+        emit_phase(on_event, "check", streamed=True)
         checks = _check(tmp, sliced, source_config, masks, dt, int(manifest["params"]["exported"]["total"]))
-        failures = [f"{k} = {v:.3g} > {CHECK_TOLERANCE}" for k, v in checks.items()
-                    if k.endswith("max_abs_diff") and not v <= CHECK_TOLERANCE]
-        if not checks["written_equals_slice"]:
-            failures.append("the written tensors differ from the slice")
-        if checks["param_count"]["reloaded"] != checks["param_count"]["expected"]:
-            failures.append(f"the export has {checks['param_count']['reloaded']:,} parameters, the size formulas "
-                            f"predict {checks['param_count']['expected']:,}")
-        checks["passed"] = not failures
-        if failures:
-            raise StageError(f"{out_dir}: export check failed: {'; '.join(failures)}; nothing was written")
+        confirm_checks(out_dir, checks, *([] if checks["written_equals_slice"] else
+                                           ["the written tensors differ from the slice"]))
         manifest = {**manifest, "checks": checks, "streamed": True,
                     "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         write_card(tmp, manifest)  # the model card save_export writes, from the same manifest

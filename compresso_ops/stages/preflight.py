@@ -96,8 +96,8 @@ def _gpu_problems(recipe: Recipe, plan: dict) -> list[str]:
     for stage, entry in plan["memory"]["stages"].items():
         if entry["per_gpu_bytes"] > have:
             hint = entry.get("suggestion") or "use a larger GPU"
-            out.append(f"hardware.gpu: the {stage} stage needs about {entry['per_gpu_bytes'] / 2**30:.1f} GiB per GPU, "
-                       f"the GPU has {have / 2**30:.1f} GiB; {hint}")
+            out.append(f"hardware.gpu: the {stage} stage needs about {human_bytes(entry['per_gpu_bytes'])} per GPU, "
+                       f"the GPU has {human_bytes(have)}; {hint}")
     if compute_dtype(recipe) == "bfloat16" and not torch.cuda.is_bf16_supported():
         out.append("model.dtype: this GPU has no bfloat16 support; use float16")
     return out

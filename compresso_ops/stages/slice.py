@@ -11,7 +11,7 @@ import torch
 
 from compresso_ops.errors import StageError
 from compresso_ops.method.masks import MASKS_FILE, Masks
-from compresso_ops.models.export import _emit, export_pruned
+from compresso_ops.models.export import emit_phase, export_pruned
 from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.models.slicing import merge_lora
 from compresso_ops.models.streaming_slice import stream_export, streamable
@@ -36,7 +36,7 @@ def run_slice(
         raise StageError(f"{prune_dir / MASKS_FILE}: not found; run the prune stage first")
     src = recipe.model
     load_kw = {"revision": src.revision, "trust_remote_code": src.trust_remote_code}
-    _emit(on_event, "load", model=src.path)
+    emit_phase(on_event, "load", model=src.path)
     trained = prune_dir / TRAINED["full"]  # prune.train: full left the whole trained model (fp32)
     lora_dir = prune_dir / TRAINED["lora"]
     with readable_model(src.path):
@@ -59,8 +59,8 @@ def run_slice(
     why_not = streamable(folder, stream_lora)
     if why_not is None and folder is not None:
         if stream_lora is not None:
-            _emit(on_event, "merge_lora", adapter=str(stream_lora), streamed=True)
-        _emit(on_event, "slice", streamed=True)
+            emit_phase(on_event, "merge_lora", adapter=str(stream_lora), streamed=True)
+        emit_phase(on_event, "slice", streamed=True)
         if folder == trained:
             with readable_model(trained, field=field):
                 weights_config = AutoConfig.from_pretrained(trained)
@@ -76,7 +76,7 @@ def run_slice(
     if lora_dir.is_dir():
         from peft import PeftModel
 
-        _emit(on_event, "merge_lora", adapter=str(lora_dir))
+        emit_phase(on_event, "merge_lora", adapter=str(lora_dir))
         model = merge_lora(PeftModel.from_pretrained(model, lora_dir))
     manifest = export_pruned(
         model, tokenizer, masks, recipe.export.mode, stage_dir / "model", source_info=source_info,

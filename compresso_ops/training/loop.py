@@ -31,6 +31,7 @@ from compresso_ops.training.data import IGNORE
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.precision import Precision
+from compresso_ops.training.shared_prefix import MIN_SHARED_PREFIX, forward_with_shared_prefix, shared_prefix_length
 from compresso_ops.ui.progress import EventFn
 
 
@@ -211,13 +212,33 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled tokens (divide by `step_label_tokens` of the whole
-    global batch so accumulation and data parallelism equal one large batch)."""
+    global batch so accumulation and data parallelism equal one large batch).
+
+    When the rows share a prefix of at least `MIN_SHARED_PREFIX` tokens (the prompt and template every
+    training row starts with) it is forwarded once (`training/shared_prefix.py`): the same sum, with the
+    prefix's own labelled positions counted once per row and the prediction of each row's first suffix token
+    read from the prefix's last position. Under FSDP every forward gathers the layers on every rank, so the
+    ranks agree to share only when all of them can."""
     batch = {k: v.to(precision.device) for k, v in batch.items()}
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = shared_prefix_length(ids, labels, mask)
+    share = prefix >= MIN_SHARED_PREFIX
+    if precision.shard_base:
+        share = not precision.dist.any(not share)
     with precision.autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+        if not share:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return _loss_sum(logits[:, :-1], labels[:, 1:])
+        head, tail = forward_with_shared_prefix(model, ids, mask, prefix)
+    rows = ids.shape[0]
+    return (rows * _loss_sum(head[:, :-1], labels[:1, 1:prefix])  # inside the prefix: the same for every row
+            + _loss_sum(head[:, -1:].expand(rows, -1, -1), labels[:, prefix:prefix + 1])  # each first suffix token
+            + _loss_sum(tail[:, :-1], labels[:, prefix + 1:]))
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (in fp32) of each position's logits against its target, summed over labelled targets."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
 
 

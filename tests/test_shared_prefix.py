@@ -12,7 +12,6 @@ from compresso_ops.method.gates import GateSet
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.method.masks import Masks
 from compresso_ops.models.adapter import ModelAdapter
-from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.export import export_pruned, load_exact
 from compresso_ops.recipe.schema import LoraSection
 from compresso_ops.training.batching import Collator
@@ -214,3 +213,114 @@ def test_autocast_shared_prefix_matches_the_plain_forward_in_that_precision(dtyp
     assert shared.item() == pytest.approx(ref.item(), rel=2e-2)
     for name, g in shared_grads.items():
         assert (g - ref_grads[name]).norm() <= 0.05 * ref_grads[name].norm() + 1e-6, name
+
+
+def test_a_prune_run_with_shared_prefixes_equals_one_without(tmp_path, monkeypatch):
+    """The whole stage (gate samples, LoRA, Lagrangian, accumulation) on Alpaca rows behind a prompt: the
+    trained gates and adapters are those of a run whose forwards see every row whole."""
+    import json
+    import random
+
+    from safetensors.torch import load_file
+
+    from compresso_ops.recipe.schema import Recipe
+    from compresso_ops.stages.prune import run_prune
+    from compresso_ops.training import loop
+    from tests.tiny import save_tiny
+
+    save_tiny(tmp_path / "model", "qwen2")
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "tree", "red", "big", "sat", "ran"]
+    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randint(2, 6))),
+             "input": " ".join(rng.choices(words, k=3)) if i % 3 == 0 else "",
+             "output": " ".join(rng.choices(words, k=rng.randint(3, 12)))} for i in range(24)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    recipe = Recipe(name="t", model={"path": str(tmp_path / "model")}, target={"sparsity": 0.4},
+                    prompt={"text": "Keep answers short."},
+                    data={"path": str(tmp_path / "rows.json"), "format": "alpaca", "max_seq_length": 256},
+                    prune={"schedule": {"unit": "steps", "lora_only": 1, "ramp": 2, "hold": 1}, "micro_batch_size": 4,
+                           "gradient_accumulation": 2, "gradient_checkpointing": True,
+                           "lora": {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                           "lr": {"lora": 1e-2, "gates": 0.3, "lagrangian": 0.1}})
+    shared_calls = []
+    real = loop.forward_with_shared_prefix
+    monkeypatch.setattr(loop, "forward_with_shared_prefix", lambda *a: shared_calls.append(1) or real(*a))
+    run_prune(recipe, tmp_path / "shared")
+    assert len(shared_calls) == 4 * 2  # every micro-batch of every step shared its prefix
+    monkeypatch.setattr(loop, "MIN_SHARED_PREFIX", 10**9)
+    run_prune(recipe, tmp_path / "plain")
+    assert len(shared_calls) == 8
+    for name in ("gates.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "shared" / name)), load_file(str(tmp_path / "plain" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def _fsdp_rounds() -> list[list[dict[str, torch.Tensor]]]:
+    """Micro-batches of two ranks, round by round: in the first only rank 0's rows share a prefix, so neither
+    rank may forward it apart (the other rank runs one forward); in the second both share."""
+    distinct = [[i] + r for i, r in enumerate(_rows(20, [6, 9], seed=5))]
+    return [[_batch(_rows(24, [9, 3], seed=1)), _batch(distinct)],
+            [_batch(_rows(30, [4, 12], seed=2)), _batch(_rows(18, [7, 7], seed=3))]]
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: shard the tiny model (FSDP2), run this rank's micro-batches, save the
+    gradients summed over the ranks (gathered whole) and the forwards this rank ran."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    from compresso_ops.training.distributed import DistContext
+    from compresso_ops.training.sharding import shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))  # no hang
+    precision = Precision(torch.device("cpu"), torch.float32, dist=DistContext(rank, 2), shard_base=True)
+    result = {}
+    for train in ("lora", "full"):
+        model = _trainable("llama", train, True, None)
+        shard_model(model, precision)
+        calls = _forward_calls(model)
+        for batches in _fsdp_rounds():
+            lm_loss_sum(model, batches[rank], precision).backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p.grad, "full_tensor"):  # sharded (full training): FSDP reduced it as the mean over ranks
+                grads[name] = p.grad.full_tensor() * 2
+            else:  # replicated (LoRA): this rank's rows only
+                grads[name] = p.grad.clone()
+                torch_dist.all_reduce(grads[name])
+        result[train] = {"grads": grads, "forwards": len(calls)}
+    if rank == 0:
+        torch.save(result, out)
+    torch_dist.destroy_process_group()
+
+
+def test_fsdp_ranks_agree_on_sharing_and_sum_the_single_process_gradients(tmp_path):
+    """Under FSDP every forward gathers the layers on every rank: a rank whose micro-batch shares no prefix
+    must not leave the other waiting, and the summed gradients are those of one process running all rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    mp.start_processes(_fsdp_worker, args=(port, str(out)), nprocs=2, start_method="spawn", join=True)
+    result = torch.load(out)
+    for train in ("lora", "full"):
+        assert result[train]["forwards"] == 1 + 2  # round one: one forward on each rank; round two: two
+        model = _trainable("llama", train, True, None)
+        model.zero_grad(set_to_none=True)
+        for batches in _fsdp_rounds():
+            for batch in batches:
+                _plain_loss(model, batch).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(result[train]["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

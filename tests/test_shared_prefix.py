@@ -41,10 +41,11 @@ def _rows(prefix: int, tails: list[int], seed: int = 0) -> list[list[int]]:
     return [head + torch.randint(0, 256, (n,), generator=g).tolist() for n in tails]
 
 
-def _plain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _plain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: Precision = CPU) -> torch.Tensor:
     """The reference: one forward over the whole micro-batch, next-token cross-entropy summed."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    with precision.autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 
 
@@ -202,14 +203,7 @@ def test_autocast_shared_prefix_matches_the_plain_forward_in_that_precision(dtyp
     batch = _batch(_rows(24, [9, 3, 14]))
     precision = Precision(torch.device("cpu"), torch.float32, compute_dtype=dtype)
     shared, shared_grads = _loss_and_grads(lambda m, b: lm_loss_sum(m, b, precision), model, batch, None, None)
-
-    def plain(m, b):
-        with precision.autocast():
-            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-
-    ref, ref_grads = _loss_and_grads(plain, model, batch, None, None)
+    ref, ref_grads = _loss_and_grads(lambda m, b: _plain_loss(m, b, precision), model, batch, None, None)
     assert shared.item() == pytest.approx(ref.item(), rel=2e-2)
     for name, g in shared_grads.items():
         assert (g - ref_grads[name]).norm() <= 0.05 * ref_grads[name].norm() + 1e-6, name

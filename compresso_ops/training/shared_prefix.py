@@ -1,10 +1,10 @@
 """Forward the prefix that every row of a micro-batch shares once, not once per row.
 
-Every training row starts with the same collaborative prompt and task template: on Alpaca data 40-50% of a
-row's tokens, none of which carry loss. `forward_with_shared_prefix` runs the decoder on that prefix once
-(batch 1), keeps its keys and values per attention layer, and runs the rows' suffixes with them as the
-past: positions continue at the prefix length and the attention mask spans prefix + suffix, so every
-suffix token attends to exactly the keys and values a full forward would give it. Loss and gradients equal
+Every training row starts with the same collaborative prompt and task template, none of which carries loss
+(0.575 of the positions of `benchmarks/throughput.py`'s micro-batches). `forward_with_shared_prefix` runs
+the decoder on that prefix once (batch 1), keeps its keys and values per attention layer, and runs the
+rows' suffixes with them as the past: positions continue at the prefix length and the attention mask spans
+prefix + suffix, so every suffix token attends to exactly the keys and values a full forward would give it. Loss and gradients equal
 the full forward's up to float rounding, for LoRA and full-weight training, with gate hooks (they hold one
 gate sample per micro-batch, so both forwards see the same gates) and under FSDP.
 
@@ -18,7 +18,8 @@ With dropout (LoRA dropout > 0, attention dropout) the prefix forward draws one 
 of the micro-batch share, where a full forward draws one per row. Each row still sees the prefix through a
 dropout mask of the configured rate, so this is a different, equally valid noise draw (still seeded per
 micro-batch, so runs repeat and resume exactly); only the rows of one micro-batch are correlated on the
-prefix. Sharing stays on there: LoRA dropout is where the 7B fine-tune recipes spend most of their tokens.
+prefix. Sharing stays on with dropout rather than falling back to the full forward: the 7B recipes fine-tune
+with LoRA dropout 0.05, and a fall-back would give up the speed-up exactly there.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 MIN_SHARED_PREFIX = 16
-"""Shorter shared prefixes run as one full forward: the (rows - 1) x prefix positions they would save cost
-less than the second forward call (per-layer kernel launches; under FSDP a second gather of every layer)."""
+"""Shorter shared prefixes run as one full forward: the (rows - 1) x prefix positions they would save are
+judged (not measured) to be worth less than a second forward call's fixed costs (per-layer kernel launches;
+under FSDP a second gather of every layer). Any prompt of a sentence or more clears it."""
 
 
 def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> int:

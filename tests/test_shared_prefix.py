@@ -179,6 +179,19 @@ def test_prefix_stops_at_padding_differing_labels_and_the_shortest_row():
     assert shared_prefix_length(ids[:1], labels[:1], mask[:1]) == 0
 
 
+def test_a_model_that_drops_the_prefix_cache_stops_rather_than_training_on_wrong_logits(tmp_path, monkeypatch):
+    """Checkpointed layers drop a cache unless told to keep it (transformers' `_can_checkpoint_with_cache`);
+    should that ever stop working, training must not go on with suffixes that never saw their prefix."""
+    from contextlib import nullcontext
+
+    from compresso_ops.training import shared_prefix
+
+    monkeypatch.setattr(shared_prefix, "_cache_kept_under_checkpointing", lambda model: nullcontext())
+    model = _trainable("llama", "lora", True, tmp_path)
+    with pytest.raises(RuntimeError, match="did not pass the shared prefix's keys and values"):
+        lm_loss_sum(model, _batch(_rows(24, [9, 3])), CPU)
+
+
 def test_lora_dropout_shares_one_seeded_draw_on_the_prefix(tmp_path):
     """With dropout the prefix's noise is one draw for the micro-batch: still dropout (the seed matters),
     still repeatable from the seed (resume and data-parallel runs reproduce it)."""

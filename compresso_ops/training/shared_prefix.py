@@ -73,9 +73,11 @@ class _ReadPrefix(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.device, self.keys, self.values, self.is_initialized = keys.device, keys, values, True
+        self.read = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.read = True
         rows = key_states.shape[0]
         return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
                 torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
@@ -108,4 +110,7 @@ def forward_with_shared_prefix(model: nn.Module, input_ids: torch.Tensor, attent
         positions = torch.arange(prefix, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         tail = model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions,
                      cache=past, use_cache=False).logits
+    if not past.layers or not all(layer.read for layer in past.layers):  # else the suffixes never saw the prefix
+        raise RuntimeError("the model did not pass the shared prefix's keys and values to every attention layer; "
+                           "the installed transformers drops a cache that training/shared_prefix.py expects its decoder layers to keep")
     return head, tail

@@ -4,9 +4,9 @@ Every training row starts with the same collaborative prompt and task template, 
 (0.575 of the positions of `benchmarks/throughput.py`'s micro-batches). `forward_with_shared_prefix` runs
 the decoder on that prefix once (batch 1), keeps its keys and values per attention layer, and runs the
 rows' suffixes with them as the past: positions continue at the prefix length and the attention mask spans
-prefix + suffix, so every suffix token attends to exactly the keys and values a full forward would give it. Loss and gradients equal
-the full forward's up to float rounding, for LoRA and full-weight training, with gate hooks (they hold one
-gate sample per micro-batch, so both forwards see the same gates) and under FSDP.
+prefix + suffix, so every suffix token attends to exactly the keys and values a full forward would give it.
+Loss and gradients equal the full forward's up to float rounding, for LoRA and full-weight training, with
+gate hooks (they hold one gate sample per micro-batch, so both forwards see the same gates) and under FSDP.
 
 Gradient checkpointing replays each decoder layer's forward in backward. transformers drops a cache from a
 checkpointed layer unless the layer declares `_can_checkpoint_with_cache`, because an appending cache would
@@ -87,7 +87,8 @@ class _ReadPrefix(DynamicLayer):
 def _cache_kept_under_checkpointing(model: nn.Module) -> Iterator[None]:
     """Let checkpointed decoder layers keep the (replay-safe) cache they are given while the block runs;
     the backward replay reuses the arguments the forward was called with, so it needs nothing after that."""
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and not m._can_checkpoint_with_cache]
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and not m._can_checkpoint_with_cache]
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
@@ -112,5 +113,6 @@ def forward_with_shared_prefix(model: nn.Module, input_ids: torch.Tensor, attent
                      cache=past, use_cache=False).logits
     if not past.layers or not all(layer.read for layer in past.layers):  # else the suffixes never saw the prefix
         raise RuntimeError("the model did not pass the shared prefix's keys and values to every attention layer; "
-                           "the installed transformers drops a cache that training/shared_prefix.py expects its decoder layers to keep")
+                           "the installed transformers drops a cache that training/shared_prefix.py expects its "
+                           "decoder layers to keep")
     return head, tail

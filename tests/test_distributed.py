@@ -431,3 +431,27 @@ def test_two_processes_evaluate_like_one(work, tmp_path, monkeypatch):
     per_model = json.loads((single / "evaluate" / "pruned.json").read_text())["perplexity"]["windows"]
     assert sum(requests) == 2 * QUIZ_LIMIT * QUIZ_CHOICES and min(requests) > 0
     assert sum(windows) == 2 * per_model and min(windows) > 0
+
+
+def _distilled(recipe: Recipe) -> Recipe:
+    data = recipe.model_dump(mode="json")
+    for stage in ("prune", "finetune"):
+        data[stage]["distill"] = {"weight": 0.5, "temperature": 2.0}
+    return Recipe.model_validate(data)
+
+
+def test_distillation_under_fsdp_trains_like_one_process(work, tmp_path):
+    """The prune stage's teacher (its own sharded base, adapters and gates off) and the fine-tune's (a sharded
+    copy of the source) give 2 FSDP processes the trajectory of one."""
+    recipe = _distilled(_recipe(work, strategy="fsdp", checkpointing=True))
+    jobs = [{"stage": "prune", "recipe": recipe.model_dump(mode="json"), "stage_dir": str(tmp_path / "two" / "prune")},
+            {"stage": "finetune", "recipe": recipe.model_dump(mode="json"), "sliced_dir": str(work / "sliced"),
+             "stage_dir": str(tmp_path / "two" / "finetune")}]
+    _run(jobs, tmp_path / "job")
+    single = _distilled(_recipe(work, strategy="fsdp"))
+    run_prune(single, tmp_path / "one" / "prune")
+    run_finetune(single, work / "sliced", tmp_path / "one" / "finetune")
+    _assert_prune_matches(tmp_path / "two" / "prune", tmp_path / "one" / "prune")
+    _assert_close(tmp_path / "two" / "finetune" / "model" / "model.safetensors",
+                  tmp_path / "one" / "finetune" / "model" / "model.safetensors")
+    _assert_same_events(_events(tmp_path / "two" / "finetune"), _events(tmp_path / "one" / "finetune"))

@@ -103,6 +103,6 @@ def test_the_manifest_names_the_recovery(tmp_path):
     exact = load_exact(tmp_path / "sliced", torch.float32)
     adapted = [m for name, m in exact.named_modules() if name.rsplit(".", 1)[-1] in ALL_LINEAR]
     events = [json.loads(line) for line in (tmp_path / "finetune" / "events.jsonl").read_text().splitlines()]
-    assert recovery == {"mode": "lora", "target_modules": ALL_LINEAR, "r": 4,
+    assert recovery == {"mode": "lora", "target_modules": ALL_LINEAR, "r": 4, "distill": None,
                         "trained_params": sum(4 * (m.in_features + m.out_features) for m in adapted),
                         "tokens": sum(e["tokens"] for e in events)}

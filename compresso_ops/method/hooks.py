@@ -69,6 +69,17 @@ class GateHooks:
         self._alive = {"o_proj": _any_open(heads) if self.arch.o_bias else None,
                        "down_proj": _any_open(ffn) if self.arch.mlp_bias else None}
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Pass-through for the duration (the source model's forward, as a distillation teacher), then the
+        gate values set before, unchanged."""
+        saved = (self._head_vecs, self._ffn_vecs, self._hidden, self._alive)
+        self.set(None)
+        try:
+            yield
+        finally:
+            self._head_vecs, self._ffn_vecs, self._hidden, self._alive = saved
+
     def _input_hook(self, attr: str, layer: int):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             vecs = getattr(self, attr)

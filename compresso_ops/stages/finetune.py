@@ -41,6 +41,8 @@ from compresso_ops.training.checkpoints import (
     trained_state,
 )
 from compresso_ops.training.data import Example, build_dataset
+from compresso_ops.training.distill import Teacher, teacher_for
+from compresso_ops.training.distill import describe as describe_distill
 from compresso_ops.training.distributed import SINGLE, DistContext, init_distributed
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.loop import check_finite, lm_loss_sum, make_scheduler, run_steps
@@ -58,9 +60,10 @@ class FinetuneTrainer:
     """One optimizer step of LoRA fine-tuning at a time, plus the state a checkpoint needs."""
 
     def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
-                 precision: Precision, store: CheckpointStore) -> None:
+                 precision: Precision, store: CheckpointStore, teacher: Teacher | None = None) -> None:
         f = recipe.finetune
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
+        self.teacher = teacher
         self.precision, self.store = precision, store
         self.vocab_size = int(model.config.vocab_size)
         self.lr_setting = f"finetune.lr (now {f.lr:g})"
@@ -82,7 +85,7 @@ class FinetuneTrainer:
         local = torch.zeros((), device=device)
         for k, batch in micro_batches(self.examples, self.order, self.collate, step, self.layout, dist):
             with micro_rng(f.seed, step, k, device):  # LoRA dropout, the same whichever rank runs it
-                loss = lm_loss_sum(self.model, batch, self.precision) / tokens
+                loss = lm_loss_sum(self.model, batch, self.precision, self.teacher, f.distill) / tokens
                 self.precision.backward(loss)
             local += loss.detach()
         total = torch.tensor(dist.all_reduce_scalar(local.item()))
@@ -99,7 +102,7 @@ class FinetuneTrainer:
         f = self.recipe.finetune
         mode = {"mode": "full"} if f.train == "full" else {
             "mode": "lora", "target_modules": list(f.lora.target_modules), "r": f.lora.r}
-        return {**mode, "trained_params": sum(p.numel() for p in self.params),
+        return {**mode, "distill": describe_distill(f), "trained_params": sum(p.numel() for p in self.params),
                 "tokens": sum(step_label_tokens(self.label_counts, self.order, step, self.layout)
                               for step in range(self.total))}
 
@@ -162,7 +165,8 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, STAGE), max_positions)
     model = prepare_for_training(model, recipe.finetune, "finetune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
-    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
+    teacher = teacher_for(recipe, STAGE, model, precision)
+    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store, teacher)
     events = EventLog(stage_dir / "events.jsonl")
     complete = run_steps(trainer, store=store, events=events, fingerprint=_fingerprint(recipe, sliced_dir),
                          total=trainer.total, checkpoint_every=recipe.finetune.checkpoint_every,

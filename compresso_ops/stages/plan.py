@@ -188,11 +188,21 @@ def logits_bytes_per_token(arch: ArchSpec) -> int:
     return 3 * arch.vocab_size * FP32
 
 
+def distill_bytes_per_token(arch: ArchSpec, dtype_bytes: int) -> int:
+    """What distillation adds at the loss, per token: the teacher's logits in the compute dtype, its fp32
+    log-probabilities, the student's tempered fp32 log-probabilities and the gradient flowing back through them."""
+    return arch.vocab_size * (dtype_bytes + 3 * FP32)
+
+
 def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
                      micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
-                     training: Training, scale: float = 1.0) -> dict[str, Any]:
+                     training: Training, scale: float = 1.0, distill: bool = False,
+                     teacher: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     """Peak bytes per GPU of one training stage. `frozen_params` are held in `dtype`; `trainable` (LoRA,
     gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each.
+    With `distill`, a frozen `teacher` of (parameters, of which outside the decoder layers) in `dtype`
+    ((0, 0): the stage's own base serves), sharded like the base under FSDP, and the distillation term's
+    buffers at the loss.
 
     The peak is at the loss: every saved activation is alive when the logits' buffers are, so the two add.
     """
@@ -210,6 +220,8 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
     act_ckpt = layer_input * arch.num_layers + outside + max(0.0, per_layer - logits)
     frozen = frozen_params * nbytes
     trained = trainable * BYTES_PER_TRAINABLE
+    teacher_params, teacher_outside = teacher
+    teacher_bytes = teacher_params * nbytes
     if fsdp:
         # Each rank keeps 1/world of every sharded weight, plus what is gathered at the peak in the compute
         # dtype: the embeddings, LM head and final norm (the root group stays gathered from forward to
@@ -221,6 +233,9 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
         frozen = (frozen_params / world + 2 * layer + outside_layers) * nbytes
         if not frozen_params:
             trained /= world
+        if teacher_params:  # gathered as the base is: two decoder layers and the part outside them
+            teacher_layer = (teacher_params - teacher_outside) / arch.num_layers
+            teacher_bytes = (teacher_params / world + 2 * teacher_layer + teacher_outside) * nbytes
     breakdown = {
         "frozen_weights": int(frozen),
         "trainable_grads_optimizer": int(trained),
@@ -229,6 +244,9 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
         "activations_with_checkpointing": int(act_ckpt),
         "logits": int(logits),
     }
+    if distill:
+        breakdown["teacher_weights"] = int(teacher_bytes)
+        breakdown["distill_logits"] = int(tokens * distill_bytes_per_token(arch, nbytes))
     subtotal = sum(v for k, v in breakdown.items() if not k.startswith("activations_"))
     breakdown["framework_overhead"] = _framework_overhead(subtotal) if on_gpu else 0
     return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown}
@@ -253,6 +271,16 @@ def stage_training(section: Any, gates: list[str]) -> Training:
                     0.0 if full else lora.dropout, full, tuple(gates))
 
 
+def _distill_memory(section: Any, params: dict[str, Any], *, own_base: bool) -> dict[str, Any]:
+    """The distillation arguments of `_training_memory` for a prune or fine-tune `section`: the teacher is
+    the source, a second copy unless the stage's own frozen base serves (a LoRA prune stage)."""
+    if section.distill.weight == 0:
+        return {}
+    source = params["source"]
+    return {"distill": True, "teacher": (0, 0) if own_base else
+            (source["total"], source["embeddings"] + source["norms"])}
+
+
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],
                   fsdp: bool | None = None) -> dict[str, Any]:
     """Per-GPU memory of each stage as the recipe stands (`fsdp`: override the recipe's strategy)."""
@@ -270,13 +298,16 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
             micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            training=stage_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else [])),
+            training=stage_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else []),
+            **(_distill_memory(recipe.prune, params, own_base=recipe.prune.train == "lora")
+               if recipe.method == "compresso" else {})),
         "finetune": _training_memory(
             arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
             _finetune_trainable(recipe, arch, target_total), dtype=dtype,
             micro_batch=recipe.finetune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.finetune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            training=stage_training(recipe.finetune, []), scale=scale),
+            training=stage_training(recipe.finetune, []), scale=scale,
+            **_distill_memory(recipe.finetune, params, own_base=False)),
     }
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():

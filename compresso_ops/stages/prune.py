@@ -53,6 +53,8 @@ from compresso_ops.training.checkpoints import (
     trained_state,
 )
 from compresso_ops.training.data import Example, build_dataset
+from compresso_ops.training.distill import describe as describe_distill
+from compresso_ops.training.distill import teacher_for
 from compresso_ops.training.distributed import init_distributed
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.loop import check_finite, lm_loss_sum, make_scheduler, run_steps
@@ -97,7 +99,7 @@ class PruneTrainer:
     """One optimizer step of the prune stage at a time, plus the state a checkpoint needs."""
 
     def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
-                 precision: Precision, store: CheckpointStore) -> None:
+                 precision: Precision, store: CheckpointStore, distill: bool = False) -> None:
         p = recipe.prune
         self.recipe, self.model, self.examples, self.collate, self.precision = recipe, model, examples, collate, precision
         self.store = store
@@ -115,6 +117,7 @@ class PruneTrainer:
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
         self.lagrangian = Lagrangian().to(device)
         self.hooks = GateHooks(ModelAdapter(model))
+        self.teacher = teacher_for(recipe, STAGE, model, precision, self.hooks) if distill else None
         self.lora_params = [q for q in model.parameters() if q.requires_grad]  # every weight with train: full
         self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
         self.lr_gates, self.lr_lambda = gate_learning_rates(p.lr.gates, p.lr.lagrangian, self.phases.ramp)
@@ -135,7 +138,7 @@ class PruneTrainer:
         for k, batch in micro_batches(self.examples, self.order, self.collate, step, self.layout, dist):
             with micro_rng(p.seed, step, k, device):  # one gate sample per global micro-batch
                 self.hooks.set(self.gates.sample() if gating else None)
-                loss = lm_loss_sum(self.model, batch, self.precision) / tokens
+                loss = lm_loss_sum(self.model, batch, self.precision, self.teacher, p.distill) / tokens
                 self.precision.backward(loss)
             lm_local += loss.detach()
         self.hooks.set(None)
@@ -210,7 +213,8 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None
                              arch.max_position_embeddings)
     model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
-    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
+    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store,
+                           distill=True)
     total = trainer.phases.total
     complete = run_steps(trainer, store=store, events=EventLog(stage_dir / "events.jsonl"),
                          fingerprint=fingerprint(recipe), total=total, checkpoint_every=recipe.prune.checkpoint_every,
@@ -237,7 +241,8 @@ def _finish(trainer: PruneTrainer, stage_dir: Path, arch: ArchSpec) -> dict[str,
                "ramp_end_expected_sparsity": ramp_end, "lr": {"gates": trainer.lr_gates,
                                                                "lagrangian": trainer.lr_lambda},
                "steps": phases.total, "phases": asdict(phases),
-               "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item()}
+               "lambda1": trainer.lagrangian.lambda1.item(), "lambda2": trainer.lagrangian.lambda2.item(),
+               "distill": describe_distill(trainer.recipe.prune)}
     full = trainer.recipe.prune.train == "full"
     weights = gather_weights(trainer.model) if full else None  # a collective when FSDP shards them
     if trainer.precision.dist.is_main:

@@ -642,7 +642,10 @@ def _recovery(r: dict[str, Any] | None) -> str:
     if not r:
         return ""
     mode = f"LoRA r={r['r']} on {', '.join(r['target_modules'])}" if r["mode"] == "lora" else "every weight"
-    return f" of {mode}: {r['trained_params']:,} trained parameters, {r['tokens']:,} loss-carrying tokens"
+    distill = r.get("distill")
+    taught = (f", distilled from the source (weight {distill['weight']:g}, temperature {distill['temperature']:g})"
+              if distill else "")
+    return f" of {mode}{taught}: {r['trained_params']:,} trained parameters, {r['tokens']:,} loss-carrying tokens"
 
 
 NO_CHARTS = "Charts are written only next to a report file: `compresso-ops report RUN_DIR -o report.md`."

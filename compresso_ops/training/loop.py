@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresso_ops.errors import StageError
+from compresso_ops.recipe.schema import DistillSection
 from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.data import IGNORE
+from compresso_ops.training.distill import Teacher, distill_loss_sum
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.precision import Precision
@@ -187,53 +189,55 @@ def run_steps(trainer: Trainer, *, store: CheckpointStore, events: EventLog, fin
     return stop >= total
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision,
+                teacher: Teacher | None = None, distill: DistillSection | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled tokens (divide by `step_label_tokens` of the whole
-    global batch so accumulation and data parallelism equal one large batch).
+    global batch so accumulation and data parallelism equal one large batch). With a `teacher` (the source,
+    training/distill.py) each position's term mixes in the KL to the teacher's distribution as `distill` says.
 
     When the rows share a prefix of at least `MIN_SHARED_PREFIX` tokens (the prompt and template every
-    training row starts with) it is forwarded once (`training/shared_prefix.py`): the same sum, with the
-    prefix's own labelled positions counted once per row and the prediction of each row's first suffix token
-    read from the prefix's last position. Under FSDP every forward gathers the layers on every rank, so the
-    ranks agree to share only when all of them can."""
+    training row starts with) it is forwarded once (`training/shared_prefix.py`), by the teacher too: the same
+    sum, with the prefix's own labelled positions counted once per row and the prediction of each row's first
+    suffix token read from the prefix's last position. Under FSDP every forward gathers the layers on every
+    rank, so the ranks agree to share only when all of them can."""
     batch = {k: v.to(precision.device) for k, v in batch.items()}
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     prefix = shared_prefix_length(ids, labels, mask)
     share = prefix >= MIN_SHARED_PREFIX
     if precision.shard_base:
         share = not precision.dist.any(not share)
+    prefix = prefix if share else 0
+    taught = None
+    if teacher is not None and distill is not None:
+        with torch.no_grad(), teacher.active():
+            taught = _shifted_logits(teacher.model, ids, mask, prefix, teacher.precision)
+    total = torch.zeros((), device=precision.device)
+    for i, (logits, (targets, repeat)) in enumerate(zip(_shifted_logits(model, ids, mask, prefix, precision),
+                                                        _shifted_targets(labels, prefix), strict=True)):
+        term = _loss_sum(logits, targets)
+        if taught is not None:
+            term = distill_loss_sum(logits, taught[i], targets, term, distill)
+        total = total + repeat * term
+    return total
+
+
+def _shifted_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix: int,
+                    precision: Precision) -> list[torch.Tensor]:
+    """The logits that predict each next token, in the pieces `_shifted_targets` pairs them with: the whole
+    batch, or (a shared `prefix`) the prefix's own predictions from its one row, each row's first suffix token
+    predicted from the prefix's last position, and the suffixes' own."""
     with precision.autocast():
-        if not share:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            return _loss_sum(logits[:, :-1], labels[:, 1:])
+        if not prefix:
+            return [model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]]
         head, tail = forward_with_shared_prefix(model, ids, mask, prefix)
-    rows = ids.shape[0]
-    return (rows * _loss_sum(head[:, :-1], labels[:1, 1:prefix])  # inside the prefix: the same for every row
-            + _loss_sum(head[:, -1:].expand(rows, -1, -1), labels[:, prefix:prefix + 1])  # each first suffix token
-            + _loss_sum(tail[:, :-1], labels[:, prefix + 1:]))
+    return [head[:, :-1], head[:, -1:].expand(ids.shape[0], -1, -1), tail[:, :-1]]
+
+
+def _shifted_targets(labels: torch.Tensor, prefix: int) -> list[tuple[torch.Tensor, int]]:
+    """The next-token targets of `_shifted_logits`' pieces, each with how many rows its sum stands for."""
+    if not prefix:
+        return [(labels[:, 1:], 1)]
+    return [(labels[:1, 1:prefix], labels.shape[0]), (labels[:, prefix:prefix + 1], 1), (labels[:, prefix + 1:], 1)]
 
 
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,17 @@ def prepare_for_training(model: nn.Module, section: TrainingSection, field: str,
     else:
         seed_all(section.seed)
         model = add_lora(model, section.lora, field)
+    shard_frozen(model, precision)
+    return model
+
+
+def shard_frozen(model: nn.Module, precision: Precision) -> None:
+    """Under FSDP, shard `model` across the ranks; a placeholder model (load_source) allocates nothing until
+    each rank reads its own shards. Without FSDP, nothing to do."""
     if precision.shard_base:
-        to_meta_(model)  # a placeholder model (load_source): nothing allocated until its shards are read
+        to_meta_(model)
         shard_model(model, precision)
         fill_shards(model, precision.device, precision.dist.rank, precision.dist.world_size)
-    return model
 
 
 def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:

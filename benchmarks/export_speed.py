@@ -8,8 +8,9 @@ timed against the source in the same process. `native-unaligned` is the same sel
 `multiple_of: 1` (odd widths), so `aligned_vs_unaligned` compares equal-size exports.
 
 The ideal speed-up is the ratio of parameters that take part in matmuls: every nn.Linear including lm_head
-(the input embedding is a lookup, so it is left out unless tied to lm_head); `ideal_check` confirms the count
-equals the Linear modules' weights. fraction_of_ideal = measured speed-up / ideal speed-up.
+(the input embedding is a lookup, so it is left out unless tied to lm_head); `ideal_check` counts the same
+from the Linear modules' weights and biases plus the norms' scales. fraction_of_ideal = measured speed-up /
+ideal speed-up.
 
 Measures (batch 1, fp32, one torch thread by default):
 - prefill: one forward of `--prompt-length` tokens without cache;
@@ -28,9 +29,12 @@ min / max and quartiles.
 Where decode time goes (`decode_time_breakdown`): each model's nn.Linear modules called alone on one token
 (their weights cold, as in decode) give its matmul time per token, by projection; the rest of the forward
 (norms, RoPE, attention over the cache, cache bookkeeping, mask building, Python per module) is the decode
-time minus that. An `overhead_probe` (same layer count and vocabulary, almost no weights) measures the fixed
-per-token cost no pruning removes; decode_fraction_of_ideal_net_of_fixed_overhead leaves it out. `layout`
-records every reloaded weight that is not contiguous or not 64-byte aligned.
+time minus that. `decode_profile_ms_per_token` splits a few decode tokens of every model by aten op under
+torch.profiler (the matmuls as they run inside the forward; the profiler's own cost per op lands in
+`outside_ops`). `gemv_gb_per_s_by_row_length_*` shows the one-token matmul kernel's cost per weight row. An
+`overhead_probe` (same layer count and vocabulary, almost no weights) measures the fixed per-token cost no
+pruning removes; decode_fraction_of_ideal_net_of_fixed_overhead leaves it out. `layout` records every
+reloaded weight that is not contiguous or not 64-byte aligned.
 
     python -m benchmarks.export_speed [--quick] [--rounds 7] [--threads 1] [--out benchmarks/results/export_speed.json]
 """
@@ -193,25 +197,31 @@ def time_prefill(models: dict[str, torch.nn.Module], order: list[str], prompt: t
     return result
 
 
+def start_decode(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """The KV cache (DynamicCache, as generate() uses) after `prompt`, and the greedy next token."""
+    cache = DynamicCache(config=model.config)
+    return cache, next_token(model, prompt, cache)
+
+
+def next_token(model: torch.nn.Module, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """One forward of `tokens` on the cache; the greedy token after them."""
+    return model(tokens, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+
 @torch.inference_mode()
 def time_decode(
     models: dict[str, torch.nn.Module], order: list[str], prompt: torch.Tensor, new_tokens: int
 ) -> dict[str, Times]:
-    """Seconds per greedy token, the model's forward called directly with its KV cache (DynamicCache, as
-    generate() uses), all models in lockstep: token t of every model before token t+1 of any, in an order
-    that rotates per token. The prompt's forward is not timed."""
-    state = {}
-    for name in order:
-        cache = DynamicCache(config=models[name].config)
-        out = models[name](prompt, cache=cache, use_cache=True, logits_to_keep=1)
-        state[name] = (cache, out.logits[:, -1:].argmax(-1))
+    """Seconds per greedy token, the model's forward called directly with its KV cache, all models in
+    lockstep: token t of every model before token t+1 of any, in an order that rotates per token. The
+    prompt's forward is not timed."""
+    state = {name: start_decode(models[name], prompt) for name in order}
     spent = {name: dict.fromkeys(CLOCKS, 0.0) for name in order}
     for t in range(new_tokens):
         for name in rotated(order, t):
             cache, token = state[name]
             t0 = _now()
-            out = models[name](token, cache=cache, use_cache=True)
-            state[name] = (cache, out.logits[:, -1:].argmax(-1))
+            state[name] = (cache, next_token(models[name], token, cache))
             for c, dt in _since(t0).items():
                 spent[name][c] += dt
     return {name: {c: s / new_tokens for c, s in spent[name].items()} for name in order}
@@ -298,6 +308,25 @@ def gemv_by_row_length(rows: int, lengths: Iterable[int], reps: int = 5) -> dict
                 torch.nn.functional.linear(x, w)
             times.append((time.process_time() - t0) / len(weights))
         result[str(n)] = 4 * rows * n / statistics.median(times) / 1e9
+    return result
+
+
+@torch.inference_mode()
+def profile_decode(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> dict[str, float]:
+    """CPU ms per decode token under torch.profiler, by aten op (self time; ops under 0.25 ms pooled in
+    `other_ops`), and `outside_ops`: the CPU time of the loop that no op accounts for (Python between ops,
+    plus the profiler's own cost per op)."""
+    cache, token = start_decode(model, prompt)
+    t0 = time.process_time()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(tokens):
+            token = next_token(model, token, cache)
+    total = 1000 * (time.process_time() - t0) / tokens
+    ops = {e.key: e.self_cpu_time_total / 1000 / tokens for e in prof.key_averages()}
+    result = {op: ms for op, ms in sorted(ops.items(), key=lambda kv: -kv[1]) if ms >= 0.25}
+    result["other_ops"] = sum(ops.values()) - sum(result.values())
+    result["outside_ops"] = total - sum(ops.values())
+    result["total"] = total
     return result
 
 
@@ -485,6 +514,7 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
             rounds.append(timing_round(models, r, prompt, decode_prompt, args.new_tokens))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     where = breakdown(models, rounds, reps=max(5, args.rounds))
+    profiles = {name: profile_decode(model, decode_prompt, 8) for name, model in models.items()}
     gemv = gemv_by_row_length(config.hidden_size, sorted({128, 256, 512, 640, 768, 960, config.hidden_size,
                                                           config.intermediate_size}))
 
@@ -546,6 +576,7 @@ def measure(args: argparse.Namespace, size: str, config: LlamaConfig, work: Path
         "process_peak_rss_mb_while_timed": rss.peak / 2**20,
         "decode_fixed_overhead_ms_per_token": where[PROBE]["forward_ms_per_token"],
         "decode_time_breakdown": where,
+        "decode_profile_ms_per_token": profiles,
         f"gemv_gb_per_s_by_row_length_at_{config.hidden_size}_rows": gemv,
         "summary": summary,
         "aligned_vs_unaligned": aligned_vs_unaligned,

@@ -87,8 +87,7 @@ def test_the_prune_stages_teacher_is_the_untouched_source(source_dir, tmp_path, 
     model, tokenizer, precision = load_source(recipe, full=train == "full")
     examples = build_dataset(recipe.data, tokenizer, "", 256)
     model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
-    trainer = PruneTrainer(recipe, model, examples, Collator(258), precision, CheckpointStore(tmp_path),
-                           distill=True)
+    trainer = PruneTrainer(recipe, model, examples, Collator(258), precision, CheckpointStore(tmp_path))
     assert (trainer.teacher.model is model) == (train == "lora")
     with torch.no_grad():
         for p in model.parameters():

@@ -41,8 +41,8 @@ from compresso_ops.training.checkpoints import (
     trained_state,
 )
 from compresso_ops.training.data import Example, build_dataset
-from compresso_ops.training.distill import Teacher, teacher_for
 from compresso_ops.training.distill import describe as describe_distill
+from compresso_ops.training.distill import teacher_for
 from compresso_ops.training.distributed import SINGLE, DistContext, init_distributed
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.loop import check_finite, lm_loss_sum, make_scheduler, run_steps
@@ -60,10 +60,10 @@ class FinetuneTrainer:
     """One optimizer step of LoRA fine-tuning at a time, plus the state a checkpoint needs."""
 
     def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
-                 precision: Precision, store: CheckpointStore, teacher: Teacher | None = None) -> None:
+                 precision: Precision, store: CheckpointStore) -> None:
         f = recipe.finetune
         self.recipe, self.model, self.examples, self.collate = recipe, model, examples, collate
-        self.teacher = teacher
+        self.teacher = teacher_for(recipe, STAGE, model, precision)
         self.precision, self.store = precision, store
         self.vocab_size = int(model.config.vocab_size)
         self.lr_setting = f"finetune.lr (now {f.lr:g})"
@@ -165,8 +165,7 @@ def run_finetune(recipe: Recipe, sliced_dir: str | Path, stage_dir: str | Path, 
     examples = build_dataset(recipe.data, tokenizer, resolve_prompt(recipe.prompt, STAGE), max_positions)
     model = prepare_for_training(model, recipe.finetune, "finetune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
-    teacher = teacher_for(recipe, STAGE, model, precision)
-    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store, teacher)
+    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
     events = EventLog(stage_dir / "events.jsonl")
     complete = run_steps(trainer, store=store, events=events, fingerprint=_fingerprint(recipe, sliced_dir),
                          total=trainer.total, checkpoint_every=recipe.finetune.checkpoint_every,

@@ -99,7 +99,7 @@ class PruneTrainer:
     """One optimizer step of the prune stage at a time, plus the state a checkpoint needs."""
 
     def __init__(self, recipe: Recipe, model: nn.Module, examples: list[Example], collate: Collator,
-                 precision: Precision, store: CheckpointStore, distill: bool = False) -> None:
+                 precision: Precision, store: CheckpointStore) -> None:
         p = recipe.prune
         self.recipe, self.model, self.examples, self.collate, self.precision = recipe, model, examples, collate, precision
         self.store = store
@@ -117,7 +117,7 @@ class PruneTrainer:
         self.gates = GateSet(self.arch, recipe.target.structures, seed=p.seed).to(device)
         self.lagrangian = Lagrangian().to(device)
         self.hooks = GateHooks(ModelAdapter(model))
-        self.teacher = teacher_for(recipe, STAGE, model, precision, self.hooks) if distill else None
+        self.teacher = teacher_for(recipe, STAGE, model, precision, self.hooks)
         self.lora_params = [q for q in model.parameters() if q.requires_grad]  # every weight with train: full
         self.opt_lora = torch.optim.AdamW(self.lora_params, lr=p.lr.lora, weight_decay=0.0)
         self.lr_gates, self.lr_lambda = gate_learning_rates(p.lr.gates, p.lr.lagrangian, self.phases.ramp)
@@ -213,8 +213,7 @@ def run_prune(recipe: Recipe, stage_dir: str | Path, *, on_event: EventFn | None
                              arch.max_position_embeddings)
     model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
     store = CheckpointStore(stage_dir)
-    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store,
-                           distill=True)
+    trainer = PruneTrainer(recipe, model, examples, Collator(pad_token_id(tokenizer)), precision, store)
     total = trainer.phases.total
     complete = run_steps(trainer, store=store, events=EventLog(stage_dir / "events.jsonl"),
                          fingerprint=fingerprint(recipe), total=total, checkpoint_every=recipe.prune.checkpoint_every,

@@ -23,6 +23,7 @@ from torch import nn
 
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.recipe.schema import DistillSection, Recipe, TrainingSection
+from compresso_ops.training.data import IGNORE
 from compresso_ops.training.distributed import DistContext
 from compresso_ops.training.precision import Precision
 
@@ -75,8 +76,6 @@ def distill_loss_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     `student` / `teacher`: logits already shifted to predict `labels` ([B, L, V] and [B, L, V]); `labels` uses
     IGNORE for positions without a loss. A sum, like `lm_sum`, so the caller's division by the step's
     response tokens normalises both terms alike."""
-    from compresso_ops.training.data import IGNORE
-
     keep = labels != IGNORE
     t = section.temperature
     log_p_student = F.log_softmax(student[keep].float() / t, dim=-1)

@@ -4,11 +4,14 @@ Frozen base in fp16, LoRA / gates / multipliers in fp32 under autocast with a gr
 path; add --dtype bfloat16 for Ampere and later). For each stage: the peak of
 `torch.cuda.max_memory_allocated` over a step against the planner's prediction for the same configuration
 (its breakdown without the CUDA-context/fragmentation overhead, which max_memory_allocated does not see),
-and the median step time. The fine-tune step runs on a native export of the model sliced with random masks
-at the recipe's sparsity, as the real pipeline does. A third measurement repeats the prune step with the
-base under FSDP2 on a mesh of this one process: nothing is split, but the sharded CUDA path runs (the base
-loaded on CPU and moved shard by shard, fp16 DTensors, replicated fp32 LoRA, autocast, the scaler). Writes
-benchmarks/results/gpu_check.json.
+and the median step time. The fine-tune steps run on a native export of the model sliced with random masks
+at the recipe's sparsity, as the real pipeline does: LoRA, every weight (`finetune.train: full`: fp32 master
+weights under autocast) and LoRA distilled from the source (`finetune.distill`: a frozen fp16 teacher). A
+further measurement repeats the prune step with the base under FSDP2 on a mesh of this one process: nothing is
+split, but the sharded CUDA path runs (the base loaded on CPU and moved shard by shard, fp16 DTensors,
+replicated fp32 LoRA, autocast, the scaler). Last, fp16 GEMMs at the shapes of a pruned LLaMA-7B: FFN widths
+aligned to 64 (`target.multiple_of`) against unaligned ones of nearly the same size, for a training
+micro-batch and for one decoded token. Writes benchmarks/results/gpu_check.json.
 
     python -m benchmarks.gpu_check --gpu H200             # on a GPU machine
     python -m benchmarks.gpu_check --tiny                 # a smoke run of the same code on CPU (no memory numbers)
@@ -94,6 +97,78 @@ def _fsdp_prune_step(recipe, examples: list, tok, work: Path, steps: int) -> dic
         tdist.destroy_process_group()
 
 
+# A pruned LLaMA-7B's FFN: hidden 4096, FFN widths aligned to 64 against the unaligned widths next to them.
+GEMM_HIDDEN = 4096
+GEMM_WIDTHS = {"aligned": (8896, 7680), "unaligned": (8917, 7701)}
+
+
+def _gemm_alignment(dtype_name: str, tiny: bool) -> dict:
+    """Seconds per up_proj-like ([tokens, d] x [d, f]) and down_proj-like ([tokens, f] x [f, d]) matmul at
+    aligned and unaligned FFN widths f, for a micro-batch of 4 x 512 tokens and for one token, and the
+    aligned / unaligned throughput ratio per FLOP."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", getattr(torch, dtype_name)) if cuda else ("cpu", torch.float32)
+    d, widths, repeat = (64, {"aligned": (128,), "unaligned": (131,)}, 2) if tiny else (GEMM_HIDDEN, GEMM_WIDTHS, 50)
+    out: dict = {}
+    for tokens in (1, 2048 if not tiny else 16):
+        for kind, fs in widths.items():
+            for f in fs:
+                x, h = torch.randn(tokens, d, device=device, dtype=dtype), torch.randn(tokens, f, device=device, dtype=dtype)
+                up, down = torch.randn(d, f, device=device, dtype=dtype), torch.randn(f, d, device=device, dtype=dtype)
+                for _ in range(3):  # warm-up: kernel choice
+                    x @ up, h @ down
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(repeat):
+                    x @ up
+                    h @ down
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - t0) / repeat
+                out[f"tokens{tokens}/{kind}/f{f}"] = {"seconds": seconds,
+                                                      "tflops": 2 * 2 * tokens * d * f / seconds / 1e12}
+        for aligned, unaligned in zip(widths["aligned"], widths["unaligned"], strict=True):
+            out[f"tokens{tokens}/aligned_over_unaligned_flops_per_s/f{aligned}"] = (
+                out[f"tokens{tokens}/aligned/f{aligned}"]["tflops"] / out[f"tokens{tokens}/unaligned/f{unaligned}"]["tflops"])
+    return out
+
+
+def _finetune_step(recipe, sliced: Path, work: Path, steps: int) -> dict:
+    """One fine-tune configuration: its measured step against the plan of the same recipe."""
+    import torch
+
+    from compresso_ops.stages.finetune import FinetuneTrainer, load_sliced
+    from compresso_ops.stages.plan import make_plan
+    from compresso_ops.training.batching import Collator, pad_token_id
+    from compresso_ops.training.checkpoints import CheckpointStore
+    from compresso_ops.training.data import build_dataset
+    from compresso_ops.training.setup import prepare_for_training
+
+    planned = make_plan(recipe)["memory"]["stages"]["finetune"]
+    model, tok, precision = load_sliced(recipe, sliced)
+    model = prepare_for_training(model, recipe.finetune, "finetune.lora.target_modules", precision)
+    examples = build_dataset(recipe.data, tok, "", int(model.config.max_position_embeddings))
+    trainer = FinetuneTrainer(recipe, model, examples, Collator(pad_token_id(tok)), precision, CheckpointStore(work))
+    result = {**_measure(trainer, steps), "predicted_bytes": _predicted(planned),
+              "plan_per_gpu_bytes": planned["per_gpu_bytes"]}
+    del trainer, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _with_finetune(recipe, **changes):
+    """`recipe` with its fine-tune section changed (validated again, as a recipe file would be)."""
+    from compresso_ops.recipe.schema import Recipe
+
+    data = recipe.model_dump(mode="json")
+    data["finetune"].update(changes)
+    return Recipe.model_validate(data)
+
+
 def _predicted(stage: dict) -> int:
     return sum(v for k, v in stage["breakdown"].items()
                if not k.startswith("activations_") and k != "framework_overhead")
@@ -120,7 +195,6 @@ def main() -> None:
     from compresso_ops.method.masks import select_final_masks_from_scores
     from compresso_ops.models.architecture import ArchSpec
     from compresso_ops.models.export import export_pruned
-    from compresso_ops.stages.finetune import FinetuneTrainer, load_sliced
     from compresso_ops.stages.plan import make_plan
     from compresso_ops.stages.prune import PruneTrainer
     from compresso_ops.training.batching import Collator, pad_token_id
@@ -170,15 +244,12 @@ def main() -> None:
     manifest = export_pruned(model.float(), tokenizer, masks, "native", sliced,
                              source_info={"path": str(source), "dtype": "float32"}, dtype=args.dtype)
     del model
-    ft_model, ft_tok, ft_precision = load_sliced(recipe, sliced)
-    ft_model = prepare_for_training(ft_model, recipe.finetune, "finetune.lora.target_modules", ft_precision)
-    ft_examples = build_dataset(recipe.data, ft_tok, "", shape["max_position_embeddings"])
-    ft = FinetuneTrainer(recipe, ft_model, ft_examples, Collator(pad_token_id(ft_tok)), ft_precision,
-                         CheckpointStore(work / "finetune"))
-    result["finetune"] = {**_measure(ft, args.steps), "sliced_params": manifest["params"]["exported"]["total"],
-                          "predicted_bytes": _predicted(plan["memory"]["stages"]["finetune"]),
-                          "plan_per_gpu_bytes": plan["memory"]["stages"]["finetune"]["per_gpu_bytes"]}
-    for stage in ("prune", "finetune"):
+    finetunes = {"finetune": recipe, "finetune_full": _with_finetune(recipe, train="full"),
+                 "finetune_distill": _with_finetune(recipe, distill={"weight": 0.5})}
+    for name, variant in finetunes.items():
+        result[name] = {**_finetune_step(variant, sliced, work / name, args.steps),
+                        "sliced_params": manifest["params"]["exported"]["total"]}
+    for stage in ("prune", *finetunes):
         r = result[stage]
         if r["peak_allocated_bytes"]:
             r["predicted_over_measured"] = r["predicted_bytes"] / r["peak_allocated_bytes"]
@@ -187,6 +258,10 @@ def main() -> None:
     fsdp = result["prune_fsdp_one_process"]
     print(f"prune under FSDP2 (one process): median step {fsdp['median_step_s']:.3f} s; peak allocated "
           f"{(fsdp['peak_allocated_bytes'] or 0) / 2**30:.2f} GiB")
+    result["gemm_alignment"] = _gemm_alignment(args.dtype, args.tiny)
+    for key, ratio in result["gemm_alignment"].items():
+        if "over" in key:
+            print(f"GEMM {key}: {ratio:.3f}")
     if not args.tiny:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

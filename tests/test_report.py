@@ -196,6 +196,21 @@ def test_report_numbers_equal_the_run_files(run_dir: Path, tmp_path: Path) -> No
     assert "recipe hash `abc123def4567890`" in md and "seeds: prune 42, finetune 7" in md
 
 
+def test_distilled_stages_say_so(tmp_path: Path) -> None:
+    """The prune line reads masks.json's summary, the fine-tune line the model's manifest."""
+    run = make_run(tmp_path, "distilled")
+    distill = {"teacher": "source", "weight": 0.5, "temperature": 2.0}
+    (run / "prune" / "masks.json").write_text(json.dumps({"prune": {"distill": distill}}))
+    manifest_file = run / "finetune" / "model" / "compresso_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["finetune"]["recovery"]["distill"] = distill
+    manifest_file.write_text(json.dumps(manifest))
+    md = render_markdown(build_report([run]), tmp_path / "assets")
+    said = ", distilled from the source (weight 0.5, temperature 2)"
+    assert f"Pruning: 40 steps (no phases logged){said}; final LM loss" in md
+    assert f"Fine-tuning: 10 steps of LoRA r=8 on q_proj, v_proj{said}: 12,288 trained parameters" in md
+
+
 def test_missing_stages_give_not_run_lines(tmp_path: Path) -> None:
     run = make_run(tmp_path, "nofinetune", finetune=False, source=False)
     md = render_markdown(build_report([run]), tmp_path / "assets")

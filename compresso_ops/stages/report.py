@@ -334,7 +334,7 @@ def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any],
     recovery = (manifest or {}).get("finetune", {}).get("recovery")
     return {
         "prune": {**_curve(prune, ("loss", "lm_loss", "lagrangian", "expected_sparsity", "target_sparsity")),
-                  "phases": _phases(prune)} if prune
+                  "phases": _phases(prune), "distill": read_masks(run_dir).get("prune", {}).get("distill")} if prune
         else {"missing": _why(state, recipe, "prune") + " (no prune/events.jsonl)"},
         "finetune": {**_curve(finetune, ("loss", "lr")), "recovery": recovery} if finetune
         else {"missing": _why(state, recipe, "finetune") + " (no finetune/events.jsonl)"},
@@ -642,10 +642,15 @@ def _recovery(r: dict[str, Any] | None) -> str:
     if not r:
         return ""
     mode = f"LoRA r={r['r']} on {', '.join(r['target_modules'])}" if r["mode"] == "lora" else "every weight"
-    distill = r.get("distill")
-    taught = (f", distilled from the source (weight {distill['weight']:g}, temperature {distill['temperature']:g})"
-              if distill else "")
-    return f" of {mode}{taught}: {r['trained_params']:,} trained parameters, {r['tokens']:,} loss-carrying tokens"
+    return (f" of {mode}{_distilled(r.get('distill'))}: {r['trained_params']:,} trained parameters, "
+            f"{r['tokens']:,} loss-carrying tokens")
+
+
+def _distilled(distill: dict[str, Any] | None) -> str:
+    """', distilled from the source (weight 0.5, temperature 1)' for a stage that distilled, else ''."""
+    if not distill:
+        return ""
+    return f", distilled from the source (weight {distill['weight']:g}, temperature {distill['temperature']:g})"
 
 
 NO_CHARTS = "Charts are written only next to a report file: `compresso-ops report RUN_DIR -o report.md`."
@@ -668,7 +673,7 @@ def _md_training(t: dict[str, Any], assets: _Assets | None) -> list[str]:
         f = p["final"]
         phases = ", ".join(f"{PHASE_LABELS.get(name, name).removesuffix(' starts')} from step {step}"
                            for step, name in p["phases"])
-        out.append(f"Pruning: {p['steps']} steps ({phases or 'no phases logged'}); final LM loss "
+        out.append(f"Pruning: {p['steps']} steps ({phases or 'no phases logged'}){_distilled(p.get('distill'))}; final LM loss "
                    f"{_num(f.get('lm_loss'), '.4f')}, Lagrangian term {_num(f.get('lagrangian'), '.4f')}; expected "
                    f"sparsity {_num(f.get('expected_sparsity'), '.4f')} vs target {_num(f.get('target_sparsity'), '.4f')}. "
                    "The training objective is the LM loss plus the Lagrangian term, which the multipliers' gradient "

@@ -206,8 +206,11 @@ def jobs() -> list[Job]:
     return out
 
 
-def check_fair(rows: list[dict[str, Any]], group_cost: int) -> None:
-    """Same budget (within one example's tokens) everywhere, same size (within one KV group) per sparsity."""
+def check_fair(rows: list[dict[str, Any]]) -> None:
+    """Same budget (within one example's tokens) everywhere, same size (within one KV group of the source)
+    per sparsity."""
+    arch = ArchSpec.from_pretrained_dir(MODEL)
+    group_cost = arch.hidden_size * arch.head_dim * 2 * (arch.group_size + 1)
     tokens = [r["budget_tokens"] for r in rows]
     if max(tokens) - min(tokens) > MICRO_BATCH * SEQ_LEN:
         raise SystemExit(f"training budgets differ: {sorted(set(tokens))}")
@@ -256,14 +259,19 @@ def table(summary: dict[str, Any], source_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def require_assets() -> None:
+    """Exit with one line when the shared model or text is not beside the repository."""
+    if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
+        sys.exit(f"{MODEL} or {DATA} is absent: this benchmark needs the shared assets folder (../shared)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short schedules (a fifth of the budget)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for quality.json / quality.md")
     args = parser.parse_args()
-    if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
-        sys.exit(f"{MODEL} or {DATA} is absent: this benchmark needs the shared assets folder (../shared)")
+    require_assets()
     torch.set_num_threads(1)
     budget = QUICK if args.quick else FULL
     name = "quality" if args.out or not args.quick else "quality-quick"
@@ -285,8 +293,7 @@ def main() -> None:
     reference = [{"recovery": r["recovery"], "seed": r["seed"], "ppl": r["ppl"], "budget_tokens": r["budget_tokens"]}
                  for r in all_rows if r["method"] == "reference"]
     rows = [r for r in all_rows if r["method"] != "reference"]
-    arch = ArchSpec.from_pretrained_dir(MODEL)
-    check_fair(all_rows, arch.hidden_size * arch.head_dim * 2 * (arch.group_size + 1))
+    check_fair(all_rows)
     summary = summarize(rows, reference)
     settings = {"mode": "quick" if args.quick else "full", "budget_steps": budget.total, "seq_len": SEQ_LEN,
                 "micro_batch": MICRO_BATCH, "prune_schedule": {"lora_only": budget.lora_only, "ramp": budget.ramp,

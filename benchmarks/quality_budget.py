@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,9 +24,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.quality import DATA, FULL, MODEL, QUICK, RESULTS, SEQ_LEN, Budget, Job, check_fair, run_job
+from benchmarks.quality import FULL, QUICK, RESULTS, SEQ_LEN, Budget, Job, check_fair, require_assets, run_job
 from compresso_ops.infra import atomic
-from compresso_ops.models.architecture import ArchSpec
 
 SCALES = (1, 4)
 SPARSITIES = (0.2, 0.35)
@@ -52,13 +50,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for quality_budget.json")
     args = parser.parse_args()
-    if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
-        sys.exit(f"{MODEL} or {DATA} is absent: this benchmark needs the shared assets folder (../shared)")
+    require_assets()
     torch.set_num_threads(1)
     base = QUICK if args.quick else FULL
     name = "quality_budget" if args.out or not args.quick else "quality_budget-quick"
-    arch = ArchSpec.from_pretrained_dir(MODEL)
-    group_cost = arch.hidden_size * arch.head_dim * 2 * (arch.group_size + 1)
     t0 = time.perf_counter()
     work = [(factor, job) for factor in sorted(SCALES, reverse=True) for job in jobs()]  # longest first
     rows: list[dict[str, Any]] = []
@@ -74,7 +69,7 @@ def main() -> None:
         by_steps.setdefault(r["steps"], []).append(r)
     summary = []
     for steps, group in sorted(by_steps.items()):
-        check_fair(group, group_cost)
+        check_fair(group)
         reference = next(r["ppl"] for r in group if r["method"] == "reference")
         summary += [{"steps": steps, "method": r["method"], "sparsity": r["sparsity"], "ppl": r["ppl"],
                      "reference_ppl": reference, "ratio_to_reference": round(r["ppl"] / reference, 4)}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,9 +25,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.quality import DATA, FULL, MODEL, RESULTS, Budget, Job, check_fair, run_job
+from benchmarks.quality import FULL, RESULTS, Budget, Job, check_fair, require_assets, run_job
 from compresso_ops.infra import atomic
-from compresso_ops.models.architecture import ArchSpec
 
 RECOVERY = "full_kd"
 SEED = 42
@@ -47,10 +45,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for quality_split.json")
     args = parser.parse_args()
-    if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
-        sys.exit(f"{MODEL} or {DATA} is absent: this benchmark needs the shared assets folder (../shared)")
+    require_assets()
     torch.set_num_threads(1)
-    arch = ArchSpec.from_pretrained_dir(MODEL)
     t0 = time.perf_counter()
     work = [(None, Job("reference", 0.0, SEED, (RECOVERY,)))]
     work += [(None, Job("magnitude", s, SEED, (RECOVERY,))) for s in SPARSITIES]
@@ -68,7 +64,7 @@ def main() -> None:
                                "recovery_steps": budget.recovery if budget else FULL.total})
                 print(f"{r['method']:18s} {r['sparsity']:<4} prune {rows[-1]['prune_steps']:3d}: ppl {r['ppl']:.3f}",
                       flush=True)
-    check_fair(rows, arch.hidden_size * arch.head_dim * 2 * (arch.group_size + 1))
+    check_fair(rows)
     reference = next(r["ppl"] for r in rows if r["method"] == "reference")
     for r in rows:
         r["ratio_to_reference"] = round(r["ppl"] / reference, 4)

@@ -160,15 +160,6 @@ def _finetune_step(recipe, sliced: Path, work: Path, steps: int) -> dict:
     return result
 
 
-def _with_finetune(recipe, **changes):
-    """`recipe` with its fine-tune section changed (validated again, as a recipe file would be)."""
-    from compresso_ops.recipe.schema import Recipe
-
-    data = recipe.model_dump(mode="json")
-    data["finetune"].update(changes)
-    return Recipe.model_validate(data)
-
-
 def _predicted(stage: dict) -> int:
     return sum(v for k, v in stage["breakdown"].items()
                if not k.startswith("activations_") and k != "framework_overhead")
@@ -195,7 +186,7 @@ def main() -> None:
     from compresso_ops.method.masks import select_final_masks_from_scores
     from compresso_ops.models.architecture import ArchSpec
     from compresso_ops.models.export import export_pruned
-    from compresso_ops.stages.plan import make_plan
+    from compresso_ops.stages.plan import make_plan, with_overrides
     from compresso_ops.stages.prune import PruneTrainer
     from compresso_ops.training.batching import Collator, pad_token_id
     from compresso_ops.training.checkpoints import CheckpointStore
@@ -244,8 +235,8 @@ def main() -> None:
     manifest = export_pruned(model.float(), tokenizer, masks, "native", sliced,
                              source_info={"path": str(source), "dtype": "float32"}, dtype=args.dtype)
     del model
-    finetunes = {"finetune": recipe, "finetune_full": _with_finetune(recipe, train="full"),
-                 "finetune_distill": _with_finetune(recipe, distill={"weight": 0.5})}
+    finetunes = {"finetune": recipe, "finetune_full": with_overrides(recipe, {"finetune.train": "full"}),
+                 "finetune_distill": with_overrides(recipe, {"finetune.distill.weight": 0.5})}
     for name, variant in finetunes.items():
         result[name] = {**_finetune_step(variant, sliced, work / name, args.steps),
                         "sliced_params": manifest["params"]["exported"]["total"]}

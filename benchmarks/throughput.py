@@ -40,7 +40,7 @@ from compresso_ops.method.prompts import resolve_prompt
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import FinetuneTrainer
 from compresso_ops.training import loop
-from compresso_ops.training.batching import BatchLayout, Collator, DataOrder
+from compresso_ops.training.batching import BatchLayout, Collator, DataOrder, pad_token_id
 from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.data import Example, build_dataset
 from compresso_ops.training.precision import Precision
@@ -116,7 +116,7 @@ def main() -> None:
     recipes = {kind: recipe_for(kind != "before", args) for kind in KINDS}
     examples = build_dataset(recipes["before"].data, tokenizer, resolve_prompt(recipes["before"].prompt, "finetune"),
                              SEQ_LEN)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     timed = range(1, args.steps + 1)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {kind: trainer_for(recipes[kind], examples, pad_id, Path(tmp) / kind) for kind in KINDS}

@@ -28,6 +28,7 @@ from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages import evaluate
 from compresso_ops.stages.finetune import run_finetune
+from compresso_ops.stages.plan import with_overrides
 from compresso_ops.stages.prune import run_prune
 from compresso_ops.training.distributed import DistContext
 from compresso_ops.training.precision import Precision
@@ -434,10 +435,8 @@ def test_two_processes_evaluate_like_one(work, tmp_path, monkeypatch):
 
 
 def _distilled(recipe: Recipe) -> Recipe:
-    data = recipe.model_dump(mode="json")
-    for stage in ("prune", "finetune"):
-        data[stage]["distill"] = {"weight": 0.5, "temperature": 2.0}
-    return Recipe.model_validate(data)
+    return with_overrides(recipe, {f"{stage}.distill.{name}": value for stage in ("prune", "finetune")
+                                   for name, value in (("weight", 0.5), ("temperature", 2.0))})
 
 
 def test_distillation_under_fsdp_trains_like_one_process(work, tmp_path):

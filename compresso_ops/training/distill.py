@@ -26,6 +26,7 @@ from compresso_ops.recipe.schema import DistillSection, Recipe, TrainingSection
 from compresso_ops.training.data import IGNORE
 from compresso_ops.training.distributed import DistContext
 from compresso_ops.training.precision import Precision
+from compresso_ops.training.setup import load_source, shard_frozen
 
 
 class Teacher(Protocol):
@@ -62,8 +63,6 @@ class FrozenTeacher:
 def load_teacher(recipe: Recipe, dist: DistContext) -> FrozenTeacher:
     """The source, frozen, in the compute dtype (not the fp32 master weights a full-weight student trains in),
     sharded across the ranks when the stage shards its base (FSDP)."""
-    from compresso_ops.training.setup import load_source, shard_frozen
-
     model, _, precision = load_source(recipe, dist)
     shard_frozen(model, precision)
     return FrozenTeacher(model.eval(), precision)

@@ -19,6 +19,9 @@ least squares so the layer's FFN output on calibration text matches the unpruned
 layer after layer through the repaired model (the weight update of ZipLM / SlimGPT, restricted to
 down_proj; no heads are pruned by these criteria at these sparsities).
 
+Compresso's gates: compresso-full-kd (the matrix's best Compresso variant), seed 42, with its gates on heads and
+FFN channels (the matrix's), on FFN channels alone, and on hidden dims as well.
+
 Distillation settings: magnitude and the reference at 0.20, seed 42, with full_kd's distillation weight or
 temperature changed (the reference trained with the same change).
 
@@ -48,6 +51,7 @@ from benchmarks.quality import (
     MODEL,
     RESULTS,
     SEEDS,
+    STRUCTURES,
     Job,
     check_fair,
     prune_and_slice,
@@ -65,6 +69,7 @@ from compresso_ops.models.sizes import prunable_sparsity, target_sparsity
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.plan import with_overrides
+from compresso_ops.stages.prune import run_prune
 from compresso_ops.stages.slice import run_slice
 from compresso_ops.training.data import build_dataset
 from compresso_ops.training.setup import load_source
@@ -78,16 +83,18 @@ DISTILL_VARIANTS = ({"weight": 0.25}, {"weight": 0.75}, {"weight": 1.0}, {"tempe
 
 @dataclass(frozen=True)
 class Variant:
-    criterion: str  # a CRITERIA entry, or "reference" (the dense source)
+    criterion: str  # a CRITERIA entry, "compresso-full-kd" (the matrix's method) or "reference" (the source)
     sparsity: float
     seed: int
     repair: bool = False
+    structures: tuple[str, ...] = tuple(STRUCTURES)  # compresso-full-kd only: what its gates prune
     distill: dict[str, float] = field(default_factory=dict)  # changes to full_kd's distillation
 
     @property
     def name(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in self.distill.items())
-        return self.criterion + ("+repair" if self.repair else "") + extra
+        gates = "" if self.structures == tuple(STRUCTURES) else " gates=" + "+".join(self.structures)
+        return self.criterion + ("+repair" if self.repair else "") + gates + extra
 
 
 def variants() -> list[Variant]:
@@ -96,6 +103,8 @@ def variants() -> list[Variant]:
         for seed in seeds:
             out += [Variant(c, sparsity, seed) for c in CRITERIA]
             out += [Variant(c, sparsity, seed, repair=True) for c in ("activation", "activation-uniform")]
+        out += [Variant("compresso-full-kd", sparsity, 42, structures=gates)
+                for gates in (tuple(STRUCTURES), ("ffn",), (*STRUCTURES, "hidden"))]
     for change in DISTILL_VARIANTS:
         out += [Variant("reference", 0.0, 42, distill=change), Variant("magnitude", 0.2, 42, distill=change)]
     return out
@@ -198,8 +207,15 @@ def run_variant(v: Variant, root: str) -> dict[str, Any]:
     work = Path(root) / v.name.replace(" ", "_").replace("=", "") / f"{v.sparsity}-{v.seed}"
     method = "reference" if v.criterion == "reference" else "magnitude"
     job = Job(method, v.sparsity, v.seed, (RECOVERY,))
+    prune_tokens = 0
     if v.criterion in ("reference", "magnitude"):
         sliced, _ = prune_and_slice(job, FULL, work)
+    elif v.criterion == "compresso-full-kd":
+        job = Job(v.criterion, v.sparsity, v.seed, (RECOVERY,))
+        r = with_overrides(recipe(job, FULL), {"target.structures": list(v.structures)})
+        run_prune(r, work / "prune")
+        run_slice(r, work / "prune", work / "slice")
+        sliced, prune_tokens = work / "slice" / "model", tokens_used(work / "prune")
     else:
         r = recipe(job, FULL)
         one_shot(v, r, work / "prune")
@@ -215,8 +231,8 @@ def run_variant(v: Variant, root: str) -> dict[str, Any]:
     ppl, _ = score(work / "finetune" / "model")
     return {"variant": v.name, "criterion": v.criterion, "repair": v.repair, "distill": r.finetune.distill.model_dump(),
             "sparsity": v.sparsity, "seed": v.seed, "params": params,
-            "kept": {k: kept[k].sum(-1).int().tolist() for k in ("heads", "ffn")} if kept else None,
-            "budget_tokens": tokens_used(work / "finetune"), "ppl": ppl, "ppl_before_recovery": ppl_sliced}
+            "kept": {k: kept[k].sum(-1).int().tolist() for k in ("heads", "ffn", "hidden")} if kept else None,
+            "budget_tokens": prune_tokens + tokens_used(work / "finetune"), "ppl": ppl, "ppl_before_recovery": ppl_sliced}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -123,6 +123,13 @@ MALFORMED = {
     "duplicate key": (BASE + "name: u\n", "name", 10, "twice"),
     "not a mapping": ("- just\n- a list\n", "(recipe)", 1, "mapping"),
     "empty file": ("", "(recipe)", 1, "empty"),
+    "infinite learning rate": (BASE + "prune:\n  lr:\n    lora: .inf\n", "prune.lr.lora", 12, "finite number"),
+    "NaN distillation temperature": (BASE + "finetune:\n  distill:\n    temperature: .nan\n",
+                                     "finetune.distill.temperature", 12, "finite number"),
+    "yes for a number": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  multiple_of: yes"), "target.multiple_of", 6,
+                         "yes/no value, not a number"),
+    "true for a distillation weight": (BASE + "prune:\n  distill: {weight: true}\n", "prune.distill.weight", 11,
+                                       "not a number"),
     "prompt leaves no room at max_seq_length": (BASE.replace("{text: none}", "{text: " + "word " * 40 + "}"),
                                                 "data.max_seq_length", 8, "with the model's tokenizer"),
 }
@@ -261,6 +268,9 @@ OVERRIDE_ERRORS = {
     "missing list item": ("eval.local_tasks[0].data=x.jsonl", "--set eval.local_tasks[0].data=x.jsonl: ", "no such"),
     "into a scalar": ("name.first=x", "--set name.first=x: name: ", "not a mapping"),
     "bad yaml": ("prune.seed=[1", "--set prune.seed=[1: ", "not YAML"),
+    "flow mapping key without a space after its colon": (
+        "prune.distill={weight:0.5}", "--set prune.distill={weight:0.5}: prune.distill.weight:0.5: ",
+        "unknown key 'weight:0.5'; did you mean 'weight'? (write a space after the ':'"),
     "missing file, relative to the working folder": ("data.path=nope.jsonl", "--set data.path=nope.jsonl: data.path: ",
                                                      "nope.jsonl"),
 }

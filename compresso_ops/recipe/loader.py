@@ -263,7 +263,7 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
     the location (`constrained-float`, `literal['auto']`): the tags go, and the branches' messages join."""
     messages: dict[Loc, list[str]] = {}
     for err in exc.errors(include_url=False):
-        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and not p.isidentifier()))
+        loc = _recipe_loc(err["loc"], data)
         kind = err["type"]
         msg = _plain_hint(loc, err, data, problems) or err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
@@ -271,8 +271,10 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
             valid = sorted(parent.model_fields) if parent else []
             if parent is Recipe:
                 valid.append("extends")
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(loc[-1]).partition(":")[0], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            if ":" in str(loc[-1]):  # `{weight:0.5}` is one key: YAML splits a key from its value at ': '
+                hint += " (write a space after the ':' to give a key a value)"
             msg = f"unknown key '{loc[-1]}'{hint}"
         elif kind == "missing":
             msg = "required field is missing; add it"
@@ -280,6 +282,18 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
             messages[loc].append(msg)
     for loc, msgs in messages.items():
         problems.add(loc, "; or ".join(msgs))
+
+
+def _recipe_loc(loc: tuple[str | int, ...], data: Any) -> Loc:
+    """A pydantic error location as the recipe's path: the tags pydantic inserts for union branches
+    (`constrained-float`, `literal['auto']`) go; a key the recipe itself holds stays, whatever its spelling."""
+    out: list[str | int] = []
+    for part in loc:
+        here = _get(data, tuple(out))
+        if isinstance(part, str) and not part.isidentifier() and not (isinstance(here, dict) and part in here):
+            continue
+        out.append(part)
+    return tuple(out)
 
 
 def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -> str | None:

@@ -130,6 +130,20 @@ MALFORMED = {
                          "yes/no value, not a number"),
     "true for a distillation weight": (BASE + "prune:\n  distill: {weight: true}\n", "prune.distill.weight", 11,
                                        "not a number"),
+    "multiple_of at the FFN width": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  multiple_of: 48"),
+                                     "target.multiple_of", 6, "not below the model's FFN width (48)"),
+    "multiple_of above the hidden size": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [heads, hidden]\n  multiple_of: 40"),
+        "target.multiple_of", 7, "not below the model's hidden size (32)"),
+    "multiple_of leaves no hidden size within the target": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [hidden]\n  multiple_of: 24"),
+        "target.multiple_of", 7, "leaves no hidden size that meets the target (at most 22 of 32"),
+    "target out of reach of the listed structures": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.9\n  structures: [ffn]"), "target.structures", 6,
+        "cannot be reached by pruning ffn"),
+    "uniform export of whole blocks alone": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [heads, ffn_blocks]") + "export:\n  mode: uniform\n",
+        "export.mode", 12, "cannot drop whole blocks alone"),
     "prompt leaves no room at max_seq_length": (BASE.replace("{text: none}", "{text: " + "word " * 40 + "}"),
                                                 "data.max_seq_length", 8, "with the model's tokenizer"),
 }

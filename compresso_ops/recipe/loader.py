@@ -27,7 +27,7 @@ from compresso_ops.evaluation.tasks import check_task_file, unknown_task_problem
 from compresso_ops.method.rates import ramp_too_short
 from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
-from compresso_ops.models.sizes import count_params, target_sparsity
+from compresso_ops.models.sizes import alignment_problem, count_params, target_sparsity, unmeetable_target
 from compresso_ops.recipe.schema import Recipe, micro_batch_problem
 
 Loc = tuple[str | int, ...]
@@ -356,10 +356,16 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
             problems.add(("target", "params"), f"{recipe.target.params:,} is at or below the embeddings and norms "
                                                f"alone ({src.embeddings + src.norms:,}); add 'hidden' to "
                                                "target.structures or pick a larger target")
+    if (why := alignment_problem(arch, recipe.target.multiple_of, structures)) is not None:
+        problems.add(("target", "multiple_of"), why)
     sparsity = target_sparsity(recipe, arch) if not problems.lines else None
     if sparsity is not None and sparsity >= 0.95:
         problems.add(("target",), f"prunable sparsity {sparsity:.3f} is not reachable while keeping a usable model "
                                   "(at most 0.95); pick a larger target")
+    elif sparsity is not None and (unmeetable := unmeetable_target(arch, sparsity, structures,
+                                                                    recipe.target.multiple_of, recipe.export.mode)):
+        field, why = unmeetable
+        problems.add(tuple(field.split(".")), why)
     if recipe.method != "compresso" and {"attention_blocks", "ffn_blocks"} & set(structures):
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")

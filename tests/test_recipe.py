@@ -282,6 +282,8 @@ OVERRIDE_ERRORS = {
     "missing list item": ("eval.local_tasks[0].data=x.jsonl", "--set eval.local_tasks[0].data=x.jsonl: ", "no such"),
     "into a scalar": ("name.first=x", "--set name.first=x: name: ", "not a mapping"),
     "bad yaml": ("prune.seed=[1", "--set prune.seed=[1: ", "not YAML"),
+    "section the file does not have": ("training.group_by_length=false",
+                                       "--set training.group_by_length=false: training: ", "unknown key 'training'"),
     "flow mapping key without a space after its colon": (
         "prune.distill={weight:0.5}", "--set prune.distill={weight:0.5}: prune.distill.weight:0.5: ",
         "unknown key 'weight:0.5'; did you mean 'weight'? (write a space after the ':'"),

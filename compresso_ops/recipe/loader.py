@@ -528,6 +528,8 @@ def _apply_override(data: dict[str, Any], item: str, locations: Locations) -> No
         container[last] = value
         for known in [k for k in locations if k[:len(loc)] == loc]:
             del locations[known]  # lines of the file's old value no longer describe it
+    for end in range(1, len(loc)):  # sections the override created have no line in a file either
+        locations.setdefault(loc[:end], (label, 0))
     _locate_value(value, loc, label, locations)
     _resolve_paths(data, Path.cwd(), label, locations)
 

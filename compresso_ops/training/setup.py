@@ -47,7 +47,18 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = Fals
                 freeze_for_training(model, precision)
             if turns > 1:
                 dist.barrier()
+    refuse_nonfinite_weights(model, m.path)
     return model, tokenizer, precision
+
+
+def refuse_nonfinite_weights(model: nn.Module, path: str) -> None:
+    """A source with NaN or inf in its weights (a damaged download or conversion) is a user error at load:
+    otherwise the first step fails with advice about learning rates, or a one-shot method slices NaNs and
+    the export check blames the slice. Every process holds the same weights, so all refuse together."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"model.path: {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the "
+                        "checkpoint is damaged: download or convert it again")
 
 
 def _loading_turns(recipe: Recipe, precision: Precision) -> int:

@@ -176,7 +176,8 @@ class TargetSection(Strict):
         "best at 64 or 128, llama.cpp's quantizers need blocks of 32 (q8_0) or 256 (k-quants). The final masks "
         "meet the target within one aligned unit. Default (null): 64 for a dimension of at least 1,024 "
         "(7B-class widths: hidden 4096, FFN 11008 = 172 x 64), none below, where a 64-wide unit is a large share "
-        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off.",
+        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off. An explicit unit "
+        "must be below the width of each pruned dimension.",
     )
 
     @field_validator("params", mode="before")

@@ -16,6 +16,8 @@ from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.plan import (
+    GPUS,
+    MFU,
     evaluation_gpus,
     evaluation_parallel,
     host_fix,
@@ -177,6 +179,28 @@ def test_steps_come_from_the_local_data_file(tmp_path):
     assert steps["prune"]["phases"] == {"lora_only": 5, "ramp": 10, "hold": 5}
     assert steps["finetune"]["total"] == 7
     assert steps["prune"]["est_seconds"] > 0
+
+
+def test_the_time_estimate_counts_the_teachers_forward(tmp_path):
+    """Distillation runs the source as a teacher on every trained token: 2 x its parameters more FLOPs per
+    token, which the estimate once left out (a fine-tune of the pruned model distilled from the 7B source
+    planned as if no 7B forward ran)."""
+    body = """
+        model: {path: org/llama-7b, architecture: llama-7b}
+        target: {sparsity: 0.3}
+        data: {num_examples: 1000}
+        prune: {schedule: {unit: steps, lora_only: 10, ramp: 10, hold: 10}DISTILL}
+        finetune: {unit: steps, duration: 10DISTILL}
+        hardware: {gpu: A100-80GB}
+    """
+    plain = make_plan(_recipe(tmp_path, body.replace("DISTILL", "")))
+    taught = make_plan(_recipe(tmp_path, body.replace("DISTILL", ", distill: {weight: 0.5}")))
+    teacher_flops_per_token = 2 * plain["params"]["source"]["total"]
+    flops_per_s = GPUS["A100-80GB"].tflops * 1e12 * MFU
+    for stage in ("prune", "finetune"):
+        a, b = plain["steps"][stage], taught["steps"][stage]
+        tokens = a["total"] * a["global_batch"] * 512  # data.max_seq_length's default
+        assert b["est_seconds"] - a["est_seconds"] == pytest.approx(tokens * teacher_flops_per_token / flops_per_s)
 
 
 def test_llama2_70b_on_two_v100_nodes_fits_the_host(tmp_path):

@@ -547,8 +547,10 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
             total, phase_steps = 0, {"train": 0}
         params = count_params(arch).total if stage == "prune" else target_total
         # LoRA with a frozen base: forward (2P) + backward through activations (2P); train: full adds the
-        # weight gradients (2P); gradient checkpointing recomputes the forward (2P).
-        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params
+        # weight gradients (2P); gradient checkpointing recomputes the forward (2P); distillation adds the
+        # teacher's forward, and the teacher is the source (2 x its parameters).
+        teacher = 2 * count_params(arch).total if section.distill.weight else 0
+        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params + teacher
         tokens = None if total is None else total * global_batch * recipe.data.max_seq_length
         out[stage] = {
             "global_batch": global_batch, "steps_per_epoch": per_epoch, "phases": phase_steps, "total": total,
@@ -556,7 +558,7 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
         }
     out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
                          "full-length sequences, 4P FLOPs per trained token (+2P with train: full, +2P with "
-                         "checkpointing)")
+                         "checkpointing, + 2 x the source's parameters with distillation)")
     return out
 
 

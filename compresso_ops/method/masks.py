@@ -25,6 +25,7 @@ from compresso_ops.models.sizes import (
     fixed_cost,
     hidden_cap,
     largest_fitting,
+    prunable_budget,
     prunable_sparsity,
     pruned_kinds,
     unmeetable_target,
@@ -212,7 +213,7 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
         raise UserError(unmeetable[1])
     L, G, f, d = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
     heads_on, ffn_on = pruned_kinds(structures)
-    budget = (1.0 - target_sparsity) * count_params(arch).prunable
+    budget = prunable_budget(arch, target_sparsity)
     align = Alignment.of(arch, multiple_of)
 
     if "hidden" in structures:

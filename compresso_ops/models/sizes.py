@@ -223,6 +223,11 @@ def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
     return lo
 
 
+def prunable_budget(arch: ArchSpec, sparsity: float) -> float:
+    """The prunable parameters a model pruned to `sparsity` may keep."""
+    return (1.0 - sparsity) * count_params(arch).prunable
+
+
 def hidden_cap(arch: ArchSpec, budget: float, structures: Sequence[str]) -> int:
     """The most hidden dims with which the structure types not pruned still fit the prunable `budget`
     (0: none do); the whole hidden size when hidden dims are not pruned and it fits."""
@@ -241,7 +246,7 @@ def unmeetable_target(arch: ArchSpec, sparsity: float, structures: Sequence[str]
                               or ("ffn_blocks" in structures and "ffn" not in structures)):
         return "export.mode", ("export.mode uniform keeps the same structures in every layer, so it cannot drop "
                                "whole blocks alone; add heads / ffn to target.structures or use export.mode native")
-    cap = hidden_cap(arch, (1.0 - sparsity) * count_params(arch).prunable, structures)
+    cap = hidden_cap(arch, prunable_budget(arch, sparsity), structures)
     if cap == 0:
         return "target.structures", (f"target sparsity {sparsity:.3f} cannot be reached by pruning "
                                      f"{', '.join(structures)}; add structures to target.structures or lower the "

@@ -144,6 +144,11 @@ MALFORMED = {
     "uniform export of whole blocks alone": (
         BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [heads, ffn_blocks]") + "export:\n  mode: uniform\n",
         "export.mode", 12, "cannot drop whole blocks alone"),
+    "NUL character in a relative data path": (BASE.replace("path: train.jsonl", 'path: "train\\0.jsonl"'),
+                                               "data.path", 7, "NUL character"),
+    "NUL character in an absolute run folder": (BASE + 'run_dir: "/tmp/run\\0s"\n', "run_dir", 10,
+                                                "NUL character"),
+    "NUL character in extends": ('extends: "base\\0.yaml"\n', "extends", 1, "without a NUL character"),
     "prompt leaves no room at max_seq_length": (BASE.replace("{text: none}", "{text: " + "word " * 40 + "}"),
                                                 "data.max_seq_length", 8, "with the model's tokenizer"),
 }

@@ -160,8 +160,8 @@ def _resolve_paths(data: dict[str, Any], base: Path, file: str, locations: Locat
 
     def fix(container: dict[str, Any], key: str, loc: Loc, model_path: bool = False) -> None:
         value = container.get(key)
-        if not isinstance(value, str) or locations.get(loc, (file,))[0] != file:
-            return
+        if not isinstance(value, str) or "\0" in value or locations.get(loc, (file,))[0] != file:
+            return  # not a path (validation says so)
         p = Path(value).expanduser()
         if p.is_absolute():
             return
@@ -218,9 +218,10 @@ def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...]
     if parent is None:
         locations.update(own)
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or "\0" in parent:
         line = own.get(("extends",), (str(path), 1))[1]
-        raise RecipeError([f"{_display(path)}:{line}: extends: give the path of another recipe as a string"])
+        what = "without a NUL character (\\0)" if isinstance(parent, str) else "as a string"
+        raise RecipeError([f"{_display(path)}:{line}: extends: give the path of another recipe {what}"])
     base_path = (path.parent / parent).resolve()
     if not base_path.is_file():
         line = own.get(("extends",), (str(path), 1))[1]

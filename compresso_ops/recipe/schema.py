@@ -37,18 +37,21 @@ ExportMode = Literal["native", "uniform", "pad"]
 
 
 class Strict(BaseModel):
-    """Unknown keys, infinities and NaN (YAML's .inf, .nan: an infinite learning rate validates against `gt=0`)
-    and yes/no values given for numbers are errors, not silently taken."""
+    """Unknown keys, infinities and NaN (YAML's .inf, .nan: an infinite learning rate validates against `gt=0`),
+    yes/no values given for numbers and NUL characters in text are errors, not silently taken."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+    def _plain_value(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads true/false/yes/no/on/off as booleans and pydantic would take them as 1 and 0:
-        `multiple_of: true` would turn alignment off, `distill: {weight: yes}` would drop the LM loss."""
+        `multiple_of: true` would turn alignment off, `distill: {weight: yes}` would drop the LM loss.
+        YAML's "\\0" is a NUL character, which no path the operating system opens can hold."""
         if isinstance(value, bool) and info.field_name and _takes_number(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"{str(value).lower()} is a yes/no value, not a number; write a number")
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("contains a NUL character (\\0), which no file name or recipe text may hold; remove it")
         return value
 
 

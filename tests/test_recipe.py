@@ -208,6 +208,33 @@ def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monk
     assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
 
 
+def test_a_tokenizer_the_model_cannot_embed_is_refused_by_validate(tmp_path, model_dir):
+    """Tokenizer files from another model gave ids past the embedding table, and the prune stage died in
+    torch with 'IndexError: index out of range' (exit 1); an unreadable tokenizer.json crashed validate."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import byte_tokenizer, tiny_config
+
+    small = tmp_path / "small-vocab"
+    config = tiny_config(vocab=200)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = None, 1, 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    byte_tokenizer().save_pretrained(small)  # 259 tokens
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(model_dir, broken)
+    (broken / "tokenizer.json").write_text('{"not": "a tokenizer"')
+    too_many = "the tokenizer has 259 tokens but the model's vocabulary (vocab_size in config.json) has 200"
+    for folder, fragment in ((small, too_many), (broken, "tokenizer.json is not a readable tokenizer")):
+        path = _write(tmp_path, BASE.replace("{model}", str(folder)))
+        result = CliRunner().invoke(main, ["validate", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        match = LINE.match(result.output.splitlines()[0])
+        assert match and (match["field"], match["line"]) == ("model.path", "3") and fragment in match["msg"], \
+            result.output
+
+
 def test_bad_extends_is_located(tmp_path):
     path = _write(tmp_path, "extends: missing.yaml\nname: x\n")
     result = CliRunner().invoke(main, ["validate", str(path)])

@@ -383,7 +383,7 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
                                          "to your GPU type, or model.dtype: float32 or auto")
 
     if check_files:
-        _file_problems(recipe, problems)
+        _file_problems(recipe, arch.vocab_size, problems)
 
 
 def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) -> None:
@@ -407,7 +407,35 @@ def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) ->
 _MAX_CHARS_PER_TOKEN = 10
 
 
-def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
+def _local_tokenizer(recipe: Recipe, problems: _Problems) -> Any:
+    """The model folder's tokenizer.json (a `tokenizers.Tokenizer`) when it is local or cached, else None
+    (a file that does not parse is a problem at model.path)."""
+    folder = locate_model(recipe.model).folder
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+        problems.add(("model", "path"), f"{folder / 'tokenizer.json'} is not a readable tokenizer "
+                                        f"({str(exc).splitlines()[0][:120]}); copy the source model's tokenizer "
+                                        "files there")
+        return None
+
+
+def _vocabulary_problem(tokenizer: Any, vocab_size: int, problems: _Problems) -> None:
+    """Every id the tokenizer can produce must have an embedding row: tokenizer files copied from another
+    model (or a pad token added after training) give ids the model cannot look up, and the first forward
+    that meets one fails deep inside torch."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        problems.add(("model", "path"), f"the tokenizer has {size:,} tokens but the model's vocabulary (vocab_size in "
+                                        f"config.json) has {vocab_size:,}; copy the source model's own tokenizer "
+                                        "files into the folder")
+
+
+def _prompt_room(recipe: Recipe, tokenizer: Any, problems: _Problems) -> None:
     """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
     be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
     model's tokenizer.json when it is local or cached, else bounded from the character count."""
@@ -421,12 +449,10 @@ def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
         return
     limit = recipe.data.max_seq_length
     folder = locate_model(recipe.model).folder
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
+    if tokenizer is not None and folder is not None:
         config = json.loads((folder / "tokenizer_config.json").read_text()) \
             if (folder / "tokenizer_config.json").is_file() else {}
-        count = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prefix, add_special_tokens=False).ids)
+        count = len(tokenizer.encode(prefix, add_special_tokens=False).ids)
         count += 1 if config.get("bos_token") else 0
         how = f"{count} tokens with the model's tokenizer"
     else:
@@ -449,14 +475,17 @@ def _warnings(recipe: Recipe, warnings: _Problems) -> list[str]:
     return warnings.lines
 
 
-def _file_problems(recipe: Recipe, problems: _Problems) -> None:
+def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None:
     location = locate_model(recipe.model)
     if (missing := location.problem(need_weights=True)) is not None:
         problems.add(("model", "path"), missing.removeprefix("model.path: "))
     elif not location.has_tokenizer:
         problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
                                         "tokenizer_config.json); copy the source model's tokenizer files there")
-    _prompt_room(recipe, problems)
+    tokenizer = _local_tokenizer(recipe, problems)
+    if tokenizer is not None:
+        _vocabulary_problem(tokenizer, vocab_size, problems)
+    _prompt_room(recipe, tokenizer, problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")

@@ -252,7 +252,7 @@ def unmeetable_target(arch: ArchSpec, sparsity: float, structures: Sequence[str]
                                      f"{', '.join(structures)}; add structures to target.structures or lower the "
                                      "target")
     unit = Alignment.of(arch, multiple_of).hidden
-    if "hidden" in structures and aligned_counts(unit, arch.hidden_size)[0] > cap:
+    if "hidden" in structures and min(unit, arch.hidden_size) > cap:  # the smallest count `aligned_counts` allows
         return "target.multiple_of", (f"target.multiple_of {unit} leaves no hidden size that meets the target (at "
                                       f"most {cap} of {arch.hidden_size} dims fit); lower target.multiple_of or the "
                                       "target sparsity")

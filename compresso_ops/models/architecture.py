@@ -22,7 +22,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # layers; vocabularies up to 256k), low enough that a damaged or hostile config.json is refused instead of
 # sizing arithmetic and lists by it.
 _SIZE_LIMITS = {"hidden_size": 1 << 20, "num_hidden_layers": 1 << 16, "num_attention_heads": 1 << 16,
-                "num_key_value_heads": 1 << 16, "head_dim": 1 << 16, "intermediate_size": 1 << 22,
+                "num_key_value_heads": 1 << 16, "head_dim": 1 << 16, "intermediate_size": 1 << 20,
                 "vocab_size": 1 << 24, "max_position_embeddings": 1 << 31}
 
 

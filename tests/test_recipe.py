@@ -210,7 +210,8 @@ def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monk
 
 def test_a_tokenizer_the_model_cannot_embed_is_refused_by_validate(tmp_path, model_dir):
     """Tokenizer files from another model gave ids past the embedding table, and the prune stage died in
-    torch with 'IndexError: index out of range' (exit 1); an unreadable tokenizer.json crashed validate."""
+    torch with 'IndexError: index out of range' (exit 1); an unreadable tokenizer.json or tokenizer_config.json
+    crashed validate."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -225,8 +226,12 @@ def test_a_tokenizer_the_model_cannot_embed_is_refused_by_validate(tmp_path, mod
     broken = tmp_path / "broken-tokenizer"
     shutil.copytree(model_dir, broken)
     (broken / "tokenizer.json").write_text('{"not": "a tokenizer"')
+    bad_config = tmp_path / "broken-tokenizer-config"
+    shutil.copytree(model_dir, bad_config)
+    (bad_config / "tokenizer_config.json").write_text("{oops")
     too_many = "the tokenizer has 259 tokens but the model's vocabulary (vocab_size in config.json) has 200"
-    for folder, fragment in ((small, too_many), (broken, "tokenizer.json is not a readable tokenizer")):
+    for folder, fragment in ((small, too_many), (broken, "tokenizer.json is not a readable tokenizer"),
+                             (bad_config, "tokenizer_config.json is not valid JSON")):
         path = _write(tmp_path, BASE.replace("{model}", str(folder)))
         result = CliRunner().invoke(main, ["validate", str(path)])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output

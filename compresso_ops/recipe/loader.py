@@ -435,7 +435,20 @@ def _vocabulary_problem(tokenizer: Any, vocab_size: int, problems: _Problems) ->
                                         "files into the folder")
 
 
-def _prompt_room(recipe: Recipe, tokenizer: Any, problems: _Problems) -> None:
+def _tokenizer_config(path: Path, problems: _Problems) -> dict[str, Any]:
+    """A model folder's tokenizer_config.json ({} when absent; a problem at model.path when not JSON)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.add(("model", "path"), f"{path} is not valid JSON ({exc}); copy the source model's tokenizer "
+                                        "files there")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _prompt_room(recipe: Recipe, tokenizer: Any, bos: bool, problems: _Problems) -> None:
     """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
     be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
     model's tokenizer.json when it is local or cached, else bounded from the character count."""
@@ -448,12 +461,8 @@ def _prompt_room(recipe: Recipe, tokenizer: Any, problems: _Problems) -> None:
     if not prefix:
         return
     limit = recipe.data.max_seq_length
-    folder = locate_model(recipe.model).folder
-    if tokenizer is not None and folder is not None:
-        config = json.loads((folder / "tokenizer_config.json").read_text()) \
-            if (folder / "tokenizer_config.json").is_file() else {}
-        count = len(tokenizer.encode(prefix, add_special_tokens=False).ids)
-        count += 1 if config.get("bos_token") else 0
+    if tokenizer is not None:
+        count = len(tokenizer.encode(prefix, add_special_tokens=False).ids) + bos
         how = f"{count} tokens with the model's tokenizer"
     else:
         count = len(prefix) // _MAX_CHARS_PER_TOKEN
@@ -485,7 +494,8 @@ def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None
     tokenizer = _local_tokenizer(recipe, problems)
     if tokenizer is not None:
         _vocabulary_problem(tokenizer, vocab_size, problems)
-    _prompt_room(recipe, tokenizer, problems)
+    config = _tokenizer_config(location.folder / "tokenizer_config.json", problems) if location.folder else {}
+    _prompt_room(recipe, tokenizer, bool(config.get("bos_token")), problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")

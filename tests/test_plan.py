@@ -162,6 +162,28 @@ def test_a_model_too_big_for_any_setting_says_so(tmp_path):
     assert [o["hardware.gpu"] for o in prune["suggestion_overrides"]] == ["A100-80GB", "H100-80GB", "H200"]
 
 
+def test_a_stage_that_does_not_run_neither_needs_memory_nor_steers_the_strategy(tmp_path):
+    """finetune.enabled: false with train: full (inherited, say) planned the full fine-tune anyway: it did not
+    fit a replica, so auto chose FSDP for the prune stage, which fits a replica. A disabled fine-tune and a
+    one-shot method's prune stage now plan 0 bytes with a note, before the strategy is chosen."""
+    body = """
+        method: %s
+        model: {path: org/x, architecture: llama-7b, dtype: bfloat16}
+        target: {sparsity: 0.3}
+        data: {num_examples: 1000}
+        finetune: {enabled: %s, train: full}
+        hardware: {gpu: A100-80GB, gpus_per_node: 2}
+    """
+    assert make_plan(_recipe(tmp_path, body % ("compresso", "true")))["hardware"]["strategy"] == "fsdp"
+    plan = make_plan(_recipe(tmp_path, body % ("compresso", "false")))
+    assert plan["hardware"]["strategy"] == "ddp"
+    assert plan["memory"]["stages"]["finetune"] == {
+        "per_gpu_bytes": 0, "breakdown": {}, "note": "finetune.enabled is false: no fine-tune", "fits": True,
+        "suggestion": None, "suggestion_overrides": []}
+    one_shot = make_plan(_recipe(tmp_path, body % ("magnitude", "false")))
+    assert one_shot["memory"]["stages"]["prune"]["per_gpu_bytes"] == 0 and one_shot["hardware"]["strategy"] == "ddp"
+
+
 def test_steps_come_from_the_local_data_file(tmp_path):
     rows = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(100)]
     (tmp_path / "d.json").write_text(json.dumps(rows))

@@ -309,6 +309,12 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             training=stage_training(recipe.finetune, []), scale=scale,
             **_distill_memory(recipe.finetune, params, own_base=False)),
     }
+    # A stage that will not run needs no memory, and must not steer the strategy the others run with.
+    for name, idle in (("prune", recipe.method != "compresso" and f"method '{recipe.method}' is one-shot: no "
+                                                                  "pruning run"),
+                       ("finetune", not recipe.finetune.enabled and "finetune.enabled is false: no fine-tune")):
+        if idle:
+            stages[name] = {"per_gpu_bytes": 0, "breakdown": {}, "note": idle}
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
@@ -718,9 +724,6 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     trainable = _trainable(recipe, arch)
     world = recipe.hardware.world_size
     stages, strategy = _memory_and_strategy(recipe, arch, params, trainable)
-    if recipe.method != "compresso":
-        stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
-                           "note": f"method '{recipe.method}' is one-shot: no pruning run"}
     on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
         if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run: no GPU verdict (memory.host has its peaks)

@@ -340,6 +340,20 @@ def test_bad_override_names_itself_and_exits_2(case, tmp_path, model_dir):
     assert first.startswith(prefix) and fragment in first, first
 
 
+def test_switching_the_target_on_the_command_line_says_how(tmp_path, model_dir):
+    """--set target.params=25K over a file with target.sparsity said params came 'through extends' and to
+    clear it, the opposite of what the user meant."""
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)))
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", "target.params=25K"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"r\.yaml:4: target: target\.sparsity and target\.params are both set \(--set target\.params=25K; "
+                     r"target\.sparsity is in \S*r\.yaml:5\); add --set target\.sparsity=null to use target\.params "
+                     r"alone$", result.output.splitlines()[0]), result.output
+    fixed = CliRunner().invoke(main, ["validate", str(path), "--set", "target.params=25K", "--set",
+                                      "target.sparsity=null"])
+    assert fixed.exit_code == 0, fixed.output
+
+
 def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_path, model_dir):
     from compresso_ops.executor import stage_hashes
     from compresso_ops.recipe.loader import dump_resolved

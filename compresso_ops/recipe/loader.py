@@ -309,6 +309,13 @@ def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -
     target = _get(data, ("target",))
     if loc == ("target",) and isinstance(target, dict) and None not in (target.get("sparsity"), target.get("params")):
         where = {key: problems.locations.get(("target", key), ("", 0)) for key in ("sparsity", "params")}
+        overridden = [key for key, (file, line) in where.items() if file.startswith("--set ") and line == 0]
+        if len(overridden) == 1:  # the command line chose one; the file holds the other
+            key, = overridden
+            other = "params" if key == "sparsity" else "sparsity"
+            file, line = where[other]
+            return (f"target.sparsity and target.params are both set ({where[key][0]}; target.{other} is in "
+                    f"{file}:{line}); add --set target.{other}=null to use target.{key} alone")
         inherited = [key for key, (file, _) in where.items() if file != problems.default_file]
         if len(inherited) == 1:
             key = inherited[0]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from compresso_ops.errors import UserError
 from compresso_ops.method.prompts import COLLABORATIVE, COLLABORATIVE_EVAL, alpaca_prompt, resolve_prompt
@@ -86,6 +87,7 @@ def test_text_rows_of_a_jsonl_file_are_separate_documents(tmp_path):
 @pytest.mark.parametrize("content,fmt,message", [
     ("[]", "alpaca", "no training examples"),
     ("", "text", "no training examples"),
+    ("   \n\n  \n", "text", "no training examples"),  # whitespace only: nothing to learn from
     (json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]), "alpaca", r"d\.data: row 2: field 'output' is missing"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": 3, "output": "b"}\n', "alpaca", r"line 2: field 'instruction' is not a string"),
     ('{"instruction": "a", "output": "b"}\n{oops\n', "alpaca", r"d\.data:2: not valid JSON"),
@@ -96,6 +98,21 @@ def test_bad_data_is_a_one_line_user_error(tmp_path, content, fmt, message):
     with pytest.raises(UserError, match=message) as info:
         build_dataset(DataSection(path=path, format=fmt, max_seq_length=64), TOK, "", 256)
     assert "\n" not in str(info.value)
+
+
+def test_rows_without_a_response_token_say_why(tmp_path):
+    """The loss is taken on responses only: a file whose every response is cut off, or empty with no EOS to
+    learn, has nothing to train on, and the error says which and what to change."""
+    path = _write(tmp_path, "d.json", json.dumps([{"instruction": "x" * 100, "output": "y"}] * 3))
+    with pytest.raises(UserError, match=r"d\.json: no row has a response token to train on: 3 start with a prompt.*"
+                                        r"data\.max_seq_length \(200\).*raise data\.max_seq_length") as info:
+        build_dataset(DataSection(path=path, max_seq_length=200), TOK, "", 256)
+    assert "\n" not in str(info.value)
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, bos_token="<s>", pad_token="<pad>")
+    path = _write(tmp_path, "e.json", json.dumps([{"instruction": "a", "output": ""}] * 2))
+    assert len(build_dataset(DataSection(path=path, max_seq_length=200), TOK, "", 256)) == 2  # the EOS is learnt
+    with pytest.raises(UserError, match="2 have an empty output and the tokenizer has no EOS token"):
+        build_dataset(DataSection(path=path, max_seq_length=200), no_eos, "", 256)
 
 
 def test_non_utf8_file_is_a_user_error(tmp_path):

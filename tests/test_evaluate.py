@@ -18,7 +18,7 @@ from compresso_ops.infra.cache import CACHE_ENV
 from compresso_ops.method.prompts import COLLABORATIVE_EVAL
 from compresso_ops.recipe.schema import LocalTask, PerplexitySection, Recipe, SpeedSection
 from compresso_ops.stages import evaluate
-from compresso_ops.stages.report import build_report, render_markdown
+from compresso_ops.stages.report import _num, build_report, render_markdown
 from tests.tiny import EVAL_DATA, STORIES260K, TINYSTORIES, byte_tokenizer, tiny_model
 
 
@@ -242,6 +242,20 @@ def test_task_names_come_from_lm_evals_registry_offline_and_are_cached(tmp_path:
     assert tasks.lm_eval_task_names() == names
     assert tasks.unknown_task_problems(["boolq", "hellaswg"]) == [
         (1, "'hellaswg' is not an lm-eval task, group or tag; did you mean 'hellaswag'?")]
+
+
+def test_perplexity_beyond_the_float_range_is_inf_not_a_crash(tmp_path: Path) -> None:
+    """A hostile source whose logits are scaled far beyond a trained model's scores above ~709 nats per token:
+    math.exp overflowed and the evaluate stage died with exit 1; the perplexity is now inf, and the report
+    prints it as such."""
+    model, tok = tiny_model(), byte_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    out = measures.perplexity(model, tok, PerplexitySection(path=text, window=64, stride=64))
+    assert out["nll_per_token"] > 710 and math.isfinite(out["nll_per_token"]) and out["perplexity"] == math.inf
+    assert _num(out["perplexity"], ".3f") == "inf" and _num(None, ".3f") == "—"
 
 
 @pytest.mark.parametrize(("window", "stride"), [(8, 8), (8, 3), (8, 1), (5, 4), (64, 32)])

@@ -106,3 +106,19 @@ def test_the_manifest_names_the_recovery(tmp_path):
     assert recovery == {"mode": "lora", "target_modules": ALL_LINEAR, "r": 4, "distill": None,
                         "trained_params": sum(4 * (m.in_features + m.out_features) for m in adapted),
                         "tokens": sum(e["tokens"] for e in events)}
+
+
+def test_lora_on_projections_pruned_away_says_so_and_names_the_kept_ones():
+    """Pruning every head of every layer (a tiny model, or attention_blocks at a high target) leaves no q_proj
+    or v_proj: the fine-tune's default LoRA targets then match nothing, which the error explains."""
+    from compresso_ops.errors import UserError
+    from compresso_ops.recipe.schema import LoraSection
+    from compresso_ops.training.setup import add_lora
+
+    model = tiny_model()
+    for layer in model.model.layers:
+        layer.self_attn = torch.nn.Module()
+    with pytest.raises(UserError, match=r"^finetune\.lora\.target_modules: q_proj, v_proj matches no module of the "
+                                        r"model \(pruning removed it from every layer\); use gate_proj, up_proj or "
+                                        r"down_proj$"):
+        add_lora(model, LoraSection(), "finetune.lora.target_modules")

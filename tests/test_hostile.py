@@ -149,6 +149,28 @@ def test_model_folder_without_tokenizer(assets, tmp_path):
     assert result.exit_code == 2 and ":3: model.path:" in result.output and "no tokenizer" in result.output
 
 
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"hidden_size": 10**15}, "hidden_size is 1000000000000000; a usable config gives a whole number from 1 to"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"intermediate_size": -5}, "intermediate_size is -5"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers is '2'"),
+    ({"hidden_size": 32.5}, "hidden_size is 32.5"),
+    ({"hidden_size": None}, "lacks the field 'hidden_size'"),
+])
+def test_a_damaged_config_json_is_refused_at_model_path(assets, tmp_path, change, needle):
+    """validate ran out of memory on hidden_size 1e15 (the default alignment listed every multiple of 64 below
+    it), and passed 0 heads, negative or fractional widths on to the stages."""
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    config = json.loads((model / "config.json").read_text()) | change
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    path = _variant(assets, "badconfig.yaml", _recipe_text(assets, **{"{path: model}": f"{{path: {model}}}"}))
+    for command in ("validate", "plan"):
+        result = _cli(command, str(path))
+        assert result.exit_code == 2, result.output
+        assert f":3: model.path: {model / 'config.json'}: " in result.output and needle in result.output
+
+
 def test_truncated_source_weights(assets, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(assets / "model", model)

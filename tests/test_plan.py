@@ -16,6 +16,8 @@ from compresso_ops.models.sizes import count_params
 from compresso_ops.recipe.loader import load_recipe
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.plan import (
+    GPUS,
+    MFU,
     evaluation_gpus,
     evaluation_parallel,
     host_fix,
@@ -160,6 +162,28 @@ def test_a_model_too_big_for_any_setting_says_so(tmp_path):
     assert [o["hardware.gpu"] for o in prune["suggestion_overrides"]] == ["A100-80GB", "H100-80GB", "H200"]
 
 
+def test_a_stage_that_does_not_run_neither_needs_memory_nor_steers_the_strategy(tmp_path):
+    """finetune.enabled: false with train: full (inherited, say) planned the full fine-tune anyway: it did not
+    fit a replica, so auto chose FSDP for the prune stage, which fits a replica. A disabled fine-tune and a
+    one-shot method's prune stage now plan 0 bytes with a note, before the strategy is chosen."""
+    body = """
+        method: %s
+        model: {path: org/x, architecture: llama-7b, dtype: bfloat16}
+        target: {sparsity: 0.3}
+        data: {num_examples: 1000}
+        finetune: {enabled: %s, train: full}
+        hardware: {gpu: A100-80GB, gpus_per_node: 2}
+    """
+    assert make_plan(_recipe(tmp_path, body % ("compresso", "true")))["hardware"]["strategy"] == "fsdp"
+    plan = make_plan(_recipe(tmp_path, body % ("compresso", "false")))
+    assert plan["hardware"]["strategy"] == "ddp"
+    assert plan["memory"]["stages"]["finetune"] == {
+        "per_gpu_bytes": 0, "breakdown": {}, "note": "finetune.enabled is false: no fine-tune", "fits": True,
+        "suggestion": None, "suggestion_overrides": []}
+    one_shot = make_plan(_recipe(tmp_path, body % ("magnitude", "false")))
+    assert one_shot["memory"]["stages"]["prune"]["per_gpu_bytes"] == 0 and one_shot["hardware"]["strategy"] == "ddp"
+
+
 def test_steps_come_from_the_local_data_file(tmp_path):
     rows = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(100)]
     (tmp_path / "d.json").write_text(json.dumps(rows))
@@ -177,6 +201,28 @@ def test_steps_come_from_the_local_data_file(tmp_path):
     assert steps["prune"]["phases"] == {"lora_only": 5, "ramp": 10, "hold": 5}
     assert steps["finetune"]["total"] == 7
     assert steps["prune"]["est_seconds"] > 0
+
+
+def test_the_time_estimate_counts_the_teachers_forward(tmp_path):
+    """Distillation runs the source as a teacher on every trained token: 2 x its parameters more FLOPs per
+    token, which the estimate once left out (a fine-tune of the pruned model distilled from the 7B source
+    planned as if no 7B forward ran)."""
+    body = """
+        model: {path: org/llama-7b, architecture: llama-7b}
+        target: {sparsity: 0.3}
+        data: {num_examples: 1000}
+        prune: {schedule: {unit: steps, lora_only: 10, ramp: 10, hold: 10}DISTILL}
+        finetune: {unit: steps, duration: 10DISTILL}
+        hardware: {gpu: A100-80GB}
+    """
+    plain = make_plan(_recipe(tmp_path, body.replace("DISTILL", "")))
+    taught = make_plan(_recipe(tmp_path, body.replace("DISTILL", ", distill: {weight: 0.5}")))
+    teacher_flops_per_token = 2 * plain["params"]["source"]["total"]
+    flops_per_s = GPUS["A100-80GB"].tflops * 1e12 * MFU
+    for stage in ("prune", "finetune"):
+        a, b = plain["steps"][stage], taught["steps"][stage]
+        tokens = a["total"] * a["global_batch"] * 512  # data.max_seq_length's default
+        assert b["est_seconds"] - a["est_seconds"] == pytest.approx(tokens * teacher_flops_per_token / flops_per_s)
 
 
 def test_llama2_70b_on_two_v100_nodes_fits_the_host(tmp_path):

@@ -93,6 +93,33 @@ def test_resume_continues_the_same_trajectory(tiny_dir, tmp_path):
     assert strip(_events(whole)) == strip(_events(split))
 
 
+def test_a_source_with_nan_weights_is_refused_at_load(tiny_dir, tmp_path):
+    """A damaged checkpoint (NaN in one weight) used to fail the first step with advice to lower the learning
+    rate (or, with magnitude, the slice's export check); it is refused at load, naming the tensor."""
+    from tests.tiny import byte_tokenizer, tiny_model
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "train.txt").write_text((tiny_dir / "train.txt").read_text())
+    for method in ("compresso", "magnitude"):
+        recipe = _recipe(tmp_path).model_copy(update={"method": method})
+        with pytest.raises(UserError, match=r"model\.path: .*1 weight tensor\(s\) hold NaN or inf \(first: "
+                                            r"model\.layers\.1\.self_attn\.o_proj\.weight\)") as info:
+            run_prune(recipe, tmp_path / method)
+        assert "\n" not in str(info.value)
+
+
+def test_a_non_finite_first_step_does_not_blame_the_learning_rate(tiny_dir, tmp_path, monkeypatch):
+    real = prune_mod.lm_loss_sum
+    monkeypatch.setattr(prune_mod, "lm_loss_sum", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(StageError, match="lm_loss is NaN/inf at step 1, before any weight was updated") as info:
+        run_prune(_recipe(tiny_dir), tmp_path)
+    assert "lr" not in str(info.value)
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_dir, tmp_path, monkeypatch):
     recipe = _recipe(tiny_dir, schedule=(1, 6, 3), checkpoint_every=3)
     real, calls = prune_mod.lm_loss_sum, []

@@ -123,6 +123,32 @@ MALFORMED = {
     "duplicate key": (BASE + "name: u\n", "name", 10, "twice"),
     "not a mapping": ("- just\n- a list\n", "(recipe)", 1, "mapping"),
     "empty file": ("", "(recipe)", 1, "empty"),
+    "infinite learning rate": (BASE + "prune:\n  lr:\n    lora: .inf\n", "prune.lr.lora", 12, "finite number"),
+    "NaN distillation temperature": (BASE + "finetune:\n  distill:\n    temperature: .nan\n",
+                                     "finetune.distill.temperature", 12, "finite number"),
+    "yes for a number": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  multiple_of: yes"), "target.multiple_of", 6,
+                         "yes/no value, not a number"),
+    "true for a distillation weight": (BASE + "prune:\n  distill: {weight: true}\n", "prune.distill.weight", 11,
+                                       "not a number"),
+    "multiple_of at the FFN width": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  multiple_of: 48"),
+                                     "target.multiple_of", 6, "not below the model's FFN width (48)"),
+    "multiple_of above the hidden size": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [heads, hidden]\n  multiple_of: 40"),
+        "target.multiple_of", 7, "not below the model's hidden size (32)"),
+    "multiple_of leaves no hidden size within the target": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [hidden]\n  multiple_of: 24"),
+        "target.multiple_of", 7, "leaves no hidden size that meets the target (at most 22 of 32"),
+    "target out of reach of the listed structures": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.9\n  structures: [ffn]"), "target.structures", 6,
+        "cannot be reached by pruning ffn"),
+    "uniform export of whole blocks alone": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [heads, ffn_blocks]") + "export:\n  mode: uniform\n",
+        "export.mode", 12, "cannot drop whole blocks alone"),
+    "NUL character in a relative data path": (BASE.replace("path: train.jsonl", 'path: "train\\0.jsonl"'),
+                                               "data.path", 7, "NUL character"),
+    "NUL character in an absolute run folder": (BASE + 'run_dir: "/tmp/run\\0s"\n', "run_dir", 10,
+                                                "NUL character"),
+    "NUL character in extends": ('extends: "base\\0.yaml"\n', "extends", 1, "without a NUL character"),
     "prompt leaves no room at max_seq_length": (BASE.replace("{text: none}", "{text: " + "word " * 40 + "}"),
                                                 "data.max_seq_length", 8, "with the model's tokenizer"),
 }
@@ -180,6 +206,38 @@ def test_a_misspelt_lm_eval_task_is_caught_by_validate(tmp_path, model_dir, monk
                              "did you mean 'hellaswag'?")
     assert "eval.tasks[3]: 'zzz' is not an lm-eval task" in lines[1] and len(lines) == 2
     assert CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml"), "--json"]).exit_code == 0  # plan: no check
+
+
+def test_a_tokenizer_the_model_cannot_embed_is_refused_by_validate(tmp_path, model_dir):
+    """Tokenizer files from another model gave ids past the embedding table, and the prune stage died in
+    torch with 'IndexError: index out of range' (exit 1); an unreadable tokenizer.json or tokenizer_config.json
+    crashed validate."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import byte_tokenizer, tiny_config
+
+    small = tmp_path / "small-vocab"
+    config = tiny_config(vocab=200)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = None, 1, 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    byte_tokenizer().save_pretrained(small)  # 259 tokens
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(model_dir, broken)
+    (broken / "tokenizer.json").write_text('{"not": "a tokenizer"')
+    bad_config = tmp_path / "broken-tokenizer-config"
+    shutil.copytree(model_dir, bad_config)
+    (bad_config / "tokenizer_config.json").write_text("{oops")
+    too_many = "the tokenizer has 259 tokens but the model's vocabulary (vocab_size in config.json) has 200"
+    for folder, fragment in ((small, too_many), (broken, "tokenizer.json is not a readable tokenizer"),
+                             (bad_config, "tokenizer_config.json is not valid JSON")):
+        path = _write(tmp_path, BASE.replace("{model}", str(folder)))
+        result = CliRunner().invoke(main, ["validate", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        match = LINE.match(result.output.splitlines()[0])
+        assert match and (match["field"], match["line"]) == ("model.path", "3") and fragment in match["msg"], \
+            result.output
 
 
 def test_bad_extends_is_located(tmp_path):
@@ -261,6 +319,11 @@ OVERRIDE_ERRORS = {
     "missing list item": ("eval.local_tasks[0].data=x.jsonl", "--set eval.local_tasks[0].data=x.jsonl: ", "no such"),
     "into a scalar": ("name.first=x", "--set name.first=x: name: ", "not a mapping"),
     "bad yaml": ("prune.seed=[1", "--set prune.seed=[1: ", "not YAML"),
+    "section the file does not have": ("training.group_by_length=false",
+                                       "--set training.group_by_length=false: training: ", "unknown key 'training'"),
+    "flow mapping key without a space after its colon": (
+        "prune.distill={weight:0.5}", "--set prune.distill={weight:0.5}: prune.distill.weight:0.5: ",
+        "unknown key 'weight:0.5'; did you mean 'weight'? (write a space after the ':'"),
     "missing file, relative to the working folder": ("data.path=nope.jsonl", "--set data.path=nope.jsonl: data.path: ",
                                                      "nope.jsonl"),
 }
@@ -275,6 +338,20 @@ def test_bad_override_names_itself_and_exits_2(case, tmp_path, model_dir):
     assert "Traceback" not in result.output
     first = result.output.splitlines()[0]
     assert first.startswith(prefix) and fragment in first, first
+
+
+def test_switching_the_target_on_the_command_line_says_how(tmp_path, model_dir):
+    """--set target.params=25K over a file with target.sparsity said params came 'through extends' and to
+    clear it, the opposite of what the user meant."""
+    path = _write(tmp_path, BASE.replace("{model}", str(model_dir)))
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", "target.params=25K"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"r\.yaml:4: target: target\.sparsity and target\.params are both set \(--set target\.params=25K; "
+                     r"target\.sparsity is in \S*r\.yaml:5\); add --set target\.sparsity=null to use target\.params "
+                     r"alone$", result.output.splitlines()[0]), result.output
+    fixed = CliRunner().invoke(main, ["validate", str(path), "--set", "target.params=25K", "--set",
+                                      "target.sparsity=null"])
+    assert fixed.exit_code == 0, fixed.output
 
 
 def test_overrides_change_the_plan_the_resolved_recipe_and_the_stage_hashes(tmp_path, model_dir):

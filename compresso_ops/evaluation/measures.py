@@ -75,7 +75,16 @@ def perplexity(model: Any, tok: Any, spec: PerplexitySection, dist: DistContext 
     tokens = len(ids) - 1
     return {"file": str(path), "window": spec.window, "stride": spec.stride, "tokens_scored": tokens,
             "windows": len(spans), "bos": has_bos, "nll_per_token": total / tokens,
-            "perplexity": math.exp(total / tokens)}
+            "perplexity": _exp(total / tokens)}
+
+
+def _exp(x: float) -> float:
+    """e**x, or inf past the float range: a model scoring above ~709 nats per token (logits scaled far
+    beyond a trained model's) has no finite perplexity, which the report shows rather than crashing on."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _kv_width(model: Any) -> int:

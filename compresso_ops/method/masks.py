@@ -17,7 +17,19 @@ from compresso_ops.errors import UserError
 from compresso_ops.infra import atomic
 from compresso_ops.method.gates import GateSet
 from compresso_ops.models.architecture import ArchSpec
-from compresso_ops.models.sizes import Alignment, Kept, aligned_counts, count_params, prunable_sparsity
+from compresso_ops.models.sizes import (
+    Alignment,
+    Kept,
+    aligned_counts,
+    count_params,
+    fixed_cost,
+    hidden_cap,
+    largest_fitting,
+    prunable_budget,
+    prunable_sparsity,
+    pruned_kinds,
+    unmeetable_target,
+)
 
 MASKS_FILE = "masks.safetensors"
 SUMMARY_FILE = "masks.json"
@@ -118,13 +130,6 @@ def _per_unit_costs(arch: ArchSpec, hidden: int) -> dict[str, tuple[float, float
             "ffn": (float(channel), float(hidden if arch.mlp_bias else 0))}
 
 
-def _fixed_cost(arch: ArchSpec, hidden: int, heads_on: bool, ffn_on: bool) -> int:
-    """Prunable parameters of the structure types that are not being pruned, at `hidden` dims."""
-    kept = Kept(tuple([arch.num_kv_heads if not heads_on else 0] * arch.num_layers),
-                tuple([arch.intermediate_size if not ffn_on else 0] * arch.num_layers), hidden)
-    return count_params(arch, kept).prunable
-
-
 def _combined_scores(scores: dict[str, torch.Tensor], kind: str, block: str, shape: tuple[int, int],
                      structures: tuple[str, ...]) -> torch.Tensor:
     """Per-structure scores with the block gate folded in (the effective gate is z_block * z)."""
@@ -163,15 +168,6 @@ def _greedy(units: list[_Units], budget: float) -> list[torch.Tensor]:
     return list(torch.split(kept, [len(u.score) for u in units]))
 
 
-def _largest(fits, upper: int) -> int:
-    """The largest n in [0, upper] with fits(n), for a predicate that holds up to some point and fails after."""
-    lo, hi = 0, upper
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
-
-
 def _top_k_rows(scores: torch.Tensor, k: int | list[int]) -> torch.Tensor:
     """0/1 mask keeping the k best entries of every row (`k` per row when a list)."""
     ks = k if isinstance(k, list) else [k] * scores.shape[0]
@@ -192,11 +188,9 @@ def _chunks(ranked: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _aligned_hidden(wanted: int, unit: int, full: int, floor: int, cap: int) -> int:
     """The allowed hidden count (`aligned_counts`) nearest `wanted` within [floor, cap]; when none lies
-    there, the largest one within the cap (the target must stay reachable)."""
+    there, the largest one within the cap (the target must stay reachable; `unmeetable_target` has made
+    sure one is)."""
     allowed = [n for n in aligned_counts(unit, full) if n <= cap]
-    if not allowed:
-        raise UserError(f"target.multiple_of {unit} leaves no hidden size that meets the target (at most {cap} of "
-                        f"{full} dims fit); lower target.multiple_of or the target sparsity")
     inside = [n for n in allowed if n >= floor] or allowed[-1:]
     return min(inside, key=lambda n: (abs(n - wanted), -n))
 
@@ -215,26 +209,17 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
     aligned units: an FFN unit is that many consecutive ranks of a layer (of every layer, in `uniform`).
     """
     structures = tuple(structures)
+    if (unmeetable := unmeetable_target(arch, target_sparsity, structures, multiple_of, mode)) is not None:
+        raise UserError(unmeetable[1])
     L, G, f, d = arch.num_layers, arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
-    heads_on = "heads" in structures or "attention_blocks" in structures
-    ffn_on = "ffn" in structures or "ffn_blocks" in structures
-    if mode == "uniform" and (("attention_blocks" in structures and "heads" not in structures)
-                              or ("ffn_blocks" in structures and "ffn" not in structures)):
-        raise UserError("export.mode uniform keeps the same structures in every layer, so it cannot drop whole "
-                        "blocks alone; add heads / ffn to target.structures or use export.mode native")
-    budget = (1.0 - target_sparsity) * count_params(arch).prunable
+    heads_on, ffn_on = pruned_kinds(structures)
+    budget = prunable_budget(arch, target_sparsity)
     align = Alignment.of(arch, multiple_of)
 
-    def feasible(hidden: int) -> bool:
-        return _fixed_cost(arch, hidden, heads_on, ffn_on) <= budget
-
     if "hidden" in structures:
-        cap = _largest(feasible, d)
-        if cap == 0:
-            raise UserError(f"target sparsity {target_sparsity:.3f} cannot be reached by pruning "
-                            f"{', '.join(structures)}; add structures to target.structures or lower the target")
+        cap = hidden_cap(arch, budget, structures)
         # Enough hidden dims that keeping every head and channel would not undershoot the budget.
-        floor = _largest(lambda n: count_params(arch, Kept((G,) * L, (f,) * L, n)).prunable <= budget, d)
+        floor = largest_fitting(lambda n: count_params(arch, Kept((G,) * L, (f,) * L, n)).prunable <= budget, d)
         if heads_on or ffn_on:
             if hidden_kept is None:
                 raise ValueError("hidden_kept is required when hidden dims are pruned with other structures")
@@ -245,9 +230,6 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
         hidden_mask[torch.sort(scores["hidden"].double(), descending=True, stable=True).indices[:hidden]] = 1.0
     else:
         hidden = d
-        if not feasible(d):
-            raise UserError(f"target sparsity {target_sparsity:.3f} cannot be reached by pruning "
-                            f"{', '.join(structures)}; add structures to target.structures or lower the target")
         hidden_mask = torch.ones(d)
 
     costs = _per_unit_costs(arch, hidden)
@@ -268,7 +250,7 @@ def select_final_masks_from_scores(scores: dict[str, torch.Tensor], arch: ArchSp
             means, sizes = _chunks(ranked, unit)
             units.append(_Units(means.flatten(), cost * sizes.repeat(L), torch.arange(L).repeat_interleave(len(sizes)),
                                 first))
-    chosen = _greedy(units, budget - _fixed_cost(arch, hidden, heads_on, ffn_on)) if units else []
+    chosen = _greedy(units, budget - fixed_cost(arch, hidden, heads_on, ffn_on)) if units else []
 
     out = {"heads": torch.ones(L, G), "ffn": torch.ones(L, f)}
     for (kind, _, n), unit_kept in zip(kinds, chosen, strict=True):

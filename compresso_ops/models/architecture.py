@@ -18,6 +18,25 @@ from compresso_ops.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+# Bounds on a config's sizes: far above any LLaMA-family model (Llama-3.1-405B: hidden 16384, FFN 53248, 126
+# layers; vocabularies up to 256k), low enough that a damaged or hostile config.json is refused instead of
+# sizing arithmetic and lists by it.
+_SIZE_LIMITS = {"hidden_size": 1 << 20, "num_hidden_layers": 1 << 16, "num_attention_heads": 1 << 16,
+                "num_key_value_heads": 1 << 16, "head_dim": 1 << 16, "intermediate_size": 1 << 20,
+                "vocab_size": 1 << 24, "max_position_embeddings": 1 << 31}
+
+
+def _check_sizes(c: dict[str, Any]) -> None:
+    """Every size a config gives is a whole number from 1 to its bound (`_SIZE_LIMITS`); absent ones are
+    derived, defaulted, or reported missing by the caller."""
+    for name, limit in _SIZE_LIMITS.items():
+        value = c.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise UserError(f"{name} is {value!r}; a usable config gives a whole number from 1 to {limit:,} "
+                            "(the config.json is damaged or not a LLaMA-family model's)")
+
 # head_dim when a config.json does not state it: transformers' Qwen3Config defaults to 128, the others to d/H.
 _DEFAULT_HEAD_DIM = {"qwen3": 128}
 
@@ -65,6 +84,7 @@ class ArchSpec:
                 f"model type '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
+            _check_sizes(c)
             d = int(c["hidden_size"])
             heads = int(c["num_attention_heads"])
             kv = c.get("num_key_value_heads") or heads
@@ -99,6 +119,8 @@ class ArchSpec:
             return cls.from_hf_config(json.loads(cfg.read_text()))
         except json.JSONDecodeError as exc:
             raise UserError(f"{cfg}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        except UserError as exc:
+            raise UserError(f"{cfg}: {exc}") from None
 
 
 def _llama1(d: int, layers: int, heads: int, ffn: int, max_pos: int, eps: float,

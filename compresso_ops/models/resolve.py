@@ -97,7 +97,10 @@ def resolve_arch(recipe: Recipe) -> ArchSpec:
     """The architecture of the recipe's source model: its config.json (local or cached), else a preset."""
     location = locate_model(recipe.model)
     if location.folder is not None:
-        return ArchSpec.from_pretrained_dir(location.folder)
+        try:
+            return ArchSpec.from_pretrained_dir(location.folder)
+        except UserError as exc:  # the folder's config.json is the recipe's model.path
+            raise UserError(f"model.path: {exc}") from None
     if recipe.model.architecture:
         if recipe.model.architecture not in PRESETS:
             raise UserError(f"model.architecture: {unknown_preset(recipe.model.architecture)}")

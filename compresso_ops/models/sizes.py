@@ -9,6 +9,7 @@ head_dim).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from compresso_ops.models.architecture import ArchSpec
@@ -183,6 +184,79 @@ class Alignment:
 def aligned_counts(unit: int, full: int) -> list[int]:
     """The counts a dimension of `full` may keep under `unit`, ascending: multiples of `unit`, and `full`."""
     return sorted({*range(unit, full, unit), full})
+
+
+def alignment_problem(arch: ArchSpec, multiple_of: int | None, structures: Sequence[str]) -> str | None:
+    """Why an explicit `multiple_of` defeats a pruned dimension (None when it does not): at the dimension's
+    width or above, the dimension can only keep all of it (hidden dims: never pruned) or, per layer, all or
+    none (FFN channels: whole FFN blocks), which is not what listing the structure asks for."""
+    if multiple_of is None or multiple_of == 1:
+        return None
+    for structure, what, width in (("ffn", "FFN width", arch.intermediate_size),
+                                   ("hidden", "hidden size", arch.hidden_size)):
+        if structure in structures and multiple_of >= width:
+            return (f"{multiple_of} is not below the model's {what} ({width}), so '{structure}' could keep only "
+                    f"all or none of it; use a unit that leaves several per dimension (e.g. 8), 1 for none, or "
+                    "null for the default")
+    return None
+
+
+def pruned_kinds(structures: Sequence[str]) -> tuple[bool, bool]:
+    """(heads pruned, FFN pruned): by their own gates or by whole-block gates."""
+    return ("heads" in structures or "attention_blocks" in structures,
+            "ffn" in structures or "ffn_blocks" in structures)
+
+
+def fixed_cost(arch: ArchSpec, hidden: int, heads_on: bool, ffn_on: bool) -> int:
+    """Prunable parameters of the structure types that are not being pruned, at `hidden` dims."""
+    kept = Kept(tuple([arch.num_kv_heads if not heads_on else 0] * arch.num_layers),
+                tuple([arch.intermediate_size if not ffn_on else 0] * arch.num_layers), hidden)
+    return count_params(arch, kept).prunable
+
+
+def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest n in [0, upper] with fits(n), for a predicate that holds up to some point and fails after."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def prunable_budget(arch: ArchSpec, sparsity: float) -> float:
+    """The prunable parameters a model pruned to `sparsity` may keep."""
+    return (1.0 - sparsity) * count_params(arch).prunable
+
+
+def hidden_cap(arch: ArchSpec, budget: float, structures: Sequence[str]) -> int:
+    """The most hidden dims with which the structure types not pruned still fit the prunable `budget`
+    (0: none do); the whole hidden size when hidden dims are not pruned and it fits."""
+    heads_on, ffn_on = pruned_kinds(structures)
+    if "hidden" not in structures:
+        return arch.hidden_size if fixed_cost(arch, arch.hidden_size, heads_on, ffn_on) <= budget else 0
+    return largest_fitting(lambda n: fixed_cost(arch, n, heads_on, ffn_on) <= budget, arch.hidden_size)
+
+
+def unmeetable_target(arch: ArchSpec, sparsity: float, structures: Sequence[str], multiple_of: int | None,
+                      mode: str) -> tuple[str, str] | None:
+    """(recipe field to change, why) when no masks over `structures` (aligned by `multiple_of`, shaped for
+    export `mode`) reach `sparsity`; None when some do. The recipe loader asks before any training, the
+    final-mask selection relies on it."""
+    if mode == "uniform" and (("attention_blocks" in structures and "heads" not in structures)
+                              or ("ffn_blocks" in structures and "ffn" not in structures)):
+        return "export.mode", ("export.mode uniform keeps the same structures in every layer, so it cannot drop "
+                               "whole blocks alone; add heads / ffn to target.structures or use export.mode native")
+    cap = hidden_cap(arch, prunable_budget(arch, sparsity), structures)
+    if cap == 0:
+        return "target.structures", (f"target sparsity {sparsity:.3f} cannot be reached by pruning "
+                                     f"{', '.join(structures)}; add structures to target.structures or lower the "
+                                     "target")
+    unit = Alignment.of(arch, multiple_of).hidden
+    if "hidden" in structures and min(unit, arch.hidden_size) > cap:  # the smallest count `aligned_counts` allows
+        return "target.multiple_of", (f"target.multiple_of {unit} leaves no hidden size that meets the target (at "
+                                      f"most {cap} of {arch.hidden_size} dims fit); lower target.multiple_of or the "
+                                      "target sparsity")
+    return None
 
 
 def target_sparsity(recipe: Recipe, arch: ArchSpec) -> float:

@@ -27,7 +27,7 @@ from compresso_ops.evaluation.tasks import check_task_file, unknown_task_problem
 from compresso_ops.method.rates import ramp_too_short
 from compresso_ops.models.architecture import PRESETS, PROJECTIONS, unknown_preset
 from compresso_ops.models.resolve import locate_model, resolve_arch
-from compresso_ops.models.sizes import count_params, target_sparsity
+from compresso_ops.models.sizes import alignment_problem, count_params, target_sparsity, unmeetable_target
 from compresso_ops.recipe.schema import Recipe, micro_batch_problem
 
 Loc = tuple[str | int, ...]
@@ -160,8 +160,8 @@ def _resolve_paths(data: dict[str, Any], base: Path, file: str, locations: Locat
 
     def fix(container: dict[str, Any], key: str, loc: Loc, model_path: bool = False) -> None:
         value = container.get(key)
-        if not isinstance(value, str) or locations.get(loc, (file,))[0] != file:
-            return
+        if not isinstance(value, str) or "\0" in value or locations.get(loc, (file,))[0] != file:
+            return  # not a path (validation says so)
         p = Path(value).expanduser()
         if p.is_absolute():
             return
@@ -218,9 +218,10 @@ def _load_with_extends(path: Path, locations: Locations, chain: tuple[Path, ...]
     if parent is None:
         locations.update(own)
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or "\0" in parent:
         line = own.get(("extends",), (str(path), 1))[1]
-        raise RecipeError([f"{_display(path)}:{line}: extends: give the path of another recipe as a string"])
+        what = "without a NUL character (\\0)" if isinstance(parent, str) else "as a string"
+        raise RecipeError([f"{_display(path)}:{line}: extends: give the path of another recipe {what}"])
     base_path = (path.parent / parent).resolve()
     if not base_path.is_file():
         line = own.get(("extends",), (str(path), 1))[1]
@@ -263,7 +264,7 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
     the location (`constrained-float`, `literal['auto']`): the tags go, and the branches' messages join."""
     messages: dict[Loc, list[str]] = {}
     for err in exc.errors(include_url=False):
-        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and not p.isidentifier()))
+        loc = _recipe_loc(err["loc"], data)
         kind = err["type"]
         msg = _plain_hint(loc, err, data, problems) or err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
@@ -271,8 +272,10 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
             valid = sorted(parent.model_fields) if parent else []
             if parent is Recipe:
                 valid.append("extends")
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(loc[-1]).partition(":")[0], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            if ":" in str(loc[-1]):  # `{weight:0.5}` is one key: YAML splits a key from its value at ': '
+                hint += " (write a space after the ':' to give a key a value)"
             msg = f"unknown key '{loc[-1]}'{hint}"
         elif kind == "missing":
             msg = "required field is missing; add it"
@@ -280,6 +283,18 @@ def _schema_problems(exc: ValidationError, problems: _Problems, data: dict[str, 
             messages[loc].append(msg)
     for loc, msgs in messages.items():
         problems.add(loc, "; or ".join(msgs))
+
+
+def _recipe_loc(loc: tuple[str | int, ...], data: Any) -> Loc:
+    """A pydantic error location as the recipe's path: the tags pydantic inserts for union branches
+    (`constrained-float`, `literal['auto']`) go; a key the recipe itself holds stays, whatever its spelling."""
+    out: list[str | int] = []
+    for part in loc:
+        here = _get(data, tuple(out))
+        if isinstance(part, str) and not part.isidentifier() and not (isinstance(here, dict) and part in here):
+            continue
+        out.append(part)
+    return tuple(out)
 
 
 def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -> str | None:
@@ -294,6 +309,13 @@ def _plain_hint(loc: Loc, err: Any, data: dict[str, Any], problems: _Problems) -
     target = _get(data, ("target",))
     if loc == ("target",) and isinstance(target, dict) and None not in (target.get("sparsity"), target.get("params")):
         where = {key: problems.locations.get(("target", key), ("", 0)) for key in ("sparsity", "params")}
+        overridden = [key for key, (file, line) in where.items() if file.startswith("--set ") and line == 0]
+        if len(overridden) == 1:  # the command line chose one; the file holds the other
+            key, = overridden
+            other = "params" if key == "sparsity" else "sparsity"
+            file, line = where[other]
+            return (f"target.sparsity and target.params are both set ({where[key][0]}; target.{other} is in "
+                    f"{file}:{line}); add --set target.{other}=null to use target.{key} alone")
         inherited = [key for key, (file, _) in where.items() if file != problems.default_file]
         if len(inherited) == 1:
             key = inherited[0]
@@ -342,10 +364,16 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
             problems.add(("target", "params"), f"{recipe.target.params:,} is at or below the embeddings and norms "
                                                f"alone ({src.embeddings + src.norms:,}); add 'hidden' to "
                                                "target.structures or pick a larger target")
+    if (why := alignment_problem(arch, recipe.target.multiple_of, structures)) is not None:
+        problems.add(("target", "multiple_of"), why)
     sparsity = target_sparsity(recipe, arch) if not problems.lines else None
     if sparsity is not None and sparsity >= 0.95:
         problems.add(("target",), f"prunable sparsity {sparsity:.3f} is not reachable while keeping a usable model "
                                   "(at most 0.95); pick a larger target")
+    elif sparsity is not None and (unmeetable := unmeetable_target(arch, sparsity, structures,
+                                                                    recipe.target.multiple_of, recipe.export.mode)):
+        field, why = unmeetable
+        problems.add(tuple(field.split(".")), why)
     if recipe.method != "compresso" and {"attention_blocks", "ffn_blocks"} & set(structures):
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")
@@ -362,7 +390,7 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
                                          "to your GPU type, or model.dtype: float32 or auto")
 
     if check_files:
-        _file_problems(recipe, problems)
+        _file_problems(recipe, arch.vocab_size, problems)
 
 
 def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) -> None:
@@ -386,7 +414,48 @@ def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) ->
 _MAX_CHARS_PER_TOKEN = 10
 
 
-def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
+def _local_tokenizer(recipe: Recipe, problems: _Problems) -> Any:
+    """The model folder's tokenizer.json (a `tokenizers.Tokenizer`) when it is local or cached, else None
+    (a file that does not parse is a problem at model.path)."""
+    folder = locate_model(recipe.model).folder
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+        problems.add(("model", "path"), f"{folder / 'tokenizer.json'} is not a readable tokenizer "
+                                        f"({str(exc).splitlines()[0][:120]}); copy the source model's tokenizer "
+                                        "files there")
+        return None
+
+
+def _vocabulary_problem(tokenizer: Any, vocab_size: int, problems: _Problems) -> None:
+    """Every id the tokenizer can produce must have an embedding row: tokenizer files copied from another
+    model (or a pad token added after training) give ids the model cannot look up, and the first forward
+    that meets one fails deep inside torch."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        problems.add(("model", "path"), f"the tokenizer has {size:,} tokens but the model's vocabulary (vocab_size in "
+                                        f"config.json) has {vocab_size:,}; copy the source model's own tokenizer "
+                                        "files into the folder")
+
+
+def _tokenizer_config(path: Path, problems: _Problems) -> dict[str, Any]:
+    """A model folder's tokenizer_config.json ({} when absent; a problem at model.path when not JSON)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.add(("model", "path"), f"{path} is not valid JSON ({exc}); copy the source model's tokenizer "
+                                        "files there")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _prompt_room(recipe: Recipe, tokenizer: Any, bos: bool, problems: _Problems) -> None:
     """Every training sequence starts with BOS, the prompt and the template; at data.max_seq_length there must
     be room left for the example's own text, or the prune stage finds no example to train on. Counted with the
     model's tokenizer.json when it is local or cached, else bounded from the character count."""
@@ -399,14 +468,8 @@ def _prompt_room(recipe: Recipe, problems: _Problems) -> None:
     if not prefix:
         return
     limit = recipe.data.max_seq_length
-    folder = locate_model(recipe.model).folder
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        config = json.loads((folder / "tokenizer_config.json").read_text()) \
-            if (folder / "tokenizer_config.json").is_file() else {}
-        count = len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prefix, add_special_tokens=False).ids)
-        count += 1 if config.get("bos_token") else 0
+    if tokenizer is not None:
+        count = len(tokenizer.encode(prefix, add_special_tokens=False).ids) + bos
         how = f"{count} tokens with the model's tokenizer"
     else:
         count = len(prefix) // _MAX_CHARS_PER_TOKEN
@@ -428,14 +491,18 @@ def _warnings(recipe: Recipe, warnings: _Problems) -> list[str]:
     return warnings.lines
 
 
-def _file_problems(recipe: Recipe, problems: _Problems) -> None:
+def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None:
     location = locate_model(recipe.model)
     if (missing := location.problem(need_weights=True)) is not None:
         problems.add(("model", "path"), missing.removeprefix("model.path: "))
     elif not location.has_tokenizer:
         problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
                                         "tokenizer_config.json); copy the source model's tokenizer files there")
-    _prompt_room(recipe, problems)
+    tokenizer = _local_tokenizer(recipe, problems)
+    if tokenizer is not None:
+        _vocabulary_problem(tokenizer, vocab_size, problems)
+    config = _tokenizer_config(location.folder / "tokenizer_config.json", problems) if location.folder else {}
+    _prompt_room(recipe, tokenizer, bool(config.get("bos_token")), problems)
     needs_data = recipe.method == "compresso" or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
@@ -508,6 +575,8 @@ def _apply_override(data: dict[str, Any], item: str, locations: Locations) -> No
         container[last] = value
         for known in [k for k in locations if k[:len(loc)] == loc]:
             del locations[known]  # lines of the file's old value no longer describe it
+    for end in range(1, len(loc)):  # sections the override created have no line in a file either
+        locations.setdefault(loc[:end], (label, 0))
     _locate_value(value, loc, label, locations)
     _resolve_paths(data, Path.cwd(), label, locations)
 

@@ -9,8 +9,10 @@ against the recipe's own folder, cross-field checks, and error lines of the form
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -18,6 +20,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     PrivateAttr,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -34,7 +37,37 @@ ExportMode = Literal["native", "uniform", "pad"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Unknown keys, infinities and NaN (YAML's .inf, .nan: an infinite learning rate validates against `gt=0`),
+    yes/no values given for numbers and NUL characters in text are errors, not silently taken."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_value(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads true/false/yes/no/on/off as booleans and pydantic would take them as 1 and 0:
+        `multiple_of: true` would turn alignment off, `distill: {weight: yes}` would drop the LM loss.
+        YAML's "\\0" is a NUL character, which no path the operating system opens can hold."""
+        if isinstance(value, bool) and info.field_name and _takes_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a yes/no value, not a number; write a number")
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("contains a NUL character (\\0), which no file name or recipe text may hold; remove it")
+        return value
+
+
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field's type accepts an int or a float but not a bool."""
+    leaves = _leaf_types(annotation)
+    return bool(leaves & {int, float}) and bool not in leaves
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_leaf_types(arg) for arg in typing.get_args(annotation)))
+    return {annotation}
 
 
 # Upper bounds on values that size memory or time: far above any real job, low enough that a typo or a
@@ -146,7 +179,8 @@ class TargetSection(Strict):
         "best at 64 or 128, llama.cpp's quantizers need blocks of 32 (q8_0) or 256 (k-quants). The final masks "
         "meet the target within one aligned unit. Default (null): 64 for a dimension of at least 1,024 "
         "(7B-class widths: hidden 4096, FFN 11008 = 172 x 64), none below, where a 64-wide unit is a large share "
-        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off.",
+        "of a tiny model's dimension and would move it far from its target; 1 turns alignment off. An explicit unit "
+        "must be below the width of each pruned dimension.",
     )
 
     @field_validator("params", mode="before")

@@ -309,6 +309,12 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             training=stage_training(recipe.finetune, []), scale=scale,
             **_distill_memory(recipe.finetune, params, own_base=False)),
     }
+    # A stage that will not run needs no memory, and must not steer the strategy the others run with.
+    for name, idle in (("prune", recipe.method != "compresso" and f"method '{recipe.method}' is one-shot: no "
+                                                                  "pruning run"),
+                       ("finetune", not recipe.finetune.enabled and "finetune.enabled is false: no fine-tune")):
+        if idle:
+            stages[name] = {"per_gpu_bytes": 0, "breakdown": {}, "note": idle}
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
@@ -547,8 +553,10 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
             total, phase_steps = 0, {"train": 0}
         params = count_params(arch).total if stage == "prune" else target_total
         # LoRA with a frozen base: forward (2P) + backward through activations (2P); train: full adds the
-        # weight gradients (2P); gradient checkpointing recomputes the forward (2P).
-        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params
+        # weight gradients (2P); gradient checkpointing recomputes the forward (2P); distillation adds the
+        # teacher's forward, and the teacher is the source (2 x its parameters).
+        teacher = 2 * count_params(arch).total if section.distill.weight else 0
+        flops_per_token = (4 + 2 * (section.train == "full") + 2 * section.gradient_checkpointing) * params + teacher
         tokens = None if total is None else total * global_batch * recipe.data.max_seq_length
         out[stage] = {
             "global_batch": global_batch, "steps_per_epoch": per_epoch, "phases": phase_steps, "total": total,
@@ -556,7 +564,7 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
         }
     out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
                          "full-length sequences, 4P FLOPs per trained token (+2P with train: full, +2P with "
-                         "checkpointing)")
+                         "checkpointing, + 2 x the source's parameters with distillation)")
     return out
 
 
@@ -716,9 +724,6 @@ def make_plan(recipe: Recipe) -> dict[str, Any]:
     trainable = _trainable(recipe, arch)
     world = recipe.hardware.world_size
     stages, strategy = _memory_and_strategy(recipe, arch, params, trainable)
-    if recipe.method != "compresso":
-        stages["prune"] = {"per_gpu_bytes": 0, "breakdown": {}, "fits": True,
-                           "note": f"method '{recipe.method}' is one-shot: no pruning run"}
     on_gpu = recipe.hardware.gpu != "cpu"
     for name, entry in stages.items():
         if recipe.hardware.gpu == "cpu":  # host RAM bounds a CPU run: no GPU verdict (memory.host has its peaks)

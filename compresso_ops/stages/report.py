@@ -395,6 +395,9 @@ def build_report(run_dirs: list[Path]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- formatting
 
 def _num(v: Any, spec: str, suffix: str = "") -> str:
+    """`v` formatted; "inf" for an infinite measure (a perplexity past the float range), "—" for none."""
+    if isinstance(v, float) and math.isinf(v):
+        return f"{'' if v > 0 else '-'}inf{suffix}"
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return "—"
     return f"{v:{spec}}{suffix}"

@@ -125,14 +125,32 @@ def _alpaca_examples(path: Path, tokenizer: Any, prompt: str, max_len: int) -> l
         prefixes.append(with_prompt(prompt, alpaca_prompt(instruction, input_text)))
         responses.append(_field(path, where, row, "output", True))
     bos, eos = _bos(tokenizer), _eos(tokenizer)
-    examples = []
+    examples, empty, cut = [], 0, 0
     for prefix, response in zip(_encode(tokenizer, prefixes), _encode(tokenizer, responses), strict=True):
         prefix, response = bos + prefix, response + eos
         ids = (prefix + response)[:max_len]
         labels = ([IGNORE] * len(prefix) + response)[:max_len]
         if any(t != IGNORE for t in labels):  # a response cut off entirely teaches nothing
             examples.append(Example(ids, labels))
+        elif response:
+            cut += 1
+        else:
+            empty += 1
+    if rows and not examples:
+        raise UserError(_no_response_tokens(path, empty, cut, max_len))
     return examples
+
+
+def _no_response_tokens(path: Path, empty: int, cut: int, max_len: int) -> str:
+    """Why no row of an Alpaca file leaves a token to train on (the loss is taken on responses only)."""
+    reasons = []
+    if cut:
+        reasons.append(f"{cut:,} start with a prompt, template and instruction of data.max_seq_length ({max_len}) "
+                       "tokens or more, which cut the response off (raise data.max_seq_length or shorten prompt.text)")
+    if empty:
+        reasons.append(f"{empty:,} have an empty output and the tokenizer has no EOS token to train on (give the "
+                       "rows outputs)")
+    return f"data.path: {path}: no row has a response token to train on: {'; '.join(reasons)}"
 
 
 def _pieces(path: Path) -> list[tuple[str, bool]]:
@@ -152,6 +170,8 @@ def _text_examples(path: Path, tokenizer: Any, prompt: str, max_len: int, max_sa
                         f"({len(head)} tokens); raise data.max_seq_length or shorten prompt.text")
     needed = None if max_samples is None else max_samples * room  # stop tokenizing once enough text is in
     pieces = [(text, end) for text, end in _pieces(path) if text.strip() or end]
+    if not any(text.strip() for text, _ in pieces):  # whitespace alone is no text to learn from
+        return []
     stream: list[int] = []
     doc_start, eos = 0, _eos(tokenizer)
     for i in range(0, len(pieces), _TOKENIZE_BATCH):

@@ -269,6 +269,10 @@ def check_finite(stage: str, step: int, values: dict[str, torch.Tensor], store: 
                  lr_setting: str) -> None:
     """Stop before a non-finite loss reaches the weights; the last good checkpoint stays on disk."""
     bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
+    if bad and step == 0:  # nothing has been trained yet: the learning rate cannot be the cause
+        raise StageError(f"{stage}: {bad[0]} is NaN/inf at step 1, before any weight was updated: the model's "
+                         "forward is not finite on the first batch; check its weights, and use bfloat16 or float32 "
+                         "instead of float16")
     if bad:
         raise StageError(f"{stage}: {bad[0]} became NaN/inf at step {step + 1}; {_kept(store)}; lower {lr_setting} "
                          "or use bfloat16 instead of float16")

@@ -13,6 +13,7 @@ from torch import nn
 
 from compresso_ops.errors import UserError
 from compresso_ops.models.adapter import module_names, unwrap
+from compresso_ops.models.architecture import PROJECTIONS
 from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.recipe.schema import LoraSection, Recipe, TrainingSection
 from compresso_ops.training.distributed import SINGLE, DistContext
@@ -47,7 +48,18 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = Fals
                 freeze_for_training(model, precision)
             if turns > 1:
                 dist.barrier()
+    refuse_nonfinite_weights(model, m.path)
     return model, tokenizer, precision
+
+
+def refuse_nonfinite_weights(model: nn.Module, path: str) -> None:
+    """A source with NaN or inf in its weights (a damaged download or conversion) is a user error at load:
+    otherwise the first step fails with advice about learning rates, or a one-shot method slices NaNs and
+    the export check blames the slice. Every process holds the same weights, so all refuse together."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"model.path: {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the "
+                        "checkpoint is damaged: download or convert it again")
 
 
 def _loading_turns(recipe: Recipe, precision: Precision) -> int:
@@ -99,8 +111,12 @@ def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:
     names = module_names(model)
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
-        raise UserError(f"{field}: {', '.join(missing)} matches no module of the model; use q_proj, k_proj, "
-                        "v_proj, o_proj, gate_proj, up_proj or down_proj")
+        # A projection of the architecture that is absent was pruned away in every layer (all heads, all
+        # channels or every block): the model keeps only the others.
+        pruned = " (pruning removed it from every layer)" if set(missing) <= set(PROJECTIONS) else ""
+        kept = [p for p in PROJECTIONS if p in names] or list(PROJECTIONS)
+        choices = f"{', '.join(kept[:-1])} or {kept[-1]}" if len(kept) > 1 else kept[0]
+        raise UserError(f"{field}: {', '.join(missing)} matches no module of the model{pruned}; use {choices}")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's concern

@@ -1,5 +1,6 @@
 """Other levers on the quality gap at the matrix's budget: one-shot criteria that read activations, a
-least-squares repair of the sliced model before recovery, and other distillation settings (issue 14).
+least-squares repair of the sliced model before recovery, Compresso's gates on other structures, and other
+distillation settings (issue 14).
 
 Everything runs at the quality matrix's settings (`benchmarks/quality.py`: stories260K, 600 optimizer steps of
 4 x 128 TinyStories tokens, full_kd recovery, perplexity on tinystories/dev.txt) and is compared with the dense

@@ -421,6 +421,18 @@ def test_step_counts_are_whole_numbers_in_the_resolved_recipe(tmp_path, model_di
     assert half.exit_code == 2 and "whole number of steps" in half.output
 
 
+def test_validate_warns_that_no_stage_reads_data_validation_path(tmp_path, model_dir):
+    """An older recipe's data.validation_path still loads, but validate says at its line that nothing reads it
+    and where held-out text goes instead; a path that no longer exists is then no error."""
+    body = BASE.replace("{model}", str(model_dir)).replace("  max_seq_length: 200\n",
+                                                           "  max_seq_length: 200\n  validation_path: gone.txt\n")
+    result = CliRunner().invoke(main, ["validate", str(_write(tmp_path, body))])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "r.yaml:9: data.validation_path: warning: no stage reads" in warning[0]
+    assert "eval.perplexity.path" in warning[0]
+
+
 def test_validate_warns_when_the_multipliers_cannot_follow_a_short_ramp(tmp_path, model_dir):
     """Valid, but predictably poor: at 0.1 a 60-step ramp leaves the gates far below the target
     (benchmarks/gate_lr.py); validate says so at the field's line and still exits 0. auto does not warn."""

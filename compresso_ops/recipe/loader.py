@@ -482,7 +482,10 @@ def _prompt_room(recipe: Recipe, tokenizer: Any, bos: bool, problems: _Problems)
 
 def _warnings(recipe: Recipe, warnings: _Problems) -> list[str]:
     """Valid settings whose outcome can be predicted to be poor; only where the prediction needs no data:
-    a steps-based ramp with a fixed multiplier learning rate too small for it."""
+    a steps-based ramp with a fixed multiplier learning rate too small for it, and a field no stage reads."""
+    if recipe.data.validation_path is not None:
+        warnings.add(("data", "validation_path"), "warning: no stage reads this field; to score held-out text "
+                                                  "set eval.perplexity.path (and drop this line)")
     schedule = recipe.prune.schedule
     lag = ramp_too_short(recipe.prune.lr.lagrangian, max(1, int(schedule.ramp))) \
         if recipe.method == "compresso" and schedule.unit == "steps" else None
@@ -508,7 +511,6 @@ def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
     files: list[tuple[Loc, Path | None]] = [
         (("data", "path"), recipe.data.path),
-        (("data", "validation_path"), recipe.data.validation_path),
         (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),
     ]
     files += [(("eval", "local_tasks", i, "data"), t.data) for i, t in enumerate(recipe.eval.local_tasks)]

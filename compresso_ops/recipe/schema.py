@@ -223,7 +223,9 @@ class DataSection(Strict):
     )
     max_seq_length: int = Field(default=512, ge=8, le=MAX_SEQ_LENGTH, description="Tokens per training example (longer ones are cut).")
     max_samples: int | None = Field(default=None, gt=0, description="Use at most this many examples.")
-    validation_path: Path | None = Field(default=None, description="Held-out plain text for perplexity.")
+    validation_path: Path | None = Field(
+        default=None, description="Read by no stage (older recipes set it; validate warns): held-out text is "
+                                  "scored by eval.perplexity.path.")
     num_examples: int | None = Field(
         default=None, gt=0, le=10**12,
         description="Rows in the data file, for planning steps and time before the file is on disk.")

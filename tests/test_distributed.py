@@ -288,6 +288,32 @@ def test_fsdp_loading_reads_only_own_shards_and_gives_todays_base(tmp_path):
         assert torch.equal(got[name], tensor), name
 
 
+def test_fsdp_loading_refuses_nan_rows_in_every_process(tmp_path):
+    """Under FSDP each process reads only its rows, so only one may see a damaged tensor: both still stop
+    with the one-line model.path error (no process left waiting in a collective, no advice about learning
+    rates at step 1)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "model"
+    save_tiny(folder, "llama", gqa=True, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[-1, 0] = float("nan")  # a row of the second process's shard
+    model.save_pretrained(folder)
+    recipe = _recipe(tmp_path, strategy="fsdp")
+    out = tmp_path / "job"
+    proc = _launch({"jobs": [{"stage": "load", "recipe": recipe.model_dump(mode="json")}]}, out)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc, out)
+    log = (out / "torchrun.log").read_text()
+    assert rc != 0, log[-4000:]
+    assert "1 weight tensor(s) hold NaN or inf (first: model.embed_tokens.weight)" in log, log[-4000:]
+    assert "weights hold NaN or inf (in rows another process read)" in log, log[-4000:]
+
+
 def test_replicas_on_gpus_load_one_process_at_a_time(work):
     """Under DDP on GPUs the processes of a node take turns (one copy in RAM at a time); on CPU, or when
     FSDP reads shards, they load together."""

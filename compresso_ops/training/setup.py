@@ -18,7 +18,13 @@ from compresso_ops.models.resolve import locate_model, readable_model
 from compresso_ops.recipe.schema import LoraSection, Recipe, TrainingSection
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.precision import Precision, choose_precision
-from compresso_ops.training.sharded_load import can_load_sharded, fill_shards, placeholder_model, to_meta_
+from compresso_ops.training.sharded_load import (
+    SOURCE_ATTR,
+    can_load_sharded,
+    fill_shards,
+    placeholder_model,
+    to_meta_,
+)
 from compresso_ops.training.sharding import shard_model
 
 
@@ -52,14 +58,18 @@ def load_source(recipe: Recipe, dist: DistContext = SINGLE, *, full: bool = Fals
     return model, tokenizer, precision
 
 
-def refuse_nonfinite_weights(model: nn.Module, path: str) -> None:
+def refuse_nonfinite_weights(model: nn.Module, path: str, dist: DistContext = SINGLE) -> None:
     """A source with NaN or inf in its weights (a damaged download or conversion) is a user error at load:
     otherwise the first step fails with advice about learning rates, or a one-shot method slices NaNs and
-    the export check blames the slice. Every process holds the same weights, so all refuse together."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise UserError(f"model.path: {path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the "
-                        "checkpoint is damaged: download or convert it again")
+    the export check blames the slice. A whole model is the same in every process, so all refuse alike;
+    FSDP shards differ, so with `dist` the processes decide together and none is left waiting in a
+    collective while another stops."""
+    bad = [name for name, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if dist.any(bool(bad)):
+        found = f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})" if bad else (
+            "weights hold NaN or inf (in rows another process read)")
+        raise UserError(f"model.path: {path}: {found}; the checkpoint is damaged: download or convert it again")
 
 
 def _loading_turns(recipe: Recipe, precision: Precision) -> int:
@@ -98,9 +108,12 @@ def shard_frozen(model: nn.Module, precision: Precision) -> None:
     """Under FSDP, shard `model` across the ranks; a placeholder model (load_source) allocates nothing until
     each rank reads its own shards. Without FSDP, nothing to do."""
     if precision.shard_base:
+        source = getattr(unwrap(model), SOURCE_ATTR, None)  # a placeholder's folder (load_source checked others)
         to_meta_(model)
         shard_model(model, precision)
         fill_shards(model, precision.device, precision.dist.rank, precision.dist.world_size)
+        if source is not None:
+            refuse_nonfinite_weights(unwrap(model), source, precision.dist)
 
 
 def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:

@@ -188,14 +188,20 @@ class TargetSection(Strict):
     def _parse_params(cls, v: Any) -> Any:
         return None if v is None else parse_param_count(v)
 
+    @field_validator("structures")
+    @classmethod
+    def _some_structures_once(cls, v: list[str]) -> list[str]:
+        """Checked on the field, so the error points at its line, or at the --set that gave it."""
+        if not v:
+            raise ValueError("empty; list at least one of heads, ffn, hidden")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a structure twice")
+        return v
+
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetSection:
         if (self.sparsity is None) == (self.params is None):
             raise ValueError("give exactly one of target.sparsity or target.params")
-        if not self.structures:
-            raise ValueError("target.structures is empty; list at least one of heads, ffn, hidden")
-        if len(set(self.structures)) != len(self.structures):
-            raise ValueError("target.structures lists a structure twice")
         return self
 
 

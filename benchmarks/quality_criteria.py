@@ -63,10 +63,9 @@ from benchmarks.quality import (
 )
 from compresso_ops.evaluation.harness import load_model
 from compresso_ops.infra import atomic
-from compresso_ops.method.baselines import magnitude_scores
-from compresso_ops.method.masks import MASKS_FILE, select_final_masks_from_scores
+from compresso_ops.method.baselines import magnitude_scores, save_ranked_masks
+from compresso_ops.method.masks import MASKS_FILE
 from compresso_ops.models.adapter import ModelAdapter
-from compresso_ops.models.sizes import prunable_sparsity, target_sparsity
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.plan import with_overrides
@@ -153,7 +152,7 @@ def activation_scores(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, to
 
 
 def one_shot(v: Variant, r: Recipe, prune_dir: Path) -> None:
-    """Masks of criterion `v.criterion` into prune_dir, as `method.baselines.run_one_shot` writes them."""
+    """Masks of criterion `v.criterion` into prune_dir, selected and written as the one-shot methods' are."""
     model, tokenizer, _ = load_source(r)
     model.eval()
     arch = ModelAdapter(model).arch
@@ -161,11 +160,7 @@ def one_shot(v: Variant, r: Recipe, prune_dir: Path) -> None:
     if v.criterion == "activation-uniform":  # rank within each layer: every layer keeps the same count
         scores["ffn"] = scores["ffn"].argsort(1).argsort(1).float()
         scores["heads"] = scores["heads"] + scores["ffn"].max() + 1  # heads first, as the raw scores rank them
-    sparsity = target_sparsity(r, arch)
-    masks = select_final_masks_from_scores(scores, arch, sparsity, r.export.mode, r.target.structures,
-                                           hidden_kept=arch.hidden_size, multiple_of=r.target.multiple_of)
-    masks.save(prune_dir, arch, extra={"prune": {"method": v.criterion, "target_sparsity": sparsity,
-                                                 "achieved_sparsity": prunable_sparsity(arch, masks.kept())}})
+    save_ranked_masks(r, arch, scores, prune_dir, v.criterion)
 
 
 @torch.no_grad()

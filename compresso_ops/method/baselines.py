@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compresso_ops.method.masks import select_final_masks_from_scores
+from compresso_ops.method.masks import Masks, select_final_masks_from_scores
 from compresso_ops.models.adapter import ModelAdapter
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.sizes import count_params, prunable_sparsity, target_sparsity
@@ -63,16 +63,21 @@ def run_one_shot(recipe: Recipe, model: torch.nn.Module, stage_dir: str | Path, 
     budget forces.
     """
     arch = ModelAdapter(model).arch
+    scores = magnitude_scores(model) if recipe.method == "magnitude" else random_scores(arch, recipe.prune.seed)
+    masks, summary = save_ranked_masks(recipe, arch, scores, stage_dir, recipe.method)
+    if on_event is not None:
+        on_event({"step": 1, "total_steps": 1, "expected_sparsity": summary["achieved_sparsity"],
+                  "target_sparsity": summary["target_sparsity"]})
+    return {"completed": True, **summary, "params": count_params(arch, masks.kept()).as_dict()}
+
+
+def save_ranked_masks(recipe: Recipe, arch: ArchSpec, scores: dict[str, torch.Tensor], stage_dir: str | Path,
+                      method: str) -> tuple[Masks, dict[str, Any]]:
+    """The one-shot selection: masks meeting the recipe's target from `scores` (hidden dims kept unless the
+    target forces fewer), written to stage_dir with a summary naming `method`; returns both."""
     sparsity = target_sparsity(recipe, arch)
-    if recipe.method == "magnitude":
-        scores = magnitude_scores(model)
-    else:
-        scores = random_scores(arch, recipe.prune.seed)
     masks = select_final_masks_from_scores(scores, arch, sparsity, recipe.export.mode, recipe.target.structures,
                                            hidden_kept=arch.hidden_size, multiple_of=recipe.target.multiple_of)
-    achieved = prunable_sparsity(arch, masks.kept())
-    summary = {"method": recipe.method, "target_sparsity": sparsity, "achieved_sparsity": achieved}
+    summary = {"method": method, "target_sparsity": sparsity, "achieved_sparsity": prunable_sparsity(arch, masks.kept())}
     masks.save(stage_dir, arch, extra={"prune": summary})
-    if on_event is not None:
-        on_event({"step": 1, "total_steps": 1, "expected_sparsity": achieved, "target_sparsity": sparsity})
-    return {"completed": True, **summary, "params": count_params(arch, masks.kept()).as_dict()}
+    return masks, summary

@@ -414,10 +414,9 @@ def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) ->
 _MAX_CHARS_PER_TOKEN = 10
 
 
-def _local_tokenizer(recipe: Recipe, problems: _Problems) -> Any:
-    """The model folder's tokenizer.json (a `tokenizers.Tokenizer`) when it is local or cached, else None
-    (a file that does not parse is a problem at model.path)."""
-    folder = locate_model(recipe.model).folder
+def _local_tokenizer(folder: Path | None, problems: _Problems) -> Any:
+    """The model `folder`'s tokenizer.json (a `tokenizers.Tokenizer`) when the model is local or cached
+    (`folder` not None), else None (a file that does not parse is a problem at model.path)."""
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
     from tokenizers import Tokenizer
@@ -501,7 +500,7 @@ def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None
     elif not location.has_tokenizer:
         problems.add(("model", "path"), f"{location.folder} has no tokenizer (tokenizer.json, tokenizer.model or "
                                         "tokenizer_config.json); copy the source model's tokenizer files there")
-    tokenizer = _local_tokenizer(recipe, problems)
+    tokenizer = _local_tokenizer(location.folder, problems)
     if tokenizer is not None:
         _vocabulary_problem(tokenizer, vocab_size, problems)
     config = _tokenizer_config(location.folder / "tokenizer_config.json", problems) if location.folder else {}

@@ -298,9 +298,8 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             arch, params["source"]["total"] - trainable["weights"], outside, trainable["total"], dtype=dtype,
             micro_batch=recipe.prune.micro_batch_size, seq_len=seq,
             checkpointing=recipe.prune.gradient_checkpointing, world=world, fsdp=fsdp, on_gpu=on_gpu,
-            training=stage_training(recipe.prune, recipe.target.structures if recipe.method == "compresso" else []),
-            **(_distill_memory(recipe.prune, params, own_base=recipe.prune.train == "lora")
-               if recipe.method == "compresso" else {})),
+            training=stage_training(recipe.prune, recipe.target.structures),
+            **_distill_memory(recipe.prune, params, own_base=recipe.prune.train == "lora")),
         "finetune": _training_memory(
             arch, 0 if recipe.finetune.train == "full" else target_total, int(outside * scale),
             _finetune_trainable(recipe, arch, target_total), dtype=dtype,
@@ -309,7 +308,8 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             training=stage_training(recipe.finetune, []), scale=scale,
             **_distill_memory(recipe.finetune, params, own_base=False)),
     }
-    # A stage that will not run needs no memory, and must not steer the strategy the others run with.
+    # A stage that will not run (one-shot methods do not train a prune stage) needs no memory, and must not
+    # steer the strategy the others run with.
     for name, idle in (("prune", recipe.method != "compresso" and f"method '{recipe.method}' is one-shot: no "
                                                                   "pruning run"),
                        ("finetune", not recipe.finetune.enabled and "finetune.enabled is false: no fine-tune")):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compresso_ops.errors import UserError
 from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.export import MANIFEST_FILE, export_pruned, load_exact
 from compresso_ops.recipe.schema import DistillSection, Recipe
@@ -19,7 +20,7 @@ from compresso_ops.stages.prune import PruneTrainer
 from compresso_ops.training.batching import Collator
 from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.data import IGNORE, Example, build_dataset
-from compresso_ops.training.distill import FrozenTeacher, distill_loss_sum
+from compresso_ops.training.distill import FrozenTeacher, distill_loss_sum, hidden_states_loss_sum
 from compresso_ops.training.loop import lm_loss_sum
 from compresso_ops.training.precision import Precision
 from compresso_ops.training.setup import load_source, prepare_for_training
@@ -58,6 +59,48 @@ def test_with_a_shared_prefix_the_distilled_loss_equals_the_plain_forwards():
     taught = source(input_ids=ids, attention_mask=mask).logits[:, :-1]
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     assert got.item() == pytest.approx(distill_loss_sum(logits, taught, labels, lm, section).item(), rel=1e-5)
+
+
+def test_the_hidden_state_term_is_each_labelled_positions_relative_distance_averaged_over_layers():
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 4, generator=g) for _ in range(4))  # embeddings, 3 layers (the last: KL's)
+    student = tuple(t + 0.3 * torch.randn(t.shape, generator=g) for t in teacher)
+    targets = torch.tensor([[3, IGNORE, 4, 5], [IGNORE, 1, 2, IGNORE]])
+    assert hidden_states_loss_sum(teacher, teacher, targets) == 0
+    keep = targets != IGNORE
+    expected = sum((((s[:, :-1] - t[:, :-1]).pow(2).sum(-1) / t[:, :-1].pow(2).sum(-1))[keep]).sum()
+                   for s, t in zip(student[1:3], teacher[1:3], strict=True)) / 2
+    assert hidden_states_loss_sum(student, teacher, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    elsewhere = [s.clone() for s in student]
+    elsewhere[0] += 5.0  # the embeddings,
+    elsewhere[3] += 5.0  # the last layer (the KL term's),
+    elsewhere[1][0, 1] += 5.0  # an unlabelled position,
+    elsewhere[2][:, -1] += 5.0  # and the last position (it predicts nothing) do not count
+    assert hidden_states_loss_sum(tuple(elsewhere), teacher, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(UserError, match="hidden size"):  # a recipe built in code with hidden dims pruned
+        hidden_states_loss_sum(tuple(s[..., :3] for s in student), teacher, targets)
+
+
+def test_the_hidden_state_term_adds_to_the_distilled_loss_with_its_weight():
+    """Rows sharing a prompt prefix forward whole (the term needs every position's states): the sum is the
+    plain forwards' distilled loss plus the weighted term."""
+    student, source = tiny_model("mistral", seed=1), tiny_model("mistral", seed=2)
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(0, 256, (24,), generator=g).tolist()
+    rows = [head + torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 9, 1)]
+    batch = Collator(258)([Example(r, [IGNORE] * 20 + r[20:]) for r in rows])
+    section = DistillSection(weight=0.4, temperature=1.5, hidden_states_weight=3.0)
+    got = lm_loss_sum(student, batch, CPU, FrozenTeacher(source, CPU), section)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
+    out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    taught = source(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    logits = out.logits[:, :-1]
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    expected = distill_loss_sum(logits, taught.logits[:, :-1], labels, lm, section) + 3.0 * hidden_states_loss_sum(
+        out.hidden_states, taught.hidden_states, labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = lm_loss_sum(student, batch, CPU, FrozenTeacher(source, CPU), DistillSection(weight=0.4, temperature=1.5))
+    assert got.item() > plain.item() + 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +170,30 @@ def test_distilled_fine_tune_moves_the_student_towards_the_source_and_says_so(so
     assert recovery["distill"] == {"teacher": "source", "weight": 1.0, "temperature": 1.0}
 
 
+def _hidden_state_distance(model: torch.nn.Module, source: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        out, taught = model(input_ids=ids, output_hidden_states=True), source(input_ids=ids, output_hidden_states=True)
+    return hidden_states_loss_sum(out.hidden_states, taught.hidden_states, ids[:, 1:]).item()
+
+
+def test_hidden_state_distillation_pulls_the_students_layers_to_the_sources_and_says_so(source_dir, tmp_path):
+    source = tiny_model("llama", gqa=True)
+    arch = ArchSpec.from_hf_config(source.config)
+    export_pruned(source, byte_tokenizer(), random_masks(arch, hidden=False, no_heads_layer=None, no_ffn_layer=None),
+                  "native", tmp_path / "sliced", source_info={"path": "tiny", "revision": None, "dtype": "float32"})
+    ids = torch.tensor([build_dataset(_recipe(source_dir).data, byte_tokenizer(), "", 256)[1].input_ids])
+    after = {}
+    for states in (0.0, 4.0):
+        finetune = {"unit": "steps", "duration": 12, "lr": 3e-3, "train": "full", "micro_batch_size": 2,
+                    "gradient_accumulation": 1, "distill": {"weight": 0.5, "hidden_states_weight": states}}
+        out = tmp_path / f"finetune-{states}"
+        run_finetune(_recipe(source_dir, finetune=finetune), tmp_path / "sliced", out)
+        after[states] = _hidden_state_distance(load_exact(out / "model", torch.float32), source, ids)
+        recovery = json.loads((out / "model" / MANIFEST_FILE).read_text())["finetune"]["recovery"]
+    assert after[4.0] < 0.8 * after[0.0]
+    assert recovery["distill"] == {"teacher": "source", "weight": 0.5, "temperature": 1.0, "hidden_states_weight": 4.0}
+
+
 def _memory(stage: str, **sections) -> dict:
     recipe = Recipe(name="t", model={"path": "unused", "architecture": "llama-7b"}, target={"sparsity": 0.3},
                     hardware={"gpu": "V100-32GB"}, **sections)
@@ -143,3 +210,6 @@ def test_the_plan_counts_a_teacher_only_where_one_is_loaded():
     assert prune_lora["teacher_weights"] == 0 and prune_lora["distill_logits"] > 0  # its own base serves
     prune_full = _memory("prune", prune={**on, "train": "full"})
     assert prune_full["teacher_weights"] == _memory("prune")["frozen_weights"]
+    assert "distill_hidden_states" not in finetune
+    states = _memory("finetune", finetune={"distill": {"weight": 0.5, "hidden_states_weight": 2.0}})
+    assert states["distill_hidden_states"] > 0 and states["teacher_weights"] == finetune["teacher_weights"]

@@ -461,13 +461,16 @@ def test_two_processes_evaluate_like_one(work, tmp_path, monkeypatch):
 
 
 def _distilled(recipe: Recipe) -> Recipe:
-    return with_overrides(recipe, {f"{stage}.distill.{name}": value for stage in ("prune", "finetune")
-                                   for name, value in (("weight", 0.5), ("temperature", 2.0))})
+    """Distillation in both stages; the fine-tune (its stand-in slice keeps the hidden size) matches hidden
+    states too."""
+    return with_overrides(recipe, {**{f"{stage}.distill.{name}": value for stage in ("prune", "finetune")
+                                      for name, value in (("weight", 0.5), ("temperature", 2.0))},
+                                   "finetune.distill.hidden_states_weight": 1.0})
 
 
 def test_distillation_under_fsdp_trains_like_one_process(work, tmp_path):
     """The prune stage's teacher (its own sharded base, adapters and gates off) and the fine-tune's (a sharded
-    copy of the source) give 2 FSDP processes the trajectory of one."""
+    copy of the source, its hidden states matched too) give 2 FSDP processes the trajectory of one."""
     recipe = _distilled(_recipe(work, strategy="fsdp", checkpointing=True))
     jobs = [{"stage": "prune", "recipe": recipe.model_dump(mode="json"), "stage_dir": str(tmp_path / "two" / "prune")},
             {"stage": "finetune", "recipe": recipe.model_dump(mode="json"), "sliced_dir": str(work / "sliced"),

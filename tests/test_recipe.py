@@ -133,6 +133,13 @@ MALFORMED = {
                          "yes/no value, not a number"),
     "true for a distillation weight": (BASE + "prune:\n  distill: {weight: true}\n", "prune.distill.weight", 11,
                                        "not a number"),
+    "hidden-state distillation without the teacher": (
+        BASE + "finetune:\n  distill:\n    hidden_states_weight: 2\n", "finetune.distill.hidden_states_weight", 12,
+        "needs the teacher"),
+    "hidden-state distillation with hidden dims pruned": (
+        BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  structures: [ffn, hidden]")
+        + "finetune:\n  distill:\n    weight: 0.5\n    hidden_states_weight: 2\n",
+        "finetune.distill.hidden_states_weight", 14, "hidden size must stay"),
     "multiple_of at the FFN width": (BASE.replace("sparsity: 0.3", "sparsity: 0.3\n  multiple_of: 48"),
                                      "target.multiple_of", 6, "not below the model's FFN width (48)"),
     "multiple_of above the hidden size": (

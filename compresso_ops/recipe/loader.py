@@ -374,6 +374,11 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
                                                                     recipe.target.multiple_of, recipe.export.mode)):
         field, why = unmeetable
         problems.add(tuple(field.split(".")), why)
+    for section in ("prune", "finetune"):
+        if getattr(recipe, section).distill.hidden_states_weight and "hidden" in structures:
+            problems.add((section, "distill", "hidden_states_weight"),
+                         "matches the student's hidden states to the source's, so the hidden size must stay: drop "
+                         "'hidden' from target.structures or set it to 0")
     if recipe.method != "compresso" and {"attention_blocks", "ffn_blocks"} & set(structures):
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")

@@ -308,6 +308,21 @@ class DistillSection(Strict):
                     "more than the LM loss alone at equal steps in benchmarks/quality.py.")
     temperature: float = Field(default=1.0, gt=0.0, le=20.0,
                                description="Softmax temperature of both distributions in the KL term (scaled by T^2).")
+    hidden_states_weight: float = Field(
+        default=0.0, ge=0.0, le=100.0,
+        description="Weight of a second distillation term added to the loss: the residual stream after every "
+                    "decoder layer but the last, matched to the source's at the same positions (each labelled "
+                    "position's squared distance relative to the source's squared norm there, averaged over the "
+                    "layers). 0 turns it off. Needs weight > 0 and the hidden size kept (no 'hidden' in "
+                    "target.structures); training forwards whole rows (no shared prompt prefix). On stories260K "
+                    "2 to 4 with finetune.lr 2e-3 recovered most (benchmarks/quality_levers.py).")
+
+    @field_validator("hidden_states_weight")
+    @classmethod
+    def _needs_teacher(cls, value: float, info: ValidationInfo) -> float:
+        if value and info.data.get("weight") == 0:  # weight validates first (field order); absent if it failed
+            raise ValueError("needs the teacher: set distill.weight above 0 (0.5 is a good start), or this to 0")
+        return value
 
 
 class TrainingSection(Strict):

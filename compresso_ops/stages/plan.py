@@ -194,15 +194,21 @@ def distill_bytes_per_token(arch: ArchSpec, dtype_bytes: int) -> int:
     return arch.vocab_size * (dtype_bytes + 3 * FP32)
 
 
+def hidden_states_distill_bytes_per_token(arch: ArchSpec, dtype_bytes: int) -> int:
+    """What the hidden-state distillation term adds, per token: the teacher's states after every decoder layer
+    (kept by its forward, in the compute dtype) and one layer's fp32 student/teacher copies and difference."""
+    return arch.hidden_size * (arch.num_layers * dtype_bytes + 3 * FP32)
+
+
 def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, trainable: int, *, dtype: str,
                      micro_batch: int, seq_len: int, checkpointing: bool, world: int, fsdp: bool, on_gpu: bool,
                      training: Training, scale: float = 1.0, distill: bool = False,
-                     teacher: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+                     teacher: tuple[int, int] = (0, 0), distill_hidden_states: bool = False) -> dict[str, Any]:
     """Peak bytes per GPU of one training stage. `frozen_params` are held in `dtype`; `trainable` (LoRA,
     gates, or with train: full every weight, then `frozen_params` is 0) cost BYTES_PER_TRAINABLE each.
     With `distill`, a frozen `teacher` of (parameters, of which outside the decoder layers) in `dtype`
     ((0, 0): the stage's own base serves), sharded like the base under FSDP, and the distillation term's
-    buffers at the loss.
+    buffers at the loss (with `distill_hidden_states`, the hidden-state term's too).
 
     The peak is at the loss: every saved activation is alive when the logits' buffers are, so the two add.
     """
@@ -247,6 +253,8 @@ def _training_memory(arch: ArchSpec, frozen_params: int, outside_layers: int, tr
     if distill:
         breakdown["teacher_weights"] = int(teacher_bytes)
         breakdown["distill_logits"] = int(tokens * distill_bytes_per_token(arch, nbytes))
+        if distill_hidden_states:
+            breakdown["distill_hidden_states"] = int(tokens * hidden_states_distill_bytes_per_token(arch, nbytes))
     subtotal = sum(v for k, v in breakdown.items() if not k.startswith("activations_"))
     breakdown["framework_overhead"] = _framework_overhead(subtotal) if on_gpu else 0
     return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown}
@@ -278,7 +286,8 @@ def _distill_memory(section: Any, params: dict[str, Any], *, own_base: bool) -> 
         return {}
     source = params["source"]
     return {"distill": True, "teacher": (0, 0) if own_base else
-            (source["total"], source["embeddings"] + source["norms"])}
+            (source["total"], source["embeddings"] + source["norms"]),
+            "distill_hidden_states": section.distill.hidden_states_weight > 0}
 
 
 def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], trainable: dict[str, int],

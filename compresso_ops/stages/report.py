@@ -650,10 +650,13 @@ def _recovery(r: dict[str, Any] | None) -> str:
 
 
 def _distilled(distill: dict[str, Any] | None) -> str:
-    """', distilled from the source (weight 0.5, temperature 1)' for a stage that distilled, else ''."""
+    """', distilled from the source (weight 0.5, temperature 1)' for a stage that distilled, else ''; the
+    hidden-state term is named when it was on (older manifests have no such key)."""
     if not distill:
         return ""
-    return f", distilled from the source (weight {distill['weight']:g}, temperature {distill['temperature']:g})"
+    states = distill.get("hidden_states_weight")
+    return (f", distilled from the source (weight {distill['weight']:g}, temperature {distill['temperature']:g}"
+            + (f", hidden states {states:g}" if states else "") + ")")
 
 
 NO_CHARTS = "Charts are written only next to a report file: `compresso-ops report RUN_DIR -o report.md`."

@@ -4,6 +4,11 @@ The loss of a training step becomes (1 - w) * LM + w * T^2 * KL(teacher || stude
 teacher being the source model. On stories260K at equal steps this recovered far more than the LM loss alone
 (benchmarks/quality.py): a pruned model's next-token distribution carries more signal per token than its label.
 
+With `hidden_states_weight` a second term matches the student's residual stream after each decoder layer to
+the source's (CoFi's layer distillation, without its layer mapping: pruning keeps every layer and the hidden
+size): a sliced model's layers get a target of their own instead of only the last layer's, which recovered
+more at equal steps (benchmarks/quality_levers.py).
+
 Two teachers, chosen to cost the least memory:
 - `AdapterOffTeacher`: in a LoRA prune stage the source *is* the student's frozen base, so the teacher is the
   same model with the adapters disabled (the caller turns the gate hooks off): no second copy.
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresso_ops.errors import UserError
 from compresso_ops.method.hooks import GateHooks
 from compresso_ops.recipe.schema import DistillSection, Recipe, TrainingSection
 from compresso_ops.training.data import IGNORE
@@ -83,6 +89,29 @@ def distill_loss_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     return (1.0 - section.weight) * lm_sum + section.weight * kl
 
 
+def hidden_states_loss_sum(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                           targets: torch.Tensor) -> torch.Tensor:
+    """Summed over the labelled positions: each position's squared distance between the student's and the
+    teacher's residual stream, relative to the teacher's squared norm there, averaged over the decoder layers
+    but the last.
+
+    `student` / `teacher`: the models' `hidden_states` (the embeddings, then one entry per decoder layer, the
+    last one after the final norm in some classes: the KL term covers that layer, so it and the embeddings are
+    left out); `targets`: the next-token labels of positions 0..L-2, IGNORE where no loss is taken. Relative
+    per position, so no layer or outlier position dominates by its scale and the sum does not depend on which
+    rows share a micro-batch (data-parallel runs equal one process)."""
+    if student[0].shape[-1] != teacher[0].shape[-1]:
+        raise UserError(f"distill.hidden_states_weight: the student's hidden size ({student[0].shape[-1]}) is not "
+                        f"the source's ({teacher[0].shape[-1]}); hidden dims were pruned, so set it to 0")
+    keep = targets != IGNORE
+    layers = list(zip(student[1:-1], teacher[1:-1], strict=True))
+    total = torch.zeros((), device=targets.device)
+    for s, t in layers:
+        s, t = s[:, :-1][keep].float(), t[:, :-1][keep].float()
+        total = total + ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)).sum()
+    return total / max(1, len(layers))
+
+
 def teacher_for(recipe: Recipe, stage: str, model: nn.Module, precision: Precision,
                 hooks: GateHooks | None = None) -> Teacher | None:
     """The teacher of `stage` ("prune", whose gate `hooks` it pauses, or "finetune"), or None when its recipe
@@ -99,5 +128,7 @@ def describe(section: TrainingSection) -> dict[str, Any] | None:
     """What the manifest and the report say of a stage's distillation (None: off)."""
     if section.distill.weight == 0:
         return None
-    return {"teacher": "source", **section.distill.model_dump()}
+    said = section.distill.model_dump(exclude={"hidden_states_weight"} if not section.distill.hidden_states_weight
+                                      else None)
+    return {"teacher": "source", **said}
 

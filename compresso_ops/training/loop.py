@@ -29,7 +29,7 @@ from compresso_ops.errors import StageError
 from compresso_ops.recipe.schema import DistillSection
 from compresso_ops.training.checkpoints import CheckpointStore
 from compresso_ops.training.data import IGNORE
-from compresso_ops.training.distill import Teacher, distill_loss_sum
+from compresso_ops.training.distill import Teacher, distill_loss_sum, hidden_states_loss_sum
 from compresso_ops.training.distributed import SINGLE, DistContext
 from compresso_ops.training.events import EventLog
 from compresso_ops.training.precision import Precision
@@ -202,6 +202,8 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Pre
     rank, so the ranks agree to share only when all of them can."""
     batch = {k: v.to(precision.device) for k, v in batch.items()}
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if teacher is not None and distill is not None and distill.hidden_states_weight:
+        return _loss_sum_with_hidden_states(model, ids, mask, labels, precision, teacher, distill)
     prefix = shared_prefix_length(ids, labels, mask)
     share = prefix >= MIN_SHARED_PREFIX
     if precision.shard_base:
@@ -219,6 +221,20 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: Pre
             term = distill_loss_sum(logits, taught[i], targets, term, distill)
         total = total + repeat * term
     return total
+
+
+def _loss_sum_with_hidden_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                                 precision: Precision, teacher: Teacher, distill: DistillSection) -> torch.Tensor:
+    """`lm_loss_sum` with the hidden-state term of `distill` added: whole rows through both models (the term
+    needs every position's states, so no prefix is shared), the same sums otherwise."""
+    with torch.no_grad(), teacher.active(), teacher.precision.autocast():
+        taught = teacher.model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    with precision.autocast():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
+    term = distill_loss_sum(logits, taught.logits[:, :-1], targets, _loss_sum(logits, targets), distill)
+    return term + distill.hidden_states_weight * hidden_states_loss_sum(out.hidden_states, taught.hidden_states,
+                                                                        targets)
 
 
 def _shifted_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix: int,

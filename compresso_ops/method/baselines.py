@@ -89,8 +89,9 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[Batch]) -> dict[
     channel's summed squared contribution ||a_j||^2 * ||W_down[:, j]||^2 (a_j: its input to down_proj over all
     tokens), a KV group's summed squared o_proj output of its query heads. The square root puts heads and
     channels on one scale so the budgeted selection can trade one for the other. Only the positions the
-    attention mask marks as tokens are summed, so padding adds nothing. Runs the decoder layers only (no LM head), in the model's
-    dtype on its device, and accumulates in fp32; returns `heads` [L, G] and `ffn` [L, f] on the CPU.
+    attention mask marks as tokens are summed, so padding adds nothing. Runs the decoder layers only (no LM
+    head), in the model's dtype on its device, and accumulates in fp32; returns `heads` [L, G] and `ffn`
+    [L, f] on the CPU.
     """
     ad = ModelAdapter(model)
     arch = ad.arch

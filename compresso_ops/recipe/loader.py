@@ -542,7 +542,6 @@ def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None
     needs_data = recipe.prune_reads_data or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
-
     files: list[tuple[Loc, Path | None]] = [
         (("data", "path"), recipe.data.path),
         (("eval", "perplexity", "path"), recipe.eval.perplexity.path if recipe.eval.perplexity else None),

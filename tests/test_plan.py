@@ -495,3 +495,9 @@ def test_a_one_shot_prune_stage_plans_what_it_runs(tmp_path):
     tight = make_plan(_recipe(tmp_path, body % ("activation", 64, "V100-16GB")))["memory"]["stages"]["prune"]
     assert not tight["fits"] and tight["suggestion"].startswith("set prune.micro_batch_size: ")
     assert "checkpointing" not in tight["suggestion"] and "accumulation" not in tight["suggestion"]
+    for method in ("magnitude", "activation"):  # the human view renders a one-shot prune row
+        (tmp_path / "r.yaml").write_text(textwrap.dedent(body % (method, 4, "A100-80GB")))
+        shown = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml")], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert ("calibration forwards 25; one-shot: no training" if method == "activation" else
+                "one-shot: ranks the weights, no training") in shown.output

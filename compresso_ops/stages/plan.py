@@ -602,7 +602,7 @@ def _one_shot_steps(recipe: Recipe, arch: ArchSpec, flops_per_s: float) -> dict[
     runs one forward of its calibration examples (2P FLOPs per token, full-length) on one GPU of rank 0."""
     if recipe.method != "activation":
         return {"global_batch": 0, "steps_per_epoch": None, "phases": {}, "total": 0, "est_seconds": 0.0,
-                "note": f"method '{recipe.method}' is one-shot: ranks the weights, no training"}
+                "note": "one-shot: ranks the weights, no training"}
     n, micro = recipe.prune.calibration_examples, recipe.prune.micro_batch_size
     tokens = n * recipe.data.max_seq_length
     return {"global_batch": micro, "steps_per_epoch": None, "phases": {"calibration_forwards": math.ceil(n / micro)},

@@ -170,7 +170,8 @@ def prune_and_slice(job: Job, budget: Budget, work: Path) -> tuple[Path, int]:
                                                              "dtype": "float32"})
         return work / "slice" / "model", 0
     if job.method in ("magnitude", "random"):
-        run_one_shot(r, load_source(r)[0], work / "prune")
+        model, tok, _ = load_source(r)
+        run_one_shot(r, model, tok, work / "prune")
         prune_tokens = 0
     else:
         run_prune(r, work / "prune")

@@ -9,11 +9,13 @@ reference trained the same way, so its rows sit beside the matrix's magnitude/fu
 Criteria (each ranks KV groups and FFN channels for the library's budgeted mask selection, hidden dims kept,
 as the one-shot methods do):
 - magnitude: the library's L2 criterion (the matrix's best method at 0.20);
-- activation: what each structure adds to the residual stream on calibration text (the first CALIBRATION
-  training examples): an FFN channel's summed squared output ||a_j||^2 ||W_down[:, j]||^2, a KV group's summed
-  squared o_proj output of its query heads; square-rooted, so heads and channels compete on one scale (the
-  activation-based importance of Minitron, measured at each structure's output);
-- activation-uniform: the same ranking within each layer, every layer pruned to the same width.
+- activation: the library's `method: activation` (compresso_ops/method/baselines.py), what each structure adds
+  to the residual stream on calibration text (the first CALIBRATION training examples): an FFN channel's summed
+  squared output ||a_j||^2 ||W_down[:, j]||^2, a KV group's summed squared o_proj output of its query heads;
+  square-rooted, so heads and channels compete on one scale (the activation-based importance of Minitron,
+  measured at each structure's output);
+- activation-uniform: the same method with `prune.one_shot_allocation: uniform`, the ranking within each layer,
+  every layer pruned to the same width.
 
 Repair (`+repair`): after slicing, each layer's down_proj over its kept channels is refitted by ridge
 least squares so the layer's FFN output on calibration text matches the unpruned FFN's on the same input,
@@ -63,15 +65,13 @@ from benchmarks.quality import (
 )
 from compresso_ops.evaluation.harness import load_model
 from compresso_ops.infra import atomic
-from compresso_ops.method.baselines import magnitude_scores, save_ranked_masks
+from compresso_ops.method.baselines import calibration_examples, run_one_shot
 from compresso_ops.method.masks import MASKS_FILE
-from compresso_ops.models.adapter import ModelAdapter
 from compresso_ops.recipe.schema import Recipe
 from compresso_ops.stages.finetune import run_finetune
 from compresso_ops.stages.plan import with_overrides
 from compresso_ops.stages.prune import run_prune
 from compresso_ops.stages.slice import run_slice
-from compresso_ops.training.data import build_dataset
 from compresso_ops.training.setup import load_source
 
 RECOVERY = "full_kd"
@@ -110,57 +110,20 @@ def variants() -> list[Variant]:
     return out
 
 
+def criterion_recipe(v: Variant, r: Recipe) -> Recipe:
+    """`r` set to rank as criterion `v.criterion` does: the library's activation method on the first
+    CALIBRATION training examples, allocated globally or uniformly."""
+    return with_overrides(r, {"method": "activation", "prune.calibration_examples": CALIBRATION,
+                              "prune.one_shot_allocation": "uniform" if v.criterion == "activation-uniform" else
+                              "global"})
+
+
 def calibration_ids(r: Recipe, tokenizer: Any) -> torch.Tensor:
-    """The first CALIBRATION training examples, as one [n, seq] batch of token ids."""
-    examples = build_dataset(r.data, tokenizer, "", 1 << 30)[:CALIBRATION]
+    """The calibration examples of `r`, as one [n, seq] batch of token ids (the repair reads every position)."""
+    examples = calibration_examples(r, tokenizer, 1 << 30)
     if len({len(e.input_ids) for e in examples}) != 1:
-        raise SystemExit("calibration examples differ in length; the criteria expect full text chunks")
+        raise SystemExit("calibration examples differ in length; the repair expects full text chunks")
     return torch.tensor([e.input_ids for e in examples])
-
-
-@torch.no_grad()
-def activation_scores(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Squared output each KV group and FFN channel adds to the residual stream on `ids`, square-rooted."""
-    ad = ModelAdapter(model)
-    arch = ad.arch
-    heads, ffn = torch.zeros(arch.num_layers, arch.num_kv_heads), torch.zeros(arch.num_layers, arch.intermediate_size)
-    h, n_query = arch.head_dim, arch.num_kv_heads * arch.group_size
-
-    def on_o_proj(layer: int):
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, n_query, h).float()  # per-head attention outputs
-            w = module.weight.float().view(-1, n_query, h)  # o_proj columns per head
-            per_head = torch.einsum("tqh,dqh->qtd", x, w).pow(2).sum((1, 2))
-            heads[layer] += per_head.view(arch.num_kv_heads, arch.group_size).sum(1)
-        return hook
-
-    def on_down_proj(layer: int):
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            a = args[0].reshape(-1, arch.intermediate_size).float()
-            ffn[layer] += a.pow(2).sum(0) * module.weight.float().pow(2).sum(0)
-        return hook
-
-    handles = [ad.projection(i, "o_proj").register_forward_pre_hook(on_o_proj(i)) for i in range(arch.num_layers)]
-    handles += [ad.projection(i, "down_proj").register_forward_pre_hook(on_down_proj(i))
-                for i in range(arch.num_layers)]
-    try:
-        model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {"heads": heads.sqrt(), "ffn": ffn.sqrt()}
-
-
-def one_shot(v: Variant, r: Recipe, prune_dir: Path) -> None:
-    """Masks of criterion `v.criterion` into prune_dir, selected and written as the one-shot methods' are."""
-    model, tokenizer, _ = load_source(r)
-    model.eval()
-    arch = ModelAdapter(model).arch
-    scores = {**activation_scores(model, calibration_ids(r, tokenizer)), "hidden": magnitude_scores(model)["hidden"]}
-    if v.criterion == "activation-uniform":  # rank within each layer: every layer keeps the same count
-        scores["ffn"] = scores["ffn"].argsort(1).argsort(1).float()
-        scores["heads"] = scores["heads"] + scores["ffn"].max() + 1  # heads first, as the raw scores rank them
-    save_ranked_masks(r, arch, scores, prune_dir, v.criterion)
 
 
 @torch.no_grad()
@@ -213,8 +176,9 @@ def run_variant(v: Variant, root: str) -> dict[str, Any]:
         run_slice(r, work / "prune", work / "slice")
         sliced, prune_tokens = work / "slice" / "model", tokens_used(work / "prune")
     else:
-        r = recipe(job, FULL)
-        one_shot(v, r, work / "prune")
+        r = criterion_recipe(v, recipe(job, FULL))
+        model, tokenizer, _ = load_source(r)
+        run_one_shot(r, model, tokenizer, work / "prune")
         run_slice(r, work / "prune", work / "slice")
         sliced = work / "slice" / "model"
         if v.repair:

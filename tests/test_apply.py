@@ -279,21 +279,48 @@ def test_an_error_under_torchrun_keeps_its_exit_code(tmp_path):
     assert "data." in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method", ["magnitude", "random"])
-def test_one_shot_baseline_runs_the_same_pipeline(tmp_path, method):
-    """`method: magnitude | random` ranks once (no training) and hands the masks to the same slice stage."""
+@pytest.mark.parametrize(("method", "allocation"), [("magnitude", "global"), ("random", "global"),
+                                                    ("activation", "uniform")])
+def test_one_shot_baseline_runs_the_same_pipeline(tmp_path, method, allocation):
+    """`method: magnitude | random | activation` ranks once (no training) and hands the masks to the same slice
+    stage; the sliced model reloads."""
+    from compresso_ops.evaluation.harness import load_model
+
     recipe = _setup(tmp_path)
-    recipe.write_text(recipe.read_text().replace("name: tiny\n", f"name: tiny\nmethod: {method}\n"))
+    prune = f"prune:\n  one_shot_allocation: {allocation}\n  calibration_examples: 12\n"
+    recipe.write_text(recipe.read_text().replace("name: tiny\n", f"name: tiny\nmethod: {method}\n")
+                      .replace("prune:\n", prune))
     result = _apply(recipe, "--until", "slice")
     assert result.exit_code == 0, result.output
     state = _state(tmp_path / "run")
     assert [state["stages"][s]["status"] for s in ("prune", "slice")] == ["done", "done"]
     summary = json.loads((tmp_path / "run" / "prune" / "masks.json").read_text())
-    assert summary["prune"]["method"] == method
+    assert (summary["prune"]["method"], summary["prune"]["allocation"]) == (method, allocation)
     assert summary["prune"]["achieved_sparsity"] >= 0.3
     assert not (tmp_path / "run" / "prune" / "lora").exists()  # nothing was trained
+    if allocation == "uniform":
+        channels = summary["kept_ffn_channels_per_layer"]
+        assert max(channels) - min(channels) <= 1
     manifest = json.loads((tmp_path / "run" / "slice" / "model" / "compresso_manifest.json").read_text())
     assert manifest["checks"]["passed"]
+    model, tokenizer = load_model(tmp_path / "run" / "slice" / "model")
+    ids = tokenizer("Add 2 and 3.", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 0, report.output
+    assert f"Pruning: one-shot {method} ranking, {allocation} allocation over the layers, no training" in report.output
+    assert f"method {method}" in report.output
+
+
+def test_activation_with_too_few_examples_for_calibration_is_one_line(tmp_path):
+    recipe = _setup(tmp_path)
+    recipe.write_text(recipe.read_text().replace("name: tiny\n", "name: tiny\nmethod: activation\n"))
+    result = _apply(recipe)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        (f"{recipe}:8: prune.calibration_examples: 64 is more than the training data's 32 examples (rows of "
+        "data.path); lower it to at most 32 or give more data")]
+    assert not (tmp_path / "run").exists()  # nothing was started
 
 
 def test_a_bad_input_for_a_multi_gpu_run_is_one_line_before_torchrun_starts(tmp_path):

@@ -466,3 +466,38 @@ def test_evaluation_plans_the_kv_cache_lm_eval_keeps(tmp_path):
     assert "forward's end" in evaluate["assumption"]
     assert evaluate["breakdown"]["kv_cache"] == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * 2
     assert sum(evaluate["breakdown"].values()) == evaluate["per_gpu_bytes"]
+
+
+def test_a_one_shot_prune_stage_plans_what_it_runs(tmp_path):
+    """magnitude and random train nothing: no prune steps, no time. activation runs one forward of its
+    calibration examples: the source's weights plus one micro-batch's activations (no gradients, no LM head),
+    2P FLOPs per calibration token, and a micro-batch that does not fit is met with a smaller one."""
+    body = """
+        method: %s
+        model: {path: org/llama-7b, architecture: llama-7b}
+        target: {sparsity: 0.3}
+        data: {num_examples: 1000, max_seq_length: 1024}
+        prune: {micro_batch_size: %d, calibration_examples: 100}
+        hardware: {gpu: %s}
+    """
+    magnitude = make_plan(_recipe(tmp_path, body % ("magnitude", 4, "A100-80GB")))
+    assert magnitude["steps"]["prune"]["total"] == 0 and magnitude["steps"]["prune"]["est_seconds"] == 0
+    plan = make_plan(_recipe(tmp_path, body % ("activation", 4, "A100-80GB")))
+    prune, source = plan["memory"]["stages"]["prune"], plan["params"]["source"]["total"]
+    assert prune["fits"] and prune["breakdown"]["frozen_weights"] == source * 2  # bf16 on an A100
+    assert "one calibration forward of 100 examples in micro-batches of 4" in prune["note"]
+    assert plan["trainable"]["total"] == 0
+    steps = plan["steps"]["prune"]
+    assert steps["phases"] == {"calibration_forwards": 25} and steps["total"] == 0
+    assert steps["est_seconds"] == pytest.approx(100 * 1024 * 2 * source / (GPUS["A100-80GB"].tflops * 1e12 * MFU))
+    bigger = make_plan(_recipe(tmp_path, body % ("activation", 8, "A100-80GB")))["memory"]["stages"]["prune"]
+    assert bigger["breakdown"]["activations"] == 2 * prune["breakdown"]["activations"]
+    tight = make_plan(_recipe(tmp_path, body % ("activation", 64, "V100-16GB")))["memory"]["stages"]["prune"]
+    assert not tight["fits"] and tight["suggestion"].startswith("set prune.micro_batch_size: ")
+    assert "checkpointing" not in tight["suggestion"] and "accumulation" not in tight["suggestion"]
+    for method in ("magnitude", "activation"):  # the human view renders a one-shot prune row
+        (tmp_path / "r.yaml").write_text(textwrap.dedent(body % (method, 4, "A100-80GB")))
+        shown = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yaml")], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert ("calibration forwards 25; one-shot: no training" if method == "activation" else
+                "one-shot: ranks the weights, no training") in shown.output

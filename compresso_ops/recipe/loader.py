@@ -383,11 +383,18 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
         problems.add(("target", "structures"), f"whole-block gates need training; method '{recipe.method}' "
                                                "ranks heads, ffn and hidden only")
 
+    if recipe.method == "compresso" and recipe.prune.one_shot_allocation != "global":
+        problems.add(("prune", "one_shot_allocation"), f"{recipe.prune.one_shot_allocation} applies to the one-shot "
+                                                       "methods; Compresso's gates choose their own allocation, so "
+                                                       "drop this line or pick a one-shot method")
+
     _length_problems(recipe, arch.max_position_embeddings, problems)
     for section in ("prune", "finetune"):
         micro = getattr(recipe, section).micro_batch_size
         if recipe.data.num_examples and (why := micro_batch_problem(micro, recipe.data.num_examples)):
             problems.add((section, "micro_batch_size"), why)
+    if recipe.method == "activation" and (bound := _examples_bound(recipe, check_files)) is not None:
+        _calibration_problem(recipe, *bound, problems)
     if recipe.hardware.gpu == "cpu" and recipe.model.dtype == "float16":
         default = "" if ("hardware", "gpu") in recipe._locations else \
             " (the recipe sets no hardware.gpu, and the default is hardware.gpu: cpu)"
@@ -396,6 +403,33 @@ def _semantic_problems(recipe: Recipe, problems: _Problems, check_files: bool) -
 
     if check_files:
         _file_problems(recipe, arch.vocab_size, problems)
+
+
+def _examples_bound(recipe: Recipe, check_files: bool) -> tuple[int, str] | None:
+    """The most training examples the data can yield, and how that is known, where it is known before the run:
+    data.max_samples, data.num_examples, or (checking files) an Alpaca file's rows, one example at most each.
+    A text file's chunks depend on the tokenizer: the run counts those."""
+    known = [(n, f"data.{field}") for n, field in ((recipe.data.max_samples, "max_samples"),
+                                                     (recipe.data.num_examples, "num_examples")) if n is not None]
+    path = recipe.data.path
+    if check_files and recipe.data.format == "alpaca" and path is not None and Path(path).is_file():
+        from compresso_ops.training.data import read_rows
+
+        try:
+            known.append((len(read_rows(Path(path))), "rows of data.path"))
+        except UserError:
+            pass  # a malformed file is the run's error, with its line
+    return min(known, default=None)
+
+
+def _calibration_problem(recipe: Recipe, examples: int, counted_by: str, problems: _Problems) -> None:
+    """method activation calibrates on the first prune.calibration_examples training examples, of which at most
+    `examples` exist (`counted_by` says how that is known)."""
+    wanted = recipe.prune.calibration_examples
+    if examples < wanted:
+        problems.add(("prune", "calibration_examples"), f"{wanted:,} is more than the training data's {examples:,} "
+                                                        f"examples ({counted_by}); lower it to at most {examples:,} "
+                                                        "or give more data")
 
 
 def _length_problems(recipe: Recipe, max_positions: int, problems: _Problems) -> None:
@@ -466,7 +500,7 @@ def _prompt_room(recipe: Recipe, tokenizer: Any, bos: bool, problems: _Problems)
     from compresso_ops.method.prompts import resolve_prompt
     from compresso_ops.training.data import fixed_prefix
 
-    stages = [s for s, on in (("prune", recipe.method == "compresso"), ("finetune", recipe.finetune.enabled)) if on]
+    stages = [s for s, on in (("prune", recipe.prune_reads_data), ("finetune", recipe.finetune.enabled)) if on]
     prefix = max((fixed_prefix(recipe.data.format, resolve_prompt(recipe.prompt, s)) for s in stages),  # type: ignore[arg-type]
                  key=len, default="")
     if not prefix:
@@ -510,7 +544,7 @@ def _file_problems(recipe: Recipe, vocab_size: int, problems: _Problems) -> None
         _vocabulary_problem(tokenizer, vocab_size, problems)
     config = _tokenizer_config(location.folder / "tokenizer_config.json", problems) if location.folder else {}
     _prompt_room(recipe, tokenizer, bool(config.get("bos_token")), problems)
-    needs_data = recipe.method == "compresso" or recipe.finetune.enabled
+    needs_data = recipe.prune_reads_data or recipe.finetune.enabled
     if recipe.data.path is None and needs_data:
         problems.add(("data", "path"), "training data is required; give a JSON/JSONL (alpaca) or text file")
     files: list[tuple[Loc, Path | None]] = [

@@ -346,6 +346,19 @@ class PruneSection(TrainingSection):
     seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data shuffling, gate init and gate sampling.")
     max_grad_norm: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm of the trained weights; null disables.")
+    calibration_examples: int = Field(
+        default=64, ge=1, le=MAX_BATCH,
+        description="method activation: how many of the first training examples (with the prune stage's prompt) "
+                    "its calibration forward reads, in micro-batches of micro_batch_size; the data must hold "
+                    "at least this many.")
+    one_shot_allocation: Literal["global", "uniform"] = Field(
+        default="global",
+        description="How a one-shot method (magnitude, random, activation) spreads the cut over the layers. "
+                    "global: one ranking across all layers, so layers lose different amounts. uniform: FFN channels "
+                    "ranked within each layer, every layer cut to the same width, heads kept unless the target "
+                    "forces fewer. With activation on stories260K (benchmarks/results/quality.md, Other levers) uniform "
+                    "recovered to perplexity 7.74 against global's 8.03 at sparsity 0.35, and 6.43 against 6.40 at "
+                    "0.20. Compresso's gates choose their own allocation.")
 
 
 class FinetuneSection(TrainingSection):
@@ -502,9 +515,12 @@ class Recipe(Strict):
     name: str = Field(
         default="recipe", description="Name of the job (default: the recipe file's name); the run folder is runs/<name>.")
     description: str | None = Field(default=None, description="Free text for humans.")
-    method: Literal["compresso", "magnitude", "random"] = Field(
+    method: Literal["compresso", "magnitude", "random", "activation"] = Field(
         default="compresso",
-        description="compresso: training-based pruning; magnitude: one-shot L2-norm ranking; random: a floor.",
+        description="compresso: training-based pruning; magnitude: one-shot L2-norm ranking; random: a floor; "
+                    "activation: one-shot ranking by what each KV group and FFN channel adds to the residual stream "
+                    "on calibration text (one forward of the source over prune.calibration_examples training "
+                    "examples).",
     )
     model: ModelSection = Field(description="The source model.")
     target: TargetSection = Field(description="The size to reach.")
@@ -550,6 +566,12 @@ class Recipe(Strict):
             if path[:end] in self._locations:
                 return self._locations[path[:end]]
         return (str(self._source_file or "<recipe>"), 1)
+
+    @property
+    def prune_reads_data(self) -> bool:
+        """Whether the prune stage reads the training data: Compresso trains on it, activation calibrates on it
+        (magnitude and random read only the weights)."""
+        return self.method in ("compresso", "activation")
 
     def resolved_run_dir(self) -> Path:
         return self.run_dir if self.run_dir is not None else Path("runs") / self.name

@@ -318,16 +318,38 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
             **_distill_memory(recipe.finetune, params, own_base=False)),
     }
     # A stage that will not run (one-shot methods do not train a prune stage) needs no memory, and must not
-    # steer the strategy the others run with.
-    for name, idle in (("prune", recipe.method != "compresso" and f"method '{recipe.method}' is one-shot: no "
-                                                                  "pruning run"),
+    # steer the strategy the others run with; activation's prune stage is one calibration forward.
+    for name, idle in (("prune", recipe.method in ("magnitude", "random") and f"method '{recipe.method}' is "
+                                                                              "one-shot: no pruning run"),
                        ("finetune", not recipe.finetune.enabled and "finetune.enabled is false: no fine-tune")):
         if idle:
             stages[name] = {"per_gpu_bytes": 0, "breakdown": {}, "note": idle}
+    if recipe.method == "activation":
+        stages["prune"] = _calibration_memory(recipe, arch, params)
     stages["evaluate"] = _eval_memory(recipe, arch, params)
     for entry in stages.values():
         entry["fits"] = entry["per_gpu_bytes"] <= gpu.memory_bytes
     return stages
+
+
+def _calibration_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The activation method's prune stage, on one GPU of rank 0: the source's weights in the compute dtype and
+    one micro-batch's forward through the decoder layers without gradients (no LM head: only the layers'
+    outputs are read), at full length. Per token at a layer's peak: the residual stream, its normed copy and
+    the FFN's transient (gate, up, SiLU, product: 2 d + 3 f) or attention's (3 d + 2 H h), as at evaluation
+    (`_eval_peak_per_token`); the hooks' copy of the down_proj or o_proj input at the real tokens and its fp32
+    work (2 f, or H h + 2 d: one head's output and its square); and the padding mask SDPA is given (seq per
+    token)."""
+    nbytes = DTYPE_BYTES[compute_dtype(recipe)]
+    d, f, hh = arch.hidden_size, arch.intermediate_size, arch.num_heads * arch.head_dim
+    seq, micro = recipe.data.max_seq_length, recipe.prune.micro_batch_size
+    per_token = (max(2 * d + 3 * f, 3 * d + 2 * hh) + max(f, hh) + seq) * nbytes + max(2 * f, hh + 2 * d) * FP32
+    breakdown = {"frozen_weights": params["source"]["total"] * nbytes, "activations": int(micro * seq * per_token)}
+    subtotal = sum(breakdown.values())
+    breakdown["framework_overhead"] = _framework_overhead(subtotal) if recipe.hardware.gpu != "cpu" else 0
+    return {"per_gpu_bytes": int(subtotal + breakdown["framework_overhead"]), "breakdown": breakdown,
+            "note": f"method 'activation': one calibration forward of {recipe.prune.calibration_examples:,} "
+                    f"examples in micro-batches of {micro}, no gradients"}
 
 
 def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
@@ -453,16 +475,17 @@ def _candidate_fixes(recipe: Recipe, stage: str) -> list[Overrides]:
                 out.append({**({"eval.batch_size": 1} if batch is not None else {}), "eval.max_length": cap})
         return out
     section = getattr(recipe, stage)
-    ckpt = {f"{stage}.gradient_checkpointing": True}
-    if not section.gradient_checkpointing:
+    # checkpointing saves only what a backward needs: activation's calibration forward has none
+    ckpt = {f"{stage}.gradient_checkpointing": True} if stage == "finetune" or recipe.method == "compresso" else {}
+    if ckpt and not section.gradient_checkpointing:
         out.append(dict(ckpt))
     smaller: list[Overrides] = []
     mb = section.micro_batch_size
     while mb > 1:
         mb //= 2
         factor = section.micro_batch_size // mb
-        smaller.append({**ckpt, f"{stage}.micro_batch_size": mb,  # the same global batch
-                        f"{stage}.gradient_accumulation": section.gradient_accumulation * factor})
+        same_batch = {f"{stage}.gradient_accumulation": section.gradient_accumulation * factor} if ckpt else {}
+        smaller.append({**ckpt, f"{stage}.micro_batch_size": mb, **same_batch})
     out += smaller
     sharded = recipe.hardware.world_size > 1 and recipe.hardware.strategy != "fsdp"
     if sharded:
@@ -497,7 +520,7 @@ def _suggest(recipe: Recipe, stage: str) -> tuple[str, list[Overrides]]:
     """
     for fix in _candidate_fixes(recipe, stage):
         if _fits(with_overrides(recipe, fix), stage):
-            note = " (same global batch)" if any(k.endswith("micro_batch_size") for k in fix) else ""
+            note = " (same global batch)" if any(k.endswith("gradient_accumulation") for k in fix) else ""
             return f"set {_describe(fix)}{note}", [fix]
     here = GPUS[recipe.hardware.gpu].memory_bytes
     bigger = sorted((g.memory_bytes, name) for name, g in GPUS.items() if name != "cpu" and g.memory_bytes > here)
@@ -548,11 +571,15 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
     out: dict[str, Any] = {"examples": n, "examples_counted_by": how}
     gpu = GPUS[recipe.hardware.gpu]
     flops_per_s = gpu.tflops * 1e12 * MFU * world
+    if recipe.method != "compresso":
+        out["prune"] = _one_shot_steps(recipe, arch, gpu.tflops * 1e12 * MFU)
     for stage, section, phases in (
         ("prune", recipe.prune, {"lora_only": recipe.prune.schedule.lora_only, "ramp": recipe.prune.schedule.ramp,
                                  "hold": recipe.prune.schedule.hold}),
         ("finetune", recipe.finetune, {"train": recipe.finetune.duration}),
     ):
+        if stage in out:  # a one-shot prune stage trains nothing
+            continue
         unit = recipe.prune.schedule.unit if stage == "prune" else recipe.finetune.unit
         global_batch = section.micro_batch_size * section.gradient_accumulation * world
         per_epoch = None if n is None else max(1, math.ceil(n / global_batch))
@@ -573,8 +600,23 @@ def _steps(recipe: Recipe, arch: ArchSpec, target_total: int) -> dict[str, Any]:
         }
     out["assumption"] = (f"{gpu.tflops:g} TFLOP/s peak per {recipe.hardware.gpu} at {MFU:.0%} utilisation, "
                          "full-length sequences, 4P FLOPs per trained token (+2P with train: full, +2P with "
-                         "checkpointing, + 2 x the source's parameters with distillation)")
+                         "checkpointing, + 2 x the source's parameters with distillation)"
+                         + ("; activation's calibration: 2P FLOPs per token, one forward on rank 0"
+                            if recipe.method == "activation" else ""))
     return out
+
+
+def _one_shot_steps(recipe: Recipe, arch: ArchSpec, flops_per_s: float) -> dict[str, Any]:
+    """A one-shot prune stage trains nothing: magnitude and random rank the weights (seconds), activation also
+    runs one forward of its calibration examples (2P FLOPs per token, full-length) on one GPU of rank 0."""
+    if recipe.method != "activation":
+        return {"global_batch": 0, "steps_per_epoch": None, "phases": {}, "total": 0, "est_seconds": 0.0,
+                "note": "one-shot: ranks the weights, no training"}
+    n, micro = recipe.prune.calibration_examples, recipe.prune.micro_batch_size
+    tokens = n * recipe.data.max_seq_length
+    return {"global_batch": micro, "steps_per_epoch": None, "phases": {"calibration_forwards": math.ceil(n / micro)},
+            "total": 0, "est_seconds": tokens * 2 * count_params(arch).total / flops_per_s,
+            "note": "one-shot: no training"}
 
 
 # --------------------------------------------------------------------------- entry point

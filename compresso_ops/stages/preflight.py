@@ -38,7 +38,7 @@ def run_preflight(recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
     problems: list[str] = []
     if (missing := locate_model(recipe.model).problem(need_weights=True)) is not None:
         problems.append(missing)
-    needs_data = ("prune" in stages and recipe.method == "compresso") or (
+    needs_data = ("prune" in stages and recipe.prune_reads_data) or (
         "finetune" in stages and recipe.finetune.enabled)
     if needs_data and (recipe.data.path is None or not Path(recipe.data.path).is_file()):
         problems.append(f"data.path: training data not found at {recipe.data.path}")

@@ -263,7 +263,8 @@ def run(recipe: Recipe, run_dir: Path, on_event: EventFn) -> str:
     if recipe.method == "compresso":
         result = run_prune(recipe, run_dir / STAGE, on_event=on_event)
     else:
-        result = run_one_shot(recipe, load_source(recipe)[0], run_dir / STAGE, on_event=on_event)
+        model, tokenizer, _ = load_source(recipe)
+        result = run_one_shot(recipe, model, tokenizer, run_dir / STAGE, on_event=on_event)
     note = f"prunable sparsity {result['achieved_sparsity']:.4f} (target {result['target_sparsity']:.4f})"
     lag = ramp_lag(result.get("ramp_end_expected_sparsity"), result["target_sparsity"])
     return note + (f"; {describe_weights(result['weights'])}" if "weights" in result else "") + (

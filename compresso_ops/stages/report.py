@@ -332,9 +332,11 @@ def _training(run_dir: Path, recipe: dict[str, Any], state: dict[str, Any],
             r["lagrangian"] = r["loss"] - r["lm_loss"]
     finetune = read_events(run_dir / "finetune" / "events.jsonl")
     recovery = (manifest or {}).get("finetune", {}).get("recovery")
+    summary = read_masks(run_dir).get("prune", {})
     return {
         "prune": {**_curve(prune, ("loss", "lm_loss", "lagrangian", "expected_sparsity", "target_sparsity")),
-                  "phases": _phases(prune), "distill": read_masks(run_dir).get("prune", {}).get("distill")} if prune
+                  "phases": _phases(prune), "distill": summary.get("distill")} if prune
+        else {"one_shot": summary} if summary.get("method")  # a one-shot method's masks: nothing trained
         else {"missing": _why(state, recipe, "prune") + " (no prune/events.jsonl)"},
         "finetune": {**_curve(finetune, ("loss", "lr")), "recovery": recovery} if finetune
         else {"missing": _why(state, recipe, "finetune") + " (no finetune/events.jsonl)"},
@@ -353,8 +355,10 @@ def _reproducibility(run_dir: Path, state: dict[str, Any], recipe: dict[str, Any
         "recipe_file": state.get("recipe_file"),
         "resolved_recipe": str(run_dir / "recipe.resolved.yaml") if recipe else None,
         "method": recipe.get("method"),
-        # a seed matters only where a stage draws random numbers: the Compresso prune and an enabled fine-tune
-        "seeds": {"prune": (recipe.get("prune") or {}).get("seed") if recipe.get("method") == "compresso" else None,
+        # a seed matters only where a stage draws random numbers: the Compresso prune, the random ranking and an
+        # enabled fine-tune
+        "seeds": {"prune": (recipe.get("prune") or {}).get("seed")
+                  if recipe.get("method") in ("compresso", "random") else None,
                   "finetune": (recipe.get("finetune") or {}).get("seed")
                   if (recipe.get("finetune") or {}).get("enabled") else None},
         "versions": results.get("versions"),
@@ -675,6 +679,11 @@ def _md_training(t: dict[str, Any], assets: _Assets | None) -> list[str]:
     p = t["prune"]
     if "missing" in p:
         out.append("Pruning: " + p["missing"] + ".")
+    elif "one_shot" in p:
+        o = p["one_shot"]
+        out.append(f"Pruning: one-shot {o['method']} ranking, {o.get('allocation', 'global')} allocation over the "
+                   f"layers, no training; prunable sparsity {_num(o.get('achieved_sparsity'), '.4f')} vs target "
+                   f"{_num(o.get('target_sparsity'), '.4f')}.")
     else:
         f = p["final"]
         phases = ", ".join(f"{PHASE_LABELS.get(name, name).removesuffix(' starts')} from step {step}"

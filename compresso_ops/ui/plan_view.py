@@ -75,8 +75,10 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         st.add_column(col)
     for stage in ("prune", "finetune"):
         s = steps[stage]
-        phases = ", ".join(f"{k} {v if v is not None else '?'}" for k, v in s["phases"].items())
-        st.add_row(stage, str(s["global_batch"]), str(s["steps_per_epoch"] or "?"), phases,
+        phases = ", ".join(f"{k.replace('_', ' ')} {v if v is not None else '?'}" for k, v in s["phases"].items())
+        one_shot = s.get("note")  # a one-shot prune stage: no epochs, the note says what it runs
+        st.add_row(stage, str(s["global_batch"]), "—" if one_shot else str(s["steps_per_epoch"] or "?"),
+                   "; ".join(x for x in (phases, one_shot) if x),
                    str(s["total"] if s["total"] is not None else "?"), human_seconds(s["est_seconds"]))
     console.print(st)
     console.print(f"[dim]Time assumption: {steps['assumption']}[/]")

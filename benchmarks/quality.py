@@ -39,7 +39,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,16 +162,17 @@ def score(model_dir: Path) -> tuple[float, int]:
     return round(ppl, 4), n_params
 
 
-def prune_and_slice(job: Job, budget: Budget, work: Path) -> tuple[Path, int]:
-    """The sliced model of `job` and the tokens its prune stage consumed (0 for one-shot and the source)."""
-    r = recipe(job, budget)
+def prune_and_slice(job: Job, budget: Budget, work: Path, r: Recipe | None = None) -> tuple[Path, int]:
+    """The sliced model of `job` and the tokens its prune stage consumed (0 for one-shot and the source);
+    `r`: the pruning recipe when it is not `recipe(job, budget)`."""
+    r = r or recipe(job, budget)
     if job.method == "reference":  # the source itself, as a native export of all its structures
         model, tok, _ = load_source(r)
         export_pruned(model.eval(), tok, Masks.full(ArchSpec.from_hf_config(model.config)), "native",
                       work / "slice" / "model", source_info={"path": str(MODEL), "revision": None,
                                                              "dtype": "float32"})
         return work / "slice" / "model", 0
-    if job.method in ("magnitude", "random"):
+    if job.method in ("magnitude", "random", "activation"):
         model, tok, _ = load_source(r)
         run_one_shot(r, model, tok, work / "prune")
         prune_tokens = 0
@@ -260,6 +263,22 @@ def table(summary: dict[str, Any], source_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def bench_parser(doc: str, output: str) -> argparse.ArgumentParser:
+    """The quality scripts' command line: --jobs, and --out for the folder of `output`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--out", type=Path, default=None, help=f"folder for {output}")
+    return parser
+
+
+@contextmanager
+def worker_pool(jobs: int) -> Iterator[tuple[ProcessPoolExecutor, str]]:
+    """`jobs` spawned worker processes (each run sets one torch thread) and a scratch folder for their runs."""
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool, tmp
+
+
 def require_assets() -> None:
     """Exit with one line when the shared model or text is not beside the repository."""
     if not MODEL.is_dir() or not (DATA / "train.txt").is_file():
@@ -267,10 +286,8 @@ def require_assets() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "quality.json / quality.md")
     parser.add_argument("--quick", action="store_true", help="short schedules (a fifth of the budget)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for quality.json / quality.md")
     args = parser.parse_args()
     require_assets()
     torch.set_num_threads(1)
@@ -280,8 +297,7 @@ def main() -> None:
     t0 = time.perf_counter()
     source_ppl, source_params = score_source()
     results = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(args.jobs) as (pool, tmp):
         futures = {pool.submit(run_job, job, budget, tmp): job for job in jobs()}
         for future, job in futures.items():
             result = future.result()

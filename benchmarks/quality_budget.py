@@ -14,17 +14,24 @@ Writes benchmarks/results/quality_budget.json (--quick: quality_budget-quick.jso
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.quality import FULL, QUICK, RESULTS, SEQ_LEN, Budget, Job, check_fair, require_assets, run_job
+from benchmarks.quality import (
+    FULL,
+    QUICK,
+    RESULTS,
+    SEQ_LEN,
+    Budget,
+    Job,
+    bench_parser,
+    check_fair,
+    require_assets,
+    run_job,
+    worker_pool,
+)
 from compresso_ops.infra import atomic
 
 SCALES = (1, 4)
@@ -45,10 +52,8 @@ def jobs() -> list[Job]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "quality_budget.json")
     parser.add_argument("--quick", action="store_true", help="scale the quick benchmark's budget instead")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for quality_budget.json")
     args = parser.parse_args()
     require_assets()
     torch.set_num_threads(1)
@@ -57,8 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     work = [(factor, job) for factor in sorted(SCALES, reverse=True) for job in jobs()]  # longest first
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(args.jobs) as (pool, tmp):
         futures = [(factor, pool.submit(run_job, job, scaled(base, factor), f"{tmp}/x{factor}")) for factor, job in work]
         for factor, future in futures:
             for r in future.result()["rows"]:

@@ -36,12 +36,8 @@ load-independent (one thread per run, fixed seeds), so a rerun writes the same f
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
 import statistics
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +52,14 @@ from benchmarks.quality import (
     SEEDS,
     STRUCTURES,
     Job,
+    bench_parser,
     check_fair,
     prune_and_slice,
     recipe,
     require_assets,
     score,
     tokens_used,
+    worker_pool,
 )
 from compresso_ops.evaluation.harness import load_model
 from compresso_ops.infra import atomic
@@ -216,14 +214,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for quality_criteria.json")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, "quality_criteria.json").parse_args()
     require_assets()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(args.jobs) as (pool, tmp):
         rows = [f.result() for f in [pool.submit(run_variant, v, tmp) for v in variants()]]
     for r in rows:
         print(f"{r['sparsity']:<4} seed {r['seed']} {r['variant']:28s} params {r['params']:,}: "

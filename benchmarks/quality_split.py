@@ -15,17 +15,22 @@ Writes benchmarks/results/quality_split.json (--out DIR: DIR/quality_split.json)
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.quality import FULL, RESULTS, Budget, Job, check_fair, require_assets, run_job
+from benchmarks.quality import (
+    FULL,
+    RESULTS,
+    Budget,
+    Job,
+    bench_parser,
+    check_fair,
+    require_assets,
+    run_job,
+    worker_pool,
+)
 from compresso_ops.infra import atomic
 
 RECOVERY = "full_kd"
@@ -41,10 +46,7 @@ def split(share: float) -> Budget:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for quality_split.json")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, "quality_split.json").parse_args()
     require_assets()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -52,8 +54,7 @@ def main() -> None:
     work += [(None, Job("magnitude", s, SEED, (RECOVERY,))) for s in SPARSITIES]
     work += [(share, Job("compresso-full-kd", s, SEED, (RECOVERY,))) for share in PRUNE_SHARES for s in SPARSITIES]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(args.jobs) as (pool, tmp):
         futures = [(share, pool.submit(run_job, job, split(share or 1.0), f"{tmp}/share{share}"))
                    for share, job in work]
         for share, future in futures:

@@ -4,6 +4,7 @@ uses, that training with it pulls the student to the source, and the memory the 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from compresso_ops.models.architecture import ArchSpec
 from compresso_ops.models.export import MANIFEST_FILE, export_pruned, load_exact
 from compresso_ops.recipe.schema import DistillSection, Recipe
 from compresso_ops.stages.finetune import run_finetune
-from compresso_ops.stages.plan import make_plan
+from compresso_ops.stages.plan import make_plan, with_overrides
 from compresso_ops.stages.prune import PruneTrainer
 from compresso_ops.training.batching import Collator
 from compresso_ops.training.checkpoints import CheckpointStore
@@ -147,6 +148,24 @@ def test_the_prune_stages_teacher_is_the_untouched_source(source_dir, tmp_path, 
     torch.testing.assert_close(taught, reference, rtol=1e-5, atol=1e-5)
     assert (gated - reference).abs().max() > 1e-3
     torch.testing.assert_close(again, gated)
+
+
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_the_prune_stage_distils_hidden_states_through_its_gates(source_dir, tmp_path, train):
+    """Gated heads and FFN channels (the hidden size kept), the teacher the student's own base (LoRA) or a
+    copy: the steps' losses carry the hidden-state term, and are finite."""
+    prune = {"train": train, "micro_batch_size": 2, "gradient_accumulation": 1,
+             "schedule": {"unit": "steps", "lora_only": 0, "ramp": 2, "hold": 0}}
+    losses = {}
+    for states in (0.0, 2.0):
+        recipe = _recipe(source_dir, prune={**prune, "distill": {"weight": 0.5, "hidden_states_weight": states}})
+        recipe = with_overrides(recipe, {"target.structures": ["heads", "ffn"]})
+        model, tokenizer, precision = load_source(recipe, full=train == "full")
+        examples = build_dataset(recipe.data, tokenizer, "", 256)
+        model = prepare_for_training(model, recipe.prune, "prune.lora.target_modules", precision)
+        trainer = PruneTrainer(recipe, model, examples, Collator(258), precision, CheckpointStore(tmp_path / str(states)))
+        losses[states] = trainer.step(0)["lm_loss"]
+    assert math.isfinite(losses[2.0]) and losses[2.0] > losses[0.0]
 
 
 def _kl_to_source(model: torch.nn.Module, source: torch.nn.Module, ids: torch.Tensor) -> float:

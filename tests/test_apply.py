@@ -122,6 +122,7 @@ def test_the_shipped_folder_has_a_model_card_with_the_evaluation(finished_run):
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "## Evaluation" in card and "| quiz |" in card and "Not evaluated yet" not in card
     assert "Not evaluated yet" in (folder / "run" / "slice" / "model" / "README.md").read_text()
+    assert "with the Compresso method (LoRA + L0 gates trained to the size target)" in card
 
 
 def test_editing_finetune_reruns_only_finetune_evaluate_report(finished_run, tmp_path):
@@ -302,7 +303,10 @@ def test_one_shot_baseline_runs_the_same_pipeline(tmp_path, method, allocation):
         channels = summary["kept_ffn_channels_per_layer"]
         assert max(channels) - min(channels) <= 1
     manifest = json.loads((tmp_path / "run" / "slice" / "model" / "compresso_manifest.json").read_text())
-    assert manifest["checks"]["passed"]
+    assert manifest["checks"]["passed"] and manifest["method"] == method
+    card = (tmp_path / "run" / "slice" / "model" / "README.md").read_text()  # names how it was pruned
+    assert f"with a one-shot {method} ranking" in card or f"with a {method} ranking" in card
+    assert "Compresso method" not in card
     model, tokenizer = load_model(tmp_path / "run" / "slice" / "model")
     ids = tokenizer("Add 2 and 3.", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits).all()

@@ -58,6 +58,23 @@ def base_model(source_path: str | None) -> str | None:
     return source_path if _HUB_ID.match(source_path) else None
 
 
+# How each recipe method chose what to remove, as the card says it (`method` in the manifest; older
+# manifests do not record it and the card then names no method).
+METHODS = {
+    "compresso": "the Compresso method (LoRA + L0 gates trained to the size target)",
+    "magnitude": "a one-shot magnitude ranking (LLM-Pruner's L2 criterion, no training)",
+    "activation": "a one-shot activation ranking (what each structure adds to the residual stream on calibration "
+                  "text, no training)",
+    "random": "a random ranking (a baseline)",
+}
+
+
+def _with_method(manifest: dict[str, Any]) -> str:
+    """' with <how the method pruned>', or '' when the manifest does not say."""
+    how = METHODS.get(manifest.get("method") or "")
+    return f" with {how}" if how else ""
+
+
 def _header(manifest: dict[str, Any]) -> str:
     meta: dict[str, Any] = {}
     if (base := base_model(manifest.get("source", {}).get("path"))) is not None:
@@ -87,7 +104,7 @@ def _sizes(manifest: dict[str, Any]) -> list[str]:
     table += [f"| {label} | {_int(a)} | {_int(b)} |" for label, a, b in rows if b is not None]
     sparsity = params.get("prunable_sparsity")
     lines = ["## What was pruned", "",
-             f"Structured pruning with the Compresso method (LoRA + L0 gates) removed attention heads, FFN channels "
+             f"Structured pruning{_with_method(manifest)} removed attention heads, FFN channels "
              f"and hidden dims; export mode `{manifest.get('mode')}`, weights in {manifest.get('dtype')}"
              + (f" ({human_bytes(manifest['weights_bytes'])})" if manifest.get("weights_bytes") else "") + ".",
              "", *table]
@@ -154,7 +171,7 @@ def render_card(manifest: dict[str, Any], pruned: dict[str, Any] | None = None,
     mode = manifest.get("mode", "native")
     name = manifest.get("recipe_name") or "pruned model"
     body = [f"# {name}", "",
-            f"A structurally pruned version of `{source_path}`, made by compresso-ops with the Compresso method.", "",
+            f"A structurally pruned version of `{source_path}`, made by compresso-ops{_with_method(manifest)}.", "",
             *_sizes(manifest), "", "## How to load", "",
             _LOAD.get(mode, _LOAD["uniform"]).format(cls=manifest.get("model_class", "AutoModelForCausalLM")), "",
             *_evaluation(pruned, source), "", "## Provenance", "",

@@ -293,6 +293,7 @@ def export_manifest(mode: str, model_class: str, out_dtype: str, arch: ArchSpec,
         },
         "recipe_hash": recipe.recipe_hash() if recipe is not None else None,
         "recipe_name": recipe.name if recipe is not None else None,
+        "method": recipe.method if recipe is not None else None,
         "kept": {
             "kv_groups_per_layer": list(kept.groups),
             "query_heads_per_layer": [g * arch.group_size for g in kept.groups],

@@ -315,7 +315,8 @@ class DistillSection(Strict):
                     "position's squared distance relative to the source's squared norm there, averaged over the "
                     "layers). 0 turns it off. Needs weight > 0 and the hidden size kept (no 'hidden' in "
                     "target.structures); training forwards whole rows (no shared prompt prefix). On stories260K "
-                    "2 to 4 with finetune.lr 2e-3 recovered most (benchmarks/quality_levers.py).")
+                    "2 to 4, with a higher finetune.lr (2e-3 to 2.5e-3 for that 260K-parameter model), recovered "
+                    "most (benchmarks/quality_levers.py).")
 
     @field_validator("hidden_states_weight")
     @classmethod

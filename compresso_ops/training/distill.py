@@ -97,9 +97,9 @@ def hidden_states_loss_sum(student: tuple[torch.Tensor, ...], teacher: tuple[tor
 
     `student` / `teacher`: the models' `hidden_states` (the embeddings, then one entry per decoder layer, the
     last one after the final norm in some classes: the KL term covers that layer, so it and the embeddings are
-    left out); `targets`: the next-token labels of positions 0..L-2, IGNORE where no loss is taken. Relative
-    per position, so no layer or outlier position dominates by its scale and the sum does not depend on which
-    rows share a micro-batch (data-parallel runs equal one process)."""
+    left out); `targets`: the next-token labels of every position but the last, IGNORE where no loss is
+    taken. Relative per position, so no layer or outlier position dominates by its scale and the sum does not
+    depend on which rows share a micro-batch (data-parallel runs equal one process)."""
     if student[0].shape[-1] != teacher[0].shape[-1]:
         raise UserError(f"distill.hidden_states_weight: the student's hidden size ({student[0].shape[-1]}) is not "
                         f"the source's ({teacher[0].shape[-1]}); hidden dims were pruned, so set it to 0")

@@ -364,3 +364,22 @@ def test_model_card_states_the_load_path_per_mode_and_the_evaluation():
     assert "×1.25" in card and "decode speed-up ×1.50" in card and "1.00 GiB" in card
     assert "Not evaluated yet" not in card
     assert base_model("/abs/folder") is None and base_model("not a hub id") is None
+
+
+@pytest.mark.parametrize(("kept", "train", "removed", "trained"), [
+    ({"hidden_dims": 64, "query_heads_per_layer": [4, 4], "ffn_channels_per_layer": [20, 32]}, "full",
+     "removed FFN channels;", "every weight was trained for 30 steps."),
+    ({"hidden_dims": 48, "query_heads_per_layer": [2, 4], "ffn_channels_per_layer": [20, 32]}, "lora",
+     "removed attention heads, FFN channels and hidden dims;", "LoRA fine-tuning ran 30 steps and was merged"),
+])
+def test_model_card_names_what_was_removed_and_how_it_was_recovered(kept, train, removed, trained):
+    from compresso_ops.models.card import render_card
+
+    manifest = {"mode": "native", "dtype": "float32", "method": "activation", "kept": kept,
+                "source": {"path": "/abs/src", "shape": {"layers": 2, "hidden_dims": 64, "query_heads_per_layer": 4,
+                                                         "ffn_channels_per_layer": 32}},
+                "params": {"source": {"total": 10}, "exported": {"total": 7}}, "finetune": {"steps": 30, "train": train}}
+    card = render_card(manifest)
+    assert f"with a one-shot activation ranking (what each structure adds to the residual stream on calibration " \
+           f"text, no training) {removed}" in card
+    assert trained in card

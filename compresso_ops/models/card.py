@@ -102,17 +102,27 @@ def _sizes(manifest: dict[str, Any]) -> list[str]:
             ("FFN channels (all layers)", full(shape.get("ffn_channels_per_layer")), total("ffn_channels_per_layer"))]
     table = ["| | source | this model |", "|---|---:|---:|"]
     table += [f"| {label} | {_int(a)} | {_int(b)} |" for label, a, b in rows if b is not None]
+    # what the counts show went, named as the structures are; an older manifest without counts names all three
+    counted = {"attention heads": rows[3], "FFN channels": rows[4], "hidden dims": rows[2]}
+    removed = [name for name, (_, a, b) in counted.items() if a is None or b is None or b < a] or ["nothing"]
     sparsity = params.get("prunable_sparsity")
     lines = ["## What was pruned", "",
-             f"Structured pruning{_with_method(manifest)} removed attention heads, FFN channels "
-             f"and hidden dims; export mode `{manifest.get('mode')}`, weights in {manifest.get('dtype')}"
+             f"Structured pruning{_with_method(manifest)} removed {_listed(removed)}; export mode "
+             f"`{manifest.get('mode')}`, weights in {manifest.get('dtype')}"
              + (f" ({human_bytes(manifest['weights_bytes'])})" if manifest.get("weights_bytes") else "") + ".",
              "", *table]
     if isinstance(sparsity, (int, float)):
         lines += ["", f"Prunable sparsity: {sparsity:.1%} of the attention and FFN projection parameters removed."]
     if ft := manifest.get("finetune"):
-        lines += ["", f"After pruning, LoRA fine-tuning ran {ft.get('steps')} steps and was merged into the weights."]
+        trained = "every weight was trained for" if ft.get("train") == "full" else "LoRA fine-tuning ran"
+        merged = "" if ft.get("train") == "full" else " and was merged into the weights"
+        lines += ["", f"After pruning, {trained} {ft.get('steps')} steps{merged}."]
     return lines
+
+
+def _listed(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _int(v: Any) -> str:

@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -234,17 +234,26 @@ def summarize(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> di
             for rec in RECOVERIES:
                 ppls = [r["ppl"] for r in rows if (r["sparsity"], r["method"], r["recovery"]) == (s, m, rec)]
                 if ppls:
-                    mean = statistics.mean(ppls)
-                    cells[f"{s}/{m}/{rec}"] = {"ppl": round(mean, 4), "seeds": len(ppls),
-                                               "spread": round(max(ppls) - min(ppls), 4),
-                                               "ratio_to_reference": round(mean / ref[rec], 4),
-                                               "ratio_to_best_reference": round(mean / min(ref.values()), 4)}
+                    cells[f"{s}/{m}/{rec}"] = seed_cell(ppls, ref[rec], min(ref.values()))
+    return {"reference_ppl": {k: round(v, 4) for k, v in ref.items()}, "best_reference_ppl": round(min(ref.values()), 4),
+            "cells": cells, "best": best_cells(cells, SEEDS)}
+
+
+def seed_cell(ppls: list[float], reference: float, best_reference: float) -> dict[str, Any]:
+    """One cell over its seeds: the mean perplexity, the seeds' spread, and its ratios to the dense reference
+    trained the same way and to the best dense reference."""
+    mean = statistics.mean(ppls)
+    return {"ppl": round(mean, 4), "seeds": len(ppls), "spread": round(max(ppls) - min(ppls), 4),
+            "ratio_to_reference": round(mean / reference, 4), "ratio_to_best_reference": round(mean / best_reference, 4)}
+
+
+def best_cells(cells: dict[str, Any], sparsities: Iterable[float]) -> dict[str, Any]:
+    """Per sparsity, the cell ("sparsity/...") with the lowest perplexity."""
     best = {}
-    for s in SEEDS:
+    for s in sparsities:
         key = min((k for k in cells if k.startswith(f"{s}/")), key=lambda k: cells[k]["ppl"])
         best[str(s)] = {"cell": key, **cells[key]}
-    return {"reference_ppl": {k: round(v, 4) for k, v in ref.items()}, "best_reference_ppl": round(min(ref.values()), 4),
-            "cells": cells, "best": best}
+    return best
 
 
 def table(summary: dict[str, Any], source_ppl: float) -> str:

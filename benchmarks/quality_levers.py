@@ -39,11 +39,13 @@ from benchmarks.quality import (
     RESULTS,
     Job,
     bench_parser,
+    best_cells,
     check_fair,
     prune_and_slice,
     recipe,
     require_assets,
     score,
+    seed_cell,
     tokens_used,
     worker_pool,
 )
@@ -130,18 +132,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         if r["method"] != "reference":
             cells.setdefault(f"{r['sparsity']}/{r['method']}/{r['lever']}", []).append(r["ppl"])
-    out = {}
-    for key, ppls in cells.items():
-        mean = statistics.mean(ppls)
-        lever = key.rsplit("/", 1)[1]
-        out[key] = {"ppl": round(mean, 4), "seeds": len(ppls), "spread": round(max(ppls) - min(ppls), 4),
-                    "ratio_to_reference": round(mean / refs[lever], 4), "ratio_to_best_reference": round(mean / best_ref, 4)}
-    best = {}
-    for sparsity in SEEDS:
-        key = min((k for k in out if k.startswith(f"{sparsity}/")), key=lambda k: out[k]["ppl"])
-        best[str(sparsity)] = {"cell": key, **out[key]}
+    out = {key: seed_cell(ppls, refs[key.rsplit("/", 1)[1]], best_ref) for key, ppls in cells.items()}
     return {"reference_ppl": {k: round(v, 4) for k, v in refs.items()}, "best_reference_ppl": round(best_ref, 4),
-            "cells": out, "best": best}
+            "cells": out, "best": best_cells(out, SEEDS)}
 
 
 def main() -> None:

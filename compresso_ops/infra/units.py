@@ -1,5 +1,5 @@
-"""How numbers and times are written for people: one byte unit (binary, as `plan` prints GPU memory), one
-duration style and one timestamp format for every file and display."""
+"""How numbers, times and lists are written for people: one byte unit (binary, as `plan` prints GPU memory),
+one duration style, one timestamp format for every file and display, and lists read as a sentence."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def parse_bytes(value: object) -> int:
         raise ValueError(f"'{value}' is not a size; write it as 512GB, 768GiB or a number of bytes")
     base = 1024 if match.group(3) else 1000
     return round(float(match.group(1)) * base ** _BYTE_POWER[match.group(2).lower()])
+
+
+def spoken_list(items: list[str], conjunction: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c' (or with `conjunction` 'or')."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
 
 
 def human_seconds(s: float | None) -> str:

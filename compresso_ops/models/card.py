@@ -16,7 +16,7 @@ import yaml
 
 from compresso_ops.evaluation.summary import delta_stderr, headline, within_noise
 from compresso_ops.infra import atomic
-from compresso_ops.infra.units import human_bytes
+from compresso_ops.infra.units import human_bytes, spoken_list
 
 CARD_FILE = "README.md"
 TAGS = ["compresso-ops", "pruned", "structured-pruning"]
@@ -95,34 +95,30 @@ def _sizes(manifest: dict[str, Any]) -> list[str]:
     def full(per_layer: Any) -> Any:
         return per_layer * layers if isinstance(per_layer, int) and isinstance(layers, int) else None
 
+    hidden = ("hidden dims", shape.get("hidden_dims"), kept.get("hidden_dims"))
+    heads = ("query heads (all layers)", full(shape.get("query_heads_per_layer")), total("query_heads_per_layer"))
+    ffn = ("FFN channels (all layers)", full(shape.get("ffn_channels_per_layer")), total("ffn_channels_per_layer"))
     rows = [("parameters", src.get("total"), out.get("total")),
             ("prunable parameters (attention and FFN projections)", src.get("prunable"), out.get("prunable")),
-            ("hidden dims", shape.get("hidden_dims"), kept.get("hidden_dims")),
-            ("query heads (all layers)", full(shape.get("query_heads_per_layer")), total("query_heads_per_layer")),
-            ("FFN channels (all layers)", full(shape.get("ffn_channels_per_layer")), total("ffn_channels_per_layer"))]
+            hidden, heads, ffn]
     table = ["| | source | this model |", "|---|---:|---:|"]
     table += [f"| {label} | {_int(a)} | {_int(b)} |" for label, a, b in rows if b is not None]
-    # what the counts show went, named as the structures are; an older manifest without counts names all three
-    counted = {"attention heads": rows[3], "FFN channels": rows[4], "hidden dims": rows[2]}
-    removed = [name for name, (_, a, b) in counted.items() if a is None or b is None or b < a] or ["nothing"]
+    # what the counts show went; an older manifest without counts names all three
+    removed = [name for name, (_, a, b) in (("attention heads", heads), ("FFN channels", ffn), ("hidden dims", hidden))
+               if a is None or b is None or b < a] or ["nothing"]
     sparsity = params.get("prunable_sparsity")
     lines = ["## What was pruned", "",
-             f"Structured pruning{_with_method(manifest)} removed {_listed(removed)}; export mode "
+             f"Structured pruning{_with_method(manifest)} removed {spoken_list(removed)}; export mode "
              f"`{manifest.get('mode')}`, weights in {manifest.get('dtype')}"
              + (f" ({human_bytes(manifest['weights_bytes'])})" if manifest.get("weights_bytes") else "") + ".",
              "", *table]
     if isinstance(sparsity, (int, float)):
         lines += ["", f"Prunable sparsity: {sparsity:.1%} of the attention and FFN projection parameters removed."]
     if ft := manifest.get("finetune"):
-        trained = "every weight was trained for" if ft.get("train") == "full" else "LoRA fine-tuning ran"
-        merged = "" if ft.get("train") == "full" else " and was merged into the weights"
-        lines += ["", f"After pruning, {trained} {ft.get('steps')} steps{merged}."]
+        done = (f"every weight was trained for {ft.get('steps')} steps" if ft.get("train") == "full" else
+                f"LoRA fine-tuning ran {ft.get('steps')} steps and was merged into the weights")
+        lines += ["", f"After pruning, {done}."]
     return lines
-
-
-def _listed(names: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _int(v: Any) -> str:

@@ -335,15 +335,14 @@ def _stage_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any], traina
 def _calibration_memory(recipe: Recipe, arch: ArchSpec, params: dict[str, Any]) -> dict[str, Any]:
     """The activation method's prune stage, on one GPU of rank 0: the source's weights in the compute dtype and
     one micro-batch's forward through the decoder layers without gradients (no LM head: only the layers'
-    outputs are read), at full length. Per token at a layer's peak: the residual stream, its normed copy and
-    the FFN's transient (gate, up, SiLU, product: 2 d + 3 f) or attention's (3 d + 2 H h), as at evaluation
-    (`_eval_peak_per_token`); the hooks' copy of the down_proj or o_proj input at the real tokens and its fp32
-    work (2 f, or H h + 2 d: one head's output and its square); and the padding mask SDPA is given (seq per
-    token)."""
+    outputs are read), at full length. Per token at a layer's peak: the layer's transient
+    (`_layer_transient_per_token`); the hooks' copy of the down_proj or o_proj input at the real tokens and its
+    fp32 work (2 f, or H h + 2 d: one head's output and its square); and the padding mask SDPA is given (seq
+    per token)."""
     nbytes = DTYPE_BYTES[compute_dtype(recipe)]
     d, f, hh = arch.hidden_size, arch.intermediate_size, arch.num_heads * arch.head_dim
     seq, micro = recipe.data.max_seq_length, recipe.prune.micro_batch_size
-    per_token = (max(2 * d + 3 * f, 3 * d + 2 * hh) + max(f, hh) + seq) * nbytes + max(2 * f, hh + 2 * d) * FP32
+    per_token = (_layer_transient_per_token(arch) + max(f, hh) + seq) * nbytes + max(2 * f, hh + 2 * d) * FP32
     breakdown = {"frozen_weights": params["source"]["total"] * nbytes, "activations": int(micro * seq * per_token)}
     subtotal = sum(breakdown.values())
     breakdown["framework_overhead"] = _framework_overhead(subtotal) if recipe.hardware.gpu != "cpu" else 0
@@ -372,6 +371,14 @@ def eval_sequence(recipe: Recipe, arch: ArchSpec) -> tuple[int, str]:
     return length, why
 
 
+def _layer_transient_per_token(arch: ArchSpec) -> int:
+    """Values per token a decoder layer's forward holds at once without gradients: its FFN the residual stream,
+    its normed copy, SiLU(gate), up and their product (2 d + 3 f); its attention the residual, normed copy, q,
+    attention output and o_proj output (3 d + 2 H h); the larger of the two."""
+    d = arch.hidden_size
+    return max(2 * d + 3 * arch.intermediate_size, 3 * d + 2 * arch.num_heads * arch.head_dim)
+
+
 def _eval_peak_per_token(arch: ArchSpec) -> tuple[str, dict[str, int]]:
     """Values per token alive at the evaluate stage's peak, and which moment of lm-eval's loop that is.
 
@@ -380,13 +387,12 @@ def _eval_peak_per_token(arch: ArchSpec) -> tuple[str, dict[str, int]]:
     the new ones replace them. So the peak is the larger of two moments:
     - log-softmax: the previous log-probs, the new logits and their log-softmax (3 V);
     - the forward's end: the previous log-probs, the KV cache of every layer (2 L G h), and either the new
-      logits with the final hidden states (V + d) or, if larger, the last layer's transient: its FFN holds
-      the residual stream, its normed copy, SiLU(gate), up and their product (2 d + 3 f); its attention the
-      residual, normed copy, q, attention output and o_proj output (3 d + 2 H h).
+      logits with the final hidden states (V + d) or, if larger, the last layer's transient
+      (`_layer_transient_per_token`).
     """
-    d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    d, v = arch.hidden_size, arch.vocab_size
     kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim
-    layer = max(2 * d + 3 * f, 3 * d + 2 * arch.num_heads * arch.head_dim)
+    layer = _layer_transient_per_token(arch)
     at_head = v + d >= layer
     forward = {"logits": v + (v if at_head else 0), "kv_cache": kv, "activations": d if at_head else layer}
     if 3 * v >= sum(forward.values()):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compresso_ops.errors import UserError
+from compresso_ops.infra.units import spoken_list
 from compresso_ops.models.adapter import module_names, unwrap
 from compresso_ops.models.architecture import PROJECTIONS
 from compresso_ops.models.resolve import locate_model, readable_model
@@ -128,8 +129,8 @@ def add_lora(model: nn.Module, lora: LoraSection, field: str) -> nn.Module:
         # channels or every block): the model keeps only the others.
         pruned = " (pruning removed it from every layer)" if set(missing) <= set(PROJECTIONS) else ""
         kept = [p for p in PROJECTIONS if p in names] or list(PROJECTIONS)
-        choices = f"{', '.join(kept[:-1])} or {kept[-1]}" if len(kept) > 1 else kept[0]
-        raise UserError(f"{field}: {', '.join(missing)} matches no module of the model{pruned}; use {choices}")
+        raise UserError(f"{field}: {', '.join(missing)} matches no module of the model{pruned}; use "
+                        f"{spoken_list(kept, 'or')}")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's concern
